@@ -1,0 +1,23 @@
+"""dnr: Dynamic Network Rewiring -- sparse and adversarially robust networks in one training run.
+
+Typical use::
+
+    model = dnr.sparsify(model, density=0.05)               # masked layers, exact global budget
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    rewiring = dnr.DNR(model, optimizer, total_steps=epochs * len(loader))
+    ...  # x_adv = dnr.attacks.pgd(model, x, y, eps, alpha, steps)
+         # loss = dnr.hybrid_loss(model(x), model(x_adv), y, beta=0.5); optimizer.step()
+    rewiring.end_epoch(last=(epoch == epochs - 1))
+"""
+
+__version__ = "0.1.0"
+
+from . import attacks, data, models, ops
+from .losses import HybridLoss, hybrid_loss
+from .nn import (MaskedConv2d, MaskedLinear, Normalize, apply_masks, density_report, masked_layers,
+                 sparsify)
+from .rewiring import DNR
+
+__all__ = ["__version__", "attacks", "data", "ops", "hybrid_loss", "HybridLoss", "MaskedConv2d",
+           "MaskedLinear", "Normalize", "sparsify", "density_report", "apply_masks", "masked_layers", "DNR"]
+from . import train  # noqa: E402  (needs the names above)

@@ -1,0 +1,357 @@
+"""The DNR rewiring controller: masks after every optimizer step, prune / redistribute / regrow on schedule."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..nn.sparsify import NORM_TYPES, _resolve, apply_masks, masked_layers
+from ..nn.units import active_units, expand_units, num_units, unit_scores, unit_size
+from ..allocation import AllocationError, round_exact, water_fill
+from .schedule import PRUNE_SCHEDULES, prune_rate_at
+
+__all__ = ["DNR"]
+
+log = logging.getLogger("dnr.rewiring")
+
+
+class DNR:
+    """Dynamic Network Rewiring for a sparsified model and its optimizer.
+
+    Wraps the user's own model and optimizer. After every real optimizer step (``optimizer.step()`` or
+    ``GradScaler.step(optimizer)``; a step the scaler skips is not counted) it re-applies the masks,
+    so pruned weights are exactly zero, and advances the prune-rate schedule. The optimizer's momentum
+    buffer (SGD ``momentum_buffer``; Adam/AdamW ``exp_avg``) keeps accumulating the dense gradient at
+    pruned positions. ``rewire()`` (called by ``end_epoch()`` or every ``rewire_every`` steps) prunes the
+    smallest-magnitude active units of each layer, redistributes the freed budget over the layers in
+    proportion to their normalised mean momentum, and regrows the inactive units with the largest
+    momentum; the global number of active weights stays exactly ``K``.
+
+    Args:
+        model: a model converted with ``dnr.sparsify`` (all masked layers in one mode).
+        optimizer: the optimizer holding the masked weights: SGD with momentum > 0, Adam or AdamW.
+        total_steps: T, the number of optimizer steps of the whole training (for the schedule).
+        prune_rate: p0, the initial prune rate, in (0, 1).
+        prune_rate_min: p_min, the final prune rate, in [0, prune_rate].
+        schedule: "cosine" (default), "linear" or "constant".
+        rewire_every: None to rewire only at ``end_epoch()``, or a step count k to rewire every k steps.
+        redistribution: "momentum" (DNR) or "none" (each layer regrows what it pruned).
+        regrowth: "momentum" (DNR, largest |v|) or "random".
+        regrow_cap: a layer regrows at most this fraction of its free slots (0.99).
+        dense_threshold: layers denser than this with mu_l > 1/L prune at most their free fraction (0.8).
+        min_active: units every layer keeps when pruning (1).
+        generator: torch.Generator for random regrowth.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        total_steps: int,
+        prune_rate: float = 0.5,
+        prune_rate_min: float = 0.005,
+        schedule: str = "cosine",
+        rewire_every: int | None = None,
+        redistribution: str = "momentum",
+        regrowth: str = "momentum",
+        regrow_cap: float = 0.99,
+        dense_threshold: float = 0.8,
+        min_active: int = 1,
+        generator: torch.Generator | None = None,
+    ):
+        _check_int("total_steps", total_steps, 1)
+        _check_fraction("prune_rate", prune_rate, lo_open=True, hi_open=True)
+        if not isinstance(prune_rate_min, (int, float)) or not 0.0 <= prune_rate_min <= prune_rate:
+            raise ValueError(f"prune_rate_min must be in [0, prune_rate={prune_rate}], got {prune_rate_min!r}")
+        if schedule not in PRUNE_SCHEDULES:
+            raise ValueError(f"schedule must be one of {PRUNE_SCHEDULES}, got {schedule!r}")
+        if rewire_every is not None:
+            _check_int("rewire_every", rewire_every, 1)
+        if redistribution not in ("momentum", "none"):
+            raise ValueError(f"redistribution must be 'momentum' or 'none', got {redistribution!r}")
+        if regrowth not in ("momentum", "random"):
+            raise ValueError(f"regrowth must be 'momentum' or 'random', got {regrowth!r}")
+        _check_fraction("regrow_cap", regrow_cap, lo_open=True, hi_open=False)
+        _check_fraction("dense_threshold", dense_threshold, lo_open=False, hi_open=False)
+        _check_int("min_active", min_active, 0)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+
+        layers = masked_layers(model)
+        if not layers:
+            raise ValueError(
+                f"model {type(model).__name__} has no masked layer: call dnr.sparsify(model, ...) first"
+            )
+        modes = {getattr(layer, "sparsity_mode", "irregular") for _, layer in layers}
+        if len(modes) != 1:
+            raise ValueError(f"all masked layers must use one sparsity mode, found {sorted(modes)}")
+        for name, layer in layers:
+            if layer.mask.device != layer.weight.device:
+                raise ValueError(
+                    f"layer {name!r}: mask is on {layer.mask.device} but weight on {layer.weight.device}"
+                )
+        self._momentum_key = _momentum_key(optimizer, [layer.weight for _, layer in layers], [n for n, _ in layers])
+
+        self.model = model
+        self.optimizer = optimizer
+        self.mode = modes.pop()
+        self.total_steps = int(total_steps)
+        self.prune_rate_initial = float(prune_rate)
+        self.prune_rate_min = float(prune_rate_min)
+        self.schedule = schedule
+        self.rewire_every = rewire_every
+        self.redistribution = redistribution
+        self.regrowth = regrowth
+        self.regrow_cap = float(regrow_cap)
+        self.dense_threshold = float(dense_threshold)
+        self.min_active = int(min_active)
+        self.generator = generator
+        self.steps = 0
+        self.epochs = 0
+        self.history: list[dict[str, Any]] = []
+        self.budget = self.active_weights()
+        self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
+
+    # ----------------------------------------------------------------- public API
+    @property
+    def prune_rate(self) -> float:
+        """p(t) at the current optimizer step."""
+        return prune_rate_at(self.schedule, self.steps, self.total_steps, self.prune_rate_initial,
+                             self.prune_rate_min)
+
+    def active_weights(self) -> int:
+        """sum_l nnz(M_l): active weights over all masked layers."""
+        return sum(int(layer.mask.sum()) for _, layer in masked_layers(self.model))
+
+    def end_epoch(self, last: bool = False) -> dict | None:
+        """Call at the end of every epoch: rewires unless ``last`` (DNR skips the last epoch) or
+        ``rewire_every`` is set. Returns the rewiring record or None."""
+        self.epochs += 1
+        if last or self.rewire_every is not None:
+            return None
+        return self.rewire()
+
+    def remove(self) -> None:
+        """Detach from the optimizer (masks are no longer re-applied after steps)."""
+        self._hook.remove()
+
+    @torch.no_grad()
+    def rewire(self) -> dict:
+        """One prune / redistribute / regrow round. Returns the record appended to ``history``."""
+        layers = masked_layers(self.model)
+        momenta = [self._momentum(name, layer.weight) for name, layer in layers]
+        masks = [layer.mask for _, layer in layers]
+        stats = ops.momentum_stats(momenta, masks).cpu().tolist()  # [L, 2]: sum |v| active, active count
+        mean_momentum = [s / c if c > 0 else 0.0 for s, c in stats]
+        total_m = sum(mean_momentum)
+        count = len(layers)
+        mu = [m / total_m for m in mean_momentum] if total_m > 0 else [1.0 / count] * count
+
+        p = self.prune_rate
+        sizes = [unit_size(layer.weight, self.mode) for _, layer in layers]
+        totals = [num_units(layer.weight, self.mode) for _, layer in layers]
+        units = [active_units(layer.mask, self.mode) for _, layer in layers]
+        n_active = [int(u.sum()) for u in units]
+        pruned = []
+        for i, (_, layer) in enumerate(layers):
+            density = n_active[i] * sizes[i] / layer.weight.numel()
+            rate = p
+            if density > self.dense_threshold and mu[i] > 1.0 / count:
+                rate = min(p, 1.0 - density)  # a dense, growing layer prunes at most its free fraction
+            pruned.append(max(0, min(math.ceil(rate * n_active[i]), n_active[i] - self.min_active)))
+        freed = sum(r * c for r, c in zip(pruned, sizes))
+        free = [t - n + r for t, n, r in zip(totals, n_active, pruned)]
+        regrown, caps, relaxed = self._regrowth_counts(mu, pruned, sizes, free, freed)
+
+        record_layers = []
+        for i, (name, layer) in enumerate(layers):
+            before = units[i]
+            after = before.clone()
+            if pruned[i]:
+                score = unit_scores(layer.weight, self.mode)
+                score[~before] = math.inf
+                after[torch.topk(score, pruned[i], largest=False).indices] = False
+            if regrown[i]:
+                if self.regrowth == "momentum":
+                    score = unit_scores(momenta[i], self.mode)
+                else:
+                    score = torch.rand(after.numel(), generator=self.generator).to(after.device)
+                score[after] = -math.inf
+                after[torch.topk(score, regrown[i]).indices] = True
+            layer.set_mask(expand_units(after, layer.weight, self.mode))
+            if self.mode == "channel":
+                self._reset_regrown_norm(name, layer, after & ~before)
+            record_layers.append({
+                "name": name, "mu": mu[i], "mean_momentum": mean_momentum[i],
+                "pruned": pruned[i] * sizes[i], "regrown": regrown[i] * sizes[i],
+                "active": int(after.sum()) * sizes[i], "density": int(after.sum()) * sizes[i] / layer.weight.numel(),
+                "units_pruned": pruned[i], "units_regrown": regrown[i], "units_free": free[i],
+                "regrow_cap_units": caps[i],
+            })
+        apply_masks(self.model)
+        active = self.active_weights()
+        if active != self.budget:  # the allocation guarantees this; a mismatch is a bug, not bad input
+            raise RuntimeError(f"rewiring broke the weight budget: {active} active weights, expected {self.budget}")
+        record = {"step": self.steps, "epoch": self.epochs, "prune_rate": p, "pruned": freed, "cap_relaxed": relaxed,
+                  "regrown": sum(r["regrown"] for r in record_layers), "active": active, "layers": record_layers}
+        self.history.append(record)
+        log.info("rewire step %d p=%.4f moved %d of %d weights", self.steps, p, freed, active)
+        for r in record_layers:
+            log.debug("  %-30s density %.4f mu %.4f pruned %d regrown %d", r["name"], r["density"], r["mu"],
+                      r["pruned"], r["regrown"])
+        return record
+
+    def state_dict(self) -> dict:
+        """All controller state (the masks themselves live in the model's state dict)."""
+        return {
+            "steps": self.steps, "epochs": self.epochs, "budget": self.budget, "mode": self.mode,
+            "history": self.history,
+            "config": {
+                "total_steps": self.total_steps, "prune_rate": self.prune_rate_initial,
+                "prune_rate_min": self.prune_rate_min, "schedule": self.schedule,
+                "rewire_every": self.rewire_every, "redistribution": self.redistribution,
+                "regrowth": self.regrowth, "regrow_cap": self.regrow_cap,
+                "dense_threshold": self.dense_threshold, "min_active": self.min_active,
+            },
+            "generator": self.generator.get_state() if self.generator is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``; the model (masks) must be loaded first."""
+        missing = {"steps", "epochs", "budget", "mode", "history", "config"} - set(state)
+        if missing:
+            raise ValueError(f"controller state is missing keys {sorted(missing)}")
+        if state["mode"] != self.mode:
+            raise ValueError(f"controller state is for mode {state['mode']!r}, this model uses {self.mode!r}")
+        active = self.active_weights()
+        if state["budget"] != active:
+            raise ValueError(
+                f"controller state has a budget of {state['budget']} weights but the model has {active} active: "
+                "load the model's state dict (with its masks) first"
+            )
+        cfg = state["config"]
+        self.total_steps = cfg["total_steps"]
+        self.prune_rate_initial = cfg["prune_rate"]
+        self.prune_rate_min = cfg["prune_rate_min"]
+        self.schedule = cfg["schedule"]
+        self.rewire_every = cfg["rewire_every"]
+        self.redistribution = cfg["redistribution"]
+        self.regrowth = cfg["regrowth"]
+        self.regrow_cap = cfg["regrow_cap"]
+        self.dense_threshold = cfg["dense_threshold"]
+        self.min_active = cfg["min_active"]
+        self.steps = int(state["steps"])
+        self.epochs = int(state["epochs"])
+        self.budget = int(state["budget"])
+        self.history = list(state["history"])
+        if state.get("generator") is not None and self.generator is not None:
+            self.generator.set_state(state["generator"])
+
+    # ----------------------------------------------------------------- internals
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        apply_masks(self.model)
+        self.steps += 1
+        if self.rewire_every is not None and self.steps % self.rewire_every == 0 and self.steps < self.total_steps:
+            self.rewire()
+
+    def _momentum(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        buf = self.optimizer.state.get(weight, {}).get(self._momentum_key)
+        if buf is None:
+            raise RuntimeError(
+                f"no momentum buffer for layer {name!r} yet: rewire() needs at least one optimizer step first"
+            )
+        return buf
+
+    def _regrowth_counts(self, mu, pruned, sizes, free, freed):
+        """Units each layer regrows: mu-proportional share of the freed weights, capped, exact total.
+
+        Returns (counts, caps used, whether the regrow_cap had to be relaxed to all free slots).
+        """
+        caps = [int(math.floor(self.regrow_cap * f)) for f in free]
+        if freed == 0:
+            return [0] * len(pruned), caps, False
+        if self.redistribution == "none":  # each layer regrows what it pruned: no cap applies
+            return list(pruned), list(free), True
+        if sum(c * s for c, s in zip(caps, sizes)) < freed:
+            # the cap cannot hold the freed budget (only near density 1): allow every free slot
+            return self._place(mu, sizes, list(free), freed, pruned) + (True,)
+        counts, used = self._place(mu, sizes, caps, freed, pruned)
+        return counts, used, used is not caps
+
+    def _place(self, mu, sizes, caps, freed, pruned):
+        shares = water_fill(mu, [c * s for c, s in zip(caps, sizes)], freed)
+        targets = [w / s for w, s in zip(shares, sizes)]
+        try:
+            return round_exact(targets, sizes, [0] * len(sizes), caps, freed), caps
+        except AllocationError:
+            # channel units of mixed sizes can miss the exact total inside the caps: every layer
+            # regrowing what it pruned is always exact
+            log.warning("no exact channel redistribution within the caps; every layer regrows what it pruned")
+            return list(pruned), [max(c, r) for c, r in zip(caps, pruned)]
+
+    def _reset_regrown_norm(self, name: str, layer, grown: torch.Tensor) -> None:
+        """A regrown channel restarts its norm layer at the default init (scale 1, shift 0, fresh stats)."""
+        norm_name = getattr(layer, "norm_name", None)
+        if norm_name is None or not bool(grown.any()):
+            return
+        norm = _resolve(dict(self.model.named_modules()), name, layer, norm_name)
+        if norm.weight is not None:
+            norm.weight[grown] = 1.0
+        if norm.bias is not None:
+            norm.bias[grown] = 0.0
+        if isinstance(norm, NORM_TYPES[:2]) and norm.running_mean is not None:
+            norm.running_mean[grown] = 0.0
+            norm.running_var[grown] = 1.0
+
+
+def _momentum_key(optimizer: torch.optim.Optimizer, weights: list[torch.Tensor], names: list[str]) -> str:
+    """Which optimizer state entry is the momentum; validates that every masked weight is optimized."""
+    group_of = {}
+    for gi, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            group_of[p] = gi
+    for name, w in zip(names, weights):
+        if w not in group_of:
+            raise ValueError(
+                f"the weight of masked layer {name!r} is not in the optimizer's parameters: create the "
+                "optimizer after dnr.sparsify(model) from model.parameters()"
+            )
+    if isinstance(optimizer, torch.optim.SGD):
+        for gi in sorted({group_of[w] for w in weights}):
+            momentum = optimizer.param_groups[gi].get("momentum", 0)
+            if not momentum:
+                raise ValueError(
+                    f"optimizer param group {gi} has momentum={momentum}; DNR needs a momentum buffer: "
+                    "use SGD with momentum > 0 (e.g. 0.9)"
+                )
+        return "momentum_buffer"
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        for gi in sorted({group_of[w] for w in weights}):
+            beta1 = optimizer.param_groups[gi]["betas"][0]
+            if not beta1:
+                raise ValueError(f"optimizer param group {gi} has betas[0]={beta1}; DNR needs betas[0] > 0")
+        return "exp_avg"
+    raise TypeError(
+        f"optimizer {type(optimizer).__name__} has no momentum buffer DNR knows how to read: use "
+        "torch.optim.SGD with momentum > 0, Adam or AdamW"
+    )
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_fraction(name: str, value, *, lo_open: bool, hi_open: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > 0 if lo_open else value >= 0) and (value < 1 if hi_open else value <= 1)
+    if not ok:
+        interval = ("(" if lo_open else "[") + "0, 1" + (")" if hi_open else "]")
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")

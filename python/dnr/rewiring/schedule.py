@@ -1,0 +1,27 @@
+"""Prune-rate schedules: p(t) for optimizer step t of T."""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["cosine_prune_rate", "PRUNE_SCHEDULES", "prune_rate_at"]
+
+PRUNE_SCHEDULES = ("cosine", "constant", "linear")
+
+
+def cosine_prune_rate(step: int, total_steps: int, initial: float = 0.5, final: float = 0.005) -> float:
+    """p(t) = final + (initial - final) * (1 + cos(pi * t / T)) / 2, with t clamped to [0, T]."""
+    t = min(max(step, 0), total_steps)
+    return final + (initial - final) * (1.0 + math.cos(math.pi * t / total_steps)) / 2.0
+
+
+def prune_rate_at(schedule: str, step: int, total_steps: int, initial: float, final: float) -> float:
+    """The prune rate of ``schedule`` ("cosine", "linear" or "constant") at optimizer step ``step``."""
+    if schedule == "cosine":
+        return cosine_prune_rate(step, total_steps, initial, final)
+    if schedule == "linear":
+        t = min(max(step, 0), total_steps)
+        return initial + (final - initial) * t / total_steps
+    if schedule == "constant":
+        return initial
+    raise ValueError(f"prune schedule must be one of {PRUNE_SCHEDULES}, got {schedule!r}")

@@ -1,0 +1,125 @@
+"""Adversarial training loop: PGD examples, the hybrid loss, one optimizer step, DNR rewiring at epoch ends."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from . import attacks
+from .losses import hybrid_loss
+from .rewiring import DNR
+
+__all__ = ["adversarial_step", "train_epoch"]
+
+
+def adversarial_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    beta: float = 0.5,
+    attack_bn_mode: str = "eval",
+    generator: torch.Generator | None = None,
+) -> dict:
+    """One hybrid adversarial training step.
+
+    Generates ``x_adv`` with L-inf PGD (input gradients only, BatchNorm in eval mode by default), then
+    minimises ``beta * CE(f(x), y) + (1 - beta) * CE(f(x_adv), y)`` with one optimizer step. A DNR
+    controller attached to ``optimizer`` re-applies the masks right after the step. ``beta = 1`` with
+    ``steps`` ignored gives clean training (no attack is run).
+
+    Args:
+        x: [B, C, H, W] inputs in [0, 1]; y: [B] int64 labels.
+
+    Returns:
+        dict with the loss and the numbers of correct clean and adversarial predictions.
+
+    Raises:
+        FloatingPointError: if the loss is NaN or infinite (the optimizer step is not taken).
+    """
+    was_training = model.training
+    if beta < 1.0:
+        x_adv = attacks.pgd(model, x, y, eps, alpha, steps, bn_mode=attack_bn_mode, generator=generator)
+    model.train(was_training)
+    clean_logits = model(x)
+    adv_logits = model(x_adv) if beta < 1.0 else clean_logits.detach()
+    loss = hybrid_loss(clean_logits, adv_logits, y, beta=beta)
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"loss is {loss.item()}: stopping before the optimizer step")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {
+        "loss": loss.item(),
+        "clean_correct": int((clean_logits.argmax(1) == y).sum()),
+        "adv_correct": int((adv_logits.argmax(1) == y).sum()),
+        "n": int(y.numel()),
+    }
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    *,
+    controller: DNR | None = None,
+    last_epoch: bool = False,
+    eps: float = 8 / 255,
+    alpha: float = 2 / 255,
+    steps: int = 7,
+    beta: float = 0.5,
+    device: torch.device | str | None = None,
+    lr_scheduler=None,
+    progress=None,
+) -> dict:
+    """Train ``model`` for one epoch of hybrid adversarial training; rewire at the end (unless last).
+
+    Args:
+        loader: iterable of (x [B, C, H, W] in [0, 1], y [B]) batches.
+        controller: the DNR controller (None for dense or static-mask training).
+        last_epoch: DNR does not rewire after the last epoch.
+        lr_scheduler: stepped once per batch when given.
+        progress: optional callable(batch_index, stats) called after every batch.
+
+    Returns:
+        dict: mean loss, clean and adversarial training accuracy, images/s, seconds, and the rewiring
+        record of this epoch (or None).
+    """
+    model.train()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    totals = {"loss": 0.0, "clean_correct": 0, "adv_correct": 0, "n": 0}
+    start = time.perf_counter()
+    for i, (x, y) in enumerate(loader):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        try:
+            out = adversarial_step(model, x, y, optimizer, eps=eps, alpha=alpha, steps=steps, beta=beta)
+        except FloatingPointError as err:
+            step = controller.steps if controller is not None else i
+            raise FloatingPointError(f"{err} (batch {i} of this epoch, optimizer step {step})") from None
+        if lr_scheduler is not None:
+            lr_scheduler.step()
+        totals["loss"] += out["loss"] * out["n"]
+        for key in ("clean_correct", "adv_correct", "n"):
+            totals[key] += out[key]
+        if progress is not None:
+            progress(i, out)
+    seconds = time.perf_counter() - start
+    record = controller.end_epoch(last=last_epoch) if controller is not None else None
+    n = max(1, totals["n"])
+    return {
+        "loss": totals["loss"] / n,
+        "train_clean_acc": totals["clean_correct"] / n,
+        "train_adv_acc": totals["adv_correct"] / n,
+        "images": totals["n"],
+        "seconds": seconds,
+        "images_per_s": totals["n"] / seconds if seconds > 0 else float("nan"),
+        "rewiring": record,
+    }

@@ -1,0 +1,121 @@
+"""dnr.ops as a whole: backend report, extension on/off, opcheck and torch.compile of
+the compiled kernels. Per-op oracles are in tests/test_ops_*.py."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dnr.ops
+from dnr import _ext
+
+OPS = ["masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_"]
+
+
+def test_backend_reports_every_op():
+    table = dnr.ops.backend()
+    assert table["extension_loaded"] is _ext.loaded()
+    assert ("reason" in table) is (not _ext.loaded())
+    for op in OPS:
+        assert set(table[op]) == {"cpu", "cuda"}
+        for device in ("cpu", "cuda"):
+            assert table[op][device] in ("extension", "reference")
+            if table[op][device] == "extension":
+                assert _ext.has_kernel(op, device)
+
+
+def test_has_kernel_rejects_unknown_device():
+    with pytest.raises(ValueError, match=r"device_type must be one of \['cpu', 'cuda'\], got 'tpu'"):
+        _ext.has_kernel("pgd_step_", "tpu")
+
+
+def _python(code: str, **env) -> str:
+    """Run code in a fresh interpreter that imports this same dnr package."""
+    package_root = str(Path(dnr.__file__).resolve().parent.parent)
+    full_env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_disabled_extension_runs_reference():
+    code = (
+        "import json, sys, torch, dnr.ops\n"
+        "d, xa, x, g = (torch.zeros(2, 3) for _ in range(4))\n"
+        "dnr.ops.pgd_step_(d, xa, x, torch.ones(2, 3), 0.1, 0.05)\n"
+        "print(json.dumps({'backend': dnr.ops.backend(), 'loaded_C': 'dnr._C' in sys.modules, 'delta': d.flatten().tolist()}))\n"
+    )
+    out = json.loads(_python(code, DNR_DISABLE_EXT="1").splitlines()[-1])
+    table = out["backend"]
+    assert table["extension_loaded"] is False
+    assert "DNR_DISABLE_EXT" in table["reason"]
+    assert all(table[op] == {"cpu": "reference", "cuda": "reference"} for op in OPS)
+    assert out["loaded_C"] is False
+    assert out["delta"] == pytest.approx([0.05] * 6)
+
+
+@pytest.mark.skipif(os.environ.get("DNR_REQUIRE_EXT") != "1", reason="set DNR_REQUIRE_EXT=1 where the extension must be built")
+def test_extension_is_built():
+    """CI sets DNR_REQUIRE_EXT=1: a broken build must fail, not fall back silently."""
+    assert _ext.loaded(), _ext.reason()
+    for op in ("pgd_step_", "momentum_stats"):
+        assert dnr.ops.backend()[op]["cpu"] == "extension"
+
+
+def _samples(op: str, device: str) -> list[tuple]:
+    """Inputs for torch.library.opcheck, in schema order."""
+    def r(*shape, dtype=torch.float32, grad=False):
+        return torch.randn(shape, device=device, dtype=dtype, requires_grad=grad)
+
+    def m(*shape):
+        return torch.rand(shape, device=device) < 0.5
+
+    if op == "pgd_step_":
+        return [
+            (r(2, 3, 4), r(2, 3, 4), r(2, 3, 4), r(2, 3, 4), torch.tensor(0.1, device=device), torch.tensor([0.01, -0.02], device=device), 0.0, 1.0),
+            (*(r(3, 5, dtype=torch.bfloat16) for _ in range(4)), torch.full((3,), 0.1, device=device), torch.tensor(0.01, device=device), -1.0, 1.0),
+        ]
+    if op == "momentum_stats":
+        return [([r(3, 4), r(10)], [m(3, 4), m(10)]), ([r(2, 2, dtype=torch.float64)], [m(2, 2)])]
+    if op == "masked_conv2d":
+        return [(r(2, 4, 6, 6, grad=True), r(6, 2, 3, 3, grad=True), m(6, 2, 3, 3), r(6, grad=True), [1, 1], [1, 1], [1, 1], 2, dense)
+                for dense in (True, False)]
+    if op == "masked_sgd_step_":
+        return [([r(3, 4), r(5)], [r(3, 4), r(5)], [r(3, 4), r(5)], [m(3, 4), m(5)], 0.1, 0.9, 0.0, 5e-4, nesterov, first)
+                for nesterov, first in ((False, True), (True, False))]
+    raise AssertionError(op)
+
+
+@pytest.mark.parametrize("op", ["pgd_step_", "momentum_stats", "masked_conv2d", "masked_sgd_step_"])
+def test_opcheck(op, device):
+    if not _ext.has_kernel(op, device):
+        pytest.skip(f"no {device} kernel of dnr::{op} ({_ext.reason() or 'not implemented yet'})")
+    for args in _samples(op, device):
+        torch.library.opcheck(getattr(torch.ops.dnr, op).default, args)
+
+
+def test_compile_pgd_step(device):
+    """The wrapper traces into one graph (fake kernel registered) and computes what eager does."""
+    def step(delta, x_adv, x, grad, eps):
+        dnr.ops.pgd_step_(delta, x_adv, x, grad, eps, eps / 4, 0.0, 1.0)
+        return x_adv * 2
+
+    x = torch.rand(4, 3, 5, device=device)
+    grad, eps = torch.randn_like(x), torch.full((4,), 0.1, device=device)
+    eager = [torch.zeros_like(x), x.clone()]
+    compiled = [torch.zeros_like(x), x.clone()]
+    want = step(*eager, x, grad, eps)
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(*compiled, x, grad, eps)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(compiled[0], eager[0])
+
+
+def test_compile_momentum_stats(device):
+    momenta = [torch.randn(3, 4, device=device), torch.randn(7, device=device)]
+    masks = [torch.rand(3, 4, device=device) < 0.5, torch.rand(7, device=device) < 0.5]
+    compiled = torch.compile(dnr.ops.momentum_stats, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(momenta, masks), dnr.ops.momentum_stats(momenta, masks))

@@ -1,0 +1,167 @@
+"""dnr.ops.masked_conv2d / masked_linear against F.conv2d / F.linear with weight * mask."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dnr.ops
+from dnr import reference
+
+# (batch, in_ch, H, W, out_ch, kernel, stride, padding, dilation, groups, bias)
+CONV_CASES = [
+    (2, 3, 8, 8, 4, 3, 1, 1, 1, 1, True),
+    (2, 4, 9, 7, 6, (3, 1), (2, 1), (1, 0), 1, 2, False),
+    (1, 4, 10, 10, 4, 3, 1, 2, 2, 4, True),  # depthwise, dilated
+    (3, 2, 5, 6, 3, 1, 2, 0, 1, 1, True),  # 1x1, strided
+    (0, 3, 6, 6, 2, 3, 1, 1, 1, 1, True),  # empty batch
+]
+IMPLS = ["ops", "reference"]
+
+
+def _conv_inputs(case, device, dtype, requires_grad=False):
+    b, c, h, w, o, k, stride, padding, dilation, groups, has_bias = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = torch.randn(b, c, h, w, device=device, dtype=dtype, requires_grad=requires_grad)
+    weight = torch.randn(o, c // groups, kh, kw, device=device, dtype=dtype, requires_grad=requires_grad)
+    mask = torch.rand(weight.shape, device=device) < 0.5
+    bias = torch.randn(o, device=device, dtype=dtype, requires_grad=requires_grad) if has_bias else None
+    return x, weight, mask, bias, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def _masked_conv2d(impl, x, weight, mask, bias, stride=1, padding=0, dilation=1, groups=1, dense_weight_grad=True):
+    if impl == "ops":
+        return dnr.ops.masked_conv2d(x, weight, mask, bias, stride, padding, dilation, groups, dense_weight_grad)
+    pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    return reference.masked_conv2d(x, weight, mask, bias, pair(stride), pair(padding), pair(dilation), groups, dense_weight_grad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_masked_conv2d_value(case, dtype, impl, device):
+    x, weight, mask, bias, kw = _conv_inputs(case, device, dtype)
+    out = _masked_conv2d(impl, x, weight, mask, bias, **kw)
+    torch.testing.assert_close(out, F.conv2d(x, weight * mask, bias, **kw))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed"])
+def test_masked_conv2d_non_contiguous(layout, device):
+    x, weight, mask, bias, kw = _conv_inputs(CONV_CASES[0], device, torch.float32)
+    if layout == "channels_last":
+        x, weight = x.to(memory_format=torch.channels_last), weight.to(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = torch.randn(2, 6, 8, 16, device=device)[:, ::2, :, ::2]
+    else:
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)
+        mask = mask.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not (x.is_contiguous() and mask.is_contiguous())
+    out = dnr.ops.masked_conv2d(x, weight, mask, bias, **kw)
+    torch.testing.assert_close(out, F.conv2d(x.contiguous(), weight * mask, bias, **kw))
+
+
+def test_masked_conv2d_unbatched_and_same_padding(device):
+    x = torch.randn(3, 7, 7, device=device)
+    weight = torch.randn(5, 3, 3, 3, device=device)
+    mask = torch.rand(weight.shape, device=device) < 0.5
+    out = dnr.ops.masked_conv2d(x, weight, mask, padding="same", dilation=2)
+    torch.testing.assert_close(out, F.conv2d(x, weight * mask, padding="same", dilation=2))
+    assert out.shape == (5, 7, 7)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dense", [True, False])
+def test_masked_conv2d_grads(dense, impl, device):
+    x, weight, mask, bias, kw = _conv_inputs(CONV_CASES[1], device, torch.float64, requires_grad=True)
+    grad_out = torch.randn_like(F.conv2d(x, weight, bias, **kw))
+    _masked_conv2d(impl, x, weight, mask, bias, dense_weight_grad=dense, **kw).backward(grad_out)
+
+    # Oracle: the gradient wrt an independent leaf holding weight * mask.
+    x_ref = x.detach().clone().requires_grad_()
+    w_eff = (weight * mask).detach().requires_grad_()
+    F.conv2d(x_ref, w_eff, bias.detach() if bias is not None else None, **kw).backward(grad_out)
+    expected = w_eff.grad if dense else w_eff.grad * mask
+    torch.testing.assert_close(weight.grad, expected)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    pruned = weight.grad[~mask]
+    if dense:
+        assert pruned.abs().sum() > 0, "dense weight gradient must reach pruned positions"
+    else:
+        assert torch.all(pruned == 0)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_masked_conv2d_gradcheck(dense, device):
+    x, weight, mask, bias, kw = _conv_inputs((2, 4, 5, 5, 4, 3, 1, 1, 1, 2, True), device, torch.float64, requires_grad=True)
+    if dense:
+        # The dense weight gradient is by design not d(value)/d(weight) at pruned
+        # positions: check weight with a full mask, and x and bias with a sparse one.
+        full = torch.ones_like(mask)
+        assert torch.autograd.gradcheck(lambda x, w, b: dnr.ops.masked_conv2d(x, w, full, b, **kw), (x, weight, bias), fast_mode=True)
+        w = weight.detach()
+        assert torch.autograd.gradcheck(lambda x, b: dnr.ops.masked_conv2d(x, w, mask, b, dense_weight_grad=True, **kw), (x, bias), fast_mode=True)
+    else:
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: dnr.ops.masked_conv2d(x, w, mask, b, dense_weight_grad=False, **kw), (x, weight, bias), fast_mode=True
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(5, 6), (2, 3, 6), (0, 6), (6,)])
+def test_masked_linear_value(shape, dtype, device):
+    x = torch.randn(shape, device=device, dtype=dtype)
+    weight = torch.randn(4, 6, device=device, dtype=dtype)
+    mask = torch.rand(weight.shape, device=device) < 0.5
+    bias = torch.randn(4, device=device, dtype=dtype)
+    torch.testing.assert_close(dnr.ops.masked_linear(x, weight, mask, bias), F.linear(x, weight * mask, bias))
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_masked_linear_grads(dense, device):
+    x = torch.randn(5, 6, device=device, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 6, device=device, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(weight.shape, device=device) < 0.5
+    grad_out = torch.randn(5, 4, device=device, dtype=torch.float64)
+    dnr.ops.masked_linear(x, weight, mask, dense_weight_grad=dense).backward(grad_out)
+    dense_grad = grad_out.t() @ x.detach()  # d(sum(grad_out * x W^T)) / dW
+    torch.testing.assert_close(weight.grad, dense_grad if dense else dense_grad * mask)
+    torch.testing.assert_close(x.grad, grad_out @ (weight * mask).detach())
+    w = weight.detach()
+    assert torch.autograd.gradcheck(lambda x: dnr.ops.masked_linear(x, w, mask, dense_weight_grad=dense), (x,))
+
+
+CONV_ERRORS = [
+    (dict(mask="float"), TypeError, r"mask must be a torch\.bool tensor, got dtype torch\.float32"),
+    (dict(mask="short"), ValueError, r"mask must have the shape of weight \(4, 3, 3, 3\), got \(4, 3, 3, 2\)"),
+    (dict(input="2d"), ValueError, r"input must be \[B, C, H, W\] or \[C, H, W\], got shape \(3, 8\)"),
+    (dict(input="channels"), ValueError, r"input has 5 channels but weight \(4, 3, 3, 3\) with groups=1 expects 3"),
+    (dict(input="double"), TypeError, r"input must have weight's dtype torch\.float32, got torch\.float64"),
+    (dict(bias="short"), ValueError, r"bias must have shape \(4,\), got \(3,\)"),
+    (dict(stride=0), ValueError, r"stride must be >= 1, got 0"),
+    (dict(padding=(1, 2, 3)), TypeError, r"padding must be an int or a pair of ints, got \(1, 2, 3\)"),
+    (dict(padding="full"), ValueError, r"padding must be 'valid', 'same', an int or a pair of ints, got 'full'"),
+    (dict(groups=2), ValueError, r"input has 3 channels but weight \(4, 3, 3, 3\) with groups=2 expects 6"),
+    (dict(dense_weight_grad=1), TypeError, r"dense_weight_grad must be a bool, got 1"),
+]
+
+
+@pytest.mark.parametrize("change, error, message", CONV_ERRORS)
+def test_masked_conv2d_errors(change, error, message):
+    x, weight, bias = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(4)
+    mask = torch.ones(4, 3, 3, 3, dtype=torch.bool)
+    inputs = {"2d": torch.randn(3, 8), "channels": torch.randn(2, 5, 8, 8), "double": x.double()}
+    kwargs = dict(change)
+    x = inputs.get(kwargs.pop("input", None), x)
+    mask = {"float": mask.float(), "short": mask[..., :2]}.get(kwargs.pop("mask", None), mask)
+    bias = {"short": bias[:3]}.get(kwargs.pop("bias", None), bias)
+    with pytest.raises(error, match=message):
+        dnr.ops.masked_conv2d(x, weight, mask, bias, **kwargs)
+
+
+def test_masked_linear_errors():
+    weight, mask = torch.randn(4, 6), torch.ones(4, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"input must be \[\*, 6\] to match weight \(4, 6\), got shape \(2, 5\)"):
+        dnr.ops.masked_linear(torch.randn(2, 5), weight, mask)
+    with pytest.raises(TypeError, match=r"mask must be a torch\.bool tensor, got dtype torch\.int64"):
+        dnr.ops.masked_linear(torch.randn(2, 6), weight, mask.long())
+    with pytest.raises(TypeError, match=r"weight must be a torch\.Tensor, got list"):
+        dnr.ops.masked_linear(torch.randn(2, 6), [[1.0]], mask)

@@ -1,0 +1,145 @@
+"""dnr.ops.momentum_stats against per-tensor float64 sums, and dnr.ops.masked_sgd_step_
+against torch.optim.SGD followed by a mask multiply."""
+
+import numpy as np
+import pytest
+import torch
+
+import dnr.ops
+from dnr import reference
+
+IMPLS = {"ops": dnr.ops, "reference": reference}
+
+
+def _layers(device, dtype, shapes=((8, 3, 3, 3), (40000,), (5, 7), (0, 4), (6,))):
+    momenta = [torch.randn(s, dtype=dtype).to(device) for s in shapes]
+    masks = [torch.rand(s).to(device) < 0.3 for s in shapes]
+    masks[-1][:] = False  # a layer with nothing active
+    if len(shapes) > 2:  # a non-contiguous layer
+        momenta[2], masks[2] = momenta[2].t(), masks[2].t()
+    return momenta, masks
+
+
+def stats_oracle(momenta, masks):
+    rows = []
+    for m, k in zip(momenta, masks):
+        values = np.abs(m.double().cpu().numpy())[k.cpu().numpy()]
+        rows.append((float(np.sum(values, dtype=np.float64)), float(values.size)))
+    return np.array(rows, dtype=np.float64).reshape(-1, 2)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_momentum_stats_matches_sums(dtype, impl, device):
+    momenta, masks = _layers(device, dtype)
+    out = IMPLS[impl].momentum_stats(momenta, masks)
+    assert out.dtype == torch.float64 and out.shape == (len(momenta), 2)
+    assert out.device.type == device
+    np.testing.assert_allclose(out.cpu().numpy(), stats_oracle(momenta, masks), rtol=1e-12, atol=0)
+
+
+def test_momentum_stats_deterministic(device):
+    momenta, masks = _layers(device, torch.float32, shapes=((300, 1000), (64, 64, 3, 3)))
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, 1, 2):
+            torch.set_num_threads(n)
+            runs.append(dnr.ops.momentum_stats(momenta, masks))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        assert torch.equal(runs[0], other), "momentum_stats must give bit-identical results"
+
+
+def test_momentum_stats_empty_list():
+    out = dnr.ops.momentum_stats([], [])
+    assert out.shape == (0, 2) and out.dtype == torch.float64
+
+
+MOMENTUM_ERRORS = [
+    (lambda m, k: (m, k[:1]), ValueError, r"momenta and masks must have the same length, got 2 and 1"),
+    (lambda m, k: (m, [k[0], k[1].float()]), TypeError, r"masks\[1\] must be a torch\.bool tensor, got dtype torch\.float32"),
+    (lambda m, k: (m, [k[0], k[1][:2]]), ValueError, r"masks\[1\] must have the shape of momenta\[1\] \(3, 4\), got \(2, 4\)"),
+    (lambda m, k: ([m[0], m[1].long()], k), TypeError, r"momenta\[1\] must be a floating-point tensor, got dtype torch\.int64"),
+    (lambda m, k: (m[0], k), TypeError, r"momenta must be a list or tuple of tensors, got Tensor"),
+]
+
+
+@pytest.mark.parametrize("change, error, message", MOMENTUM_ERRORS)
+def test_momentum_stats_errors(change, error, message):
+    momenta, masks = [torch.randn(5), torch.randn(3, 4)], [torch.ones(5, dtype=torch.bool), torch.ones(3, 4, dtype=torch.bool)]
+    with pytest.raises(error, match=message):
+        dnr.ops.momentum_stats(*change(momenta, masks))
+
+
+# (momentum, dampening, weight_decay, nesterov)
+SGD_CASES = [(0.9, 0.0, 5e-4, False), (0.9, 0.0, 5e-4, True), (0.8, 0.1, 0.0, False), (0.0, 0.0, 1e-2, False)]
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("momentum, dampening, weight_decay, nesterov", SGD_CASES)
+def test_masked_sgd_step_matches_sgd(momentum, dampening, weight_decay, nesterov, dtype, impl, device):
+    shapes = [(6, 3, 3, 3), (10, 4), (4,)]
+    masks = [torch.rand(s, device=device) < 0.4 for s in shapes]
+    params = [(torch.randn(s, dtype=dtype, device=device) * k).requires_grad_() for s, k in zip(shapes, masks)]
+    oracle_params = [p.detach().clone().requires_grad_() for p in params]
+    sgd = torch.optim.SGD(oracle_params, lr=0.1, momentum=momentum, dampening=dampening,
+                          weight_decay=weight_decay, nesterov=nesterov, foreach=False)
+    buffers = [torch.zeros_like(p) for p in params]
+    for step in range(4):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(oracle_params, grads):
+            p.grad = g.clone()
+        sgd.step()
+        with torch.no_grad():
+            for p, k in zip(oracle_params, masks):
+                p.mul_(k)
+        IMPLS[impl].masked_sgd_step_(params, grads, buffers, masks, 0.1, momentum, dampening, weight_decay,
+                                     nesterov, step == 0)
+        for p, want in zip(params, oracle_params):
+            torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-7)
+        if momentum:
+            for buf, p in zip(buffers, oracle_params):
+                torch.testing.assert_close(buf, sgd.state[p]["momentum_buffer"], rtol=1e-6, atol=1e-7)
+    for p, buf, k in zip(params, buffers, masks):
+        assert torch.all(p[~k] == 0), "pruned weights must be exactly zero"
+        if momentum:
+            assert buf[~k].abs().sum() > 0, "momentum buffers must stay dense"
+
+
+def _sgd_args():
+    params = [torch.randn(3, 4), torch.randn(5)]
+    return dict(params=params, grads=[torch.randn_like(p) for p in params],
+                momentum_buffers=[torch.zeros_like(p) for p in params],
+                masks=[torch.rand(p.shape) < 0.5 for p in params],
+                lr=0.1, momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=False, first_step=True)
+
+
+SGD_ERRORS = [
+    (dict(masks=lambda a: a["masks"][:1]), ValueError,
+     r"params, grads, momentum_buffers and masks must have the same length, got 2, 2, 2 and 1"),
+    (dict(grads=lambda a: [a["grads"][0].double(), a["grads"][1]]), TypeError,
+     r"grads\[0\] must have params\[0\]'s dtype torch\.float32, got torch\.float64"),
+    (dict(momentum_buffers=lambda a: [a["momentum_buffers"][0], torch.zeros(4)]), ValueError,
+     r"momentum_buffers\[1\] must have the shape of params\[1\] \(5,\), got \(4,\)"),
+    (dict(masks=lambda a: [a["masks"][0], a["masks"][1].int()]), TypeError,
+     r"masks\[1\] must be a torch\.bool tensor, got dtype torch\.int32"),
+    (dict(lr=lambda a: -1.0), ValueError, r"lr must be >= 0\.0, got -1\.0"),
+    (dict(nesterov=lambda a: True, dampening=lambda a: 0.1), ValueError,
+     r"nesterov needs momentum > 0 and dampening == 0, got momentum=0\.9, dampening=0\.1"),
+    (dict(first_step=lambda a: "yes"), TypeError, r"first_step must be a bool, got 'yes'"),
+]
+
+
+@pytest.mark.parametrize("changes, error, message", SGD_ERRORS)
+def test_masked_sgd_step_errors_leave_inputs_unchanged(changes, error, message):
+    args = _sgd_args()
+    mutable = args["params"] + args["momentum_buffers"]
+    before = [t.clone() for t in mutable]
+    for key, change in changes.items():
+        args[key] = change(args)
+    with pytest.raises(error, match=message):
+        dnr.ops.masked_sgd_step_(**args)
+    assert all(torch.equal(t, b) for t, b in zip(mutable, before)), "nothing may be modified on error"
