@@ -106,7 +106,8 @@ def extension_modules():
 
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    sources = [str(p.relative_to(ROOT)) for p in [CSRC / "dnr.cpp", *sorted((CSRC / "cpu").glob("*.cpp"))]]
+    # csrc/*.cpp: schemas and device-generic ops; csrc/cpu/*.cpp: CPU kernels.
+    sources = [str(p.relative_to(ROOT)) for p in [*sorted(CSRC.glob("*.cpp")), *sorted((CSRC / "cpu").glob("*.cpp"))]]
     cxx_flags = ["-O3"]  # torch chooses the C++ standard its headers need
     options = dict(
         include_dirs=[str(CSRC)],

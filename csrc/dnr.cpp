@@ -1,6 +1,8 @@
 // The dnr operator library: every schema is declared here, once.
 // Kernels register themselves per device in csrc/cpu/<op>.cpp and
-// csrc/cuda/<op>_kernel.cu; fake (meta) kernels and autograd are registered from
+// csrc/cuda/*.cu (the list ops share csrc/cuda/multi_tensor_kernels.cu: fewer
+// slow translation units); masked_conv2d is device-generic ATen code in
+// csrc/masked_conv2d.cpp; fake (meta) kernels and autograd are registered from
 // Python in python/dnr/ops/_registry.py. An op without a kernel for a device runs
 // its PyTorch reference (python/dnr/reference.py) there.
 #include <Python.h>
@@ -30,6 +32,13 @@ TORCH_LIBRARY(dnr, m) {
       "int[2] stride, int[2] padding, int[2] dilation, int groups, "
       "bool dense_weight_grad) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+  // Gradients of masked_conv2d wrt (input, weight, bias); an entry whose
+  // output_mask is false is not computed (returned undefined, None in Python).
+  m.def(
+      "masked_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
+      "Tensor mask, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "bool dense_weight_grad, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
   // One PGD step, in place: d = clamp(delta + alpha*sign(grad), -eps, eps);
   // x_adv = clamp(x + d, lo, hi); delta = x_adv - x. eps, alpha: [] or [B].
   m.def(
@@ -40,6 +49,9 @@ TORCH_LIBRARY(dnr, m) {
   m.def(
       "momentum_stats(Tensor[] momenta, Tensor[] masks) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+  // float32 [sum_l tensors[l].size(0)]: the L2 norm of every output channel
+  // (row of tensors[l].reshape(size(0), -1)) of every tensor, concatenated.
+  m.def("channel_norms(Tensor[] tensors) -> Tensor", {at::Tag::pt2_compliant_tag});
   // torch.optim.SGD's update (dense momentum buffers), then params *= masks.
   m.def(
       "masked_sgd_step_(Tensor(a!)[] params, Tensor[] grads, "

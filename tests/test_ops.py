@@ -13,7 +13,7 @@ import torch
 import dnr.ops
 from dnr import _ext
 
-OPS = ["masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_"]
+OPS = ["masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "channel_norms", "masked_sgd_step_"]
 
 
 def test_backend_reports_every_op():
@@ -62,7 +62,7 @@ def test_disabled_extension_runs_reference():
 def test_extension_is_built():
     """CI sets DNR_REQUIRE_EXT=1: a broken build must fail, not fall back silently."""
     assert _ext.loaded(), _ext.reason()
-    for op in ("pgd_step_", "momentum_stats"):
+    for op in ("pgd_step_", "momentum_stats", "channel_norms", "masked_sgd_step_", "masked_conv2d"):
         assert dnr.ops.backend()[op]["cpu"] == "extension"
 
 
@@ -81,16 +81,27 @@ def _samples(op: str, device: str) -> list[tuple]:
         ]
     if op == "momentum_stats":
         return [([r(3, 4), r(10)], [m(3, 4), m(10)]), ([r(2, 2, dtype=torch.float64)], [m(2, 2)])]
+    if op == "channel_norms":
+        return [([r(3, 4), r(5, 2, 3, 3), r(0, 2)],), ([r(2, 7, dtype=torch.float64), r(4, dtype=torch.float64)],)]
     if op == "masked_conv2d":
-        return [(r(2, 4, 6, 6, grad=True), r(6, 2, 3, 3, grad=True), m(6, 2, 3, 3), r(6, grad=True), [1, 1], [1, 1], [1, 1], 2, dense)
-                for dense in (True, False)]
+        dead = m(6, 4, 3, 3)
+        dead[1:4] = False  # whole output channels pruned: the gather path
+        return [(r(2, 4, 6, 6, grad=True), r(6, 2, 3, 3, grad=True), m(6, 2, 3, 3), r(6, grad=True), [1, 1], [1, 1], [1, 1], 2, True),
+                (r(2, 4, 6, 6, grad=True), r(6, 4, 3, 3, grad=True), dead, r(6, grad=True), [2, 1], [1, 0], [1, 1], 1, False)]
+    if op == "masked_conv2d_backward":
+        dead = m(6, 4, 3, 3)
+        dead[1:4] = False
+        return [(r(2, 6, 6, 6), r(2, 4, 6, 6), r(6, 4, 3, 3), mask, [1, 1], [1, 1], [1, 1], 1, dense, need)
+                for mask, dense, need in ((m(6, 4, 3, 3), True, [True, True, True]), (dead, False, [True, True, True]),
+                                          (dead, True, [False, True, False]), (m(6, 4, 3, 3), False, [True, False, True]))]
     if op == "masked_sgd_step_":
         return [([r(3, 4), r(5)], [r(3, 4), r(5)], [r(3, 4), r(5)], [m(3, 4), m(5)], 0.1, 0.9, 0.0, 5e-4, nesterov, first)
                 for nesterov, first in ((False, True), (True, False))]
     raise AssertionError(op)
 
 
-@pytest.mark.parametrize("op", ["pgd_step_", "momentum_stats", "masked_conv2d", "masked_sgd_step_"])
+@pytest.mark.parametrize("op", ["pgd_step_", "momentum_stats", "channel_norms", "masked_conv2d", "masked_conv2d_backward",
+                                "masked_sgd_step_"])
 def test_opcheck(op, device):
     if not _ext.has_kernel(op, device):
         pytest.skip(f"no {device} kernel of dnr::{op} ({_ext.reason() or 'not implemented yet'})")
@@ -119,3 +130,35 @@ def test_compile_momentum_stats(device):
     masks = [torch.rand(3, 4, device=device) < 0.5, torch.rand(7, device=device) < 0.5]
     compiled = torch.compile(dnr.ops.momentum_stats, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(momenta, masks), dnr.ops.momentum_stats(momenta, masks))
+
+
+def test_compile_masked_sgd_and_channel_norms(device):
+    params = [torch.randn(3, 4, device=device), torch.randn(5, device=device)]
+    grads = [torch.randn_like(p) for p in params]
+    masks = [torch.rand(p.shape, device=device) < 0.5 for p in params]
+
+    def step(params, bufs):
+        dnr.ops.masked_sgd_step_(params, grads, bufs, masks, 0.1, 0.9, 0.0, 1e-3, True, False)
+        return dnr.ops.channel_norms(params)
+
+    eager = ([p.clone() for p in params], [torch.ones_like(p) for p in params])
+    compiled = ([p.clone() for p in params], [torch.ones_like(p) for p in params])
+    want = step(*eager)
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(*compiled)
+    for a, b in zip(got + compiled[0] + compiled[1], want + eager[0] + eager[1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_compile_masked_conv2d_backward(device):
+    x = torch.randn(2, 3, 6, 6, device=device, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+    mask = torch.rand(weight.shape, device=device) < 0.5
+    mask[2] = False
+
+    def loss(x, weight):
+        return dnr.ops.masked_conv2d(x, weight, mask, None, padding=1).square().sum()
+
+    want = torch.autograd.grad(loss(x, weight), (x, weight))
+    got = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(x, weight), (x, weight))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

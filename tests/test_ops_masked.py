@@ -165,3 +165,106 @@ def test_masked_linear_errors():
         dnr.ops.masked_linear(torch.randn(2, 6), weight, mask.long())
     with pytest.raises(TypeError, match=r"weight must be a torch\.Tensor, got list"):
         dnr.ops.masked_linear(torch.randn(2, 6), [[1.0]], mask)
+
+
+# ----------------------------------------------------------------- channel masks (gather path)
+
+
+def _channel_mask(weight, alive):
+    mask = torch.rand(weight.shape, device=weight.device) < 0.6
+    mask[~alive] = False  # whole output channels pruned
+    mask[alive, 0, 0, 0] = True
+    return mask
+
+
+@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_masked_conv2d_dead_channels(layout, has_bias, dense, device):
+    """Whole pruned output channels (the kernel convolves the live filters only): values and
+    gradients against F.conv2d(x, weight * mask) and an independent leaf for weight * mask."""
+    x = torch.randn(3, 4, 7, 6, device=device, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 4, 3, 3, device=device, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, device=device, dtype=torch.float64, requires_grad=True) if has_bias else None
+    alive = torch.tensor([True, False, True, False, False, True], device=device)
+    mask = _channel_mask(weight, alive)
+    xin = x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
+    out = dnr.ops.masked_conv2d(xin, weight, mask, bias, stride=(2, 1), padding=1, dense_weight_grad=dense)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+
+    x_ref = x.detach().clone().requires_grad_()
+    w_eff = (weight * mask).detach().requires_grad_()
+    b_ref = bias.detach().clone().requires_grad_() if has_bias else None
+    want = F.conv2d(x_ref, w_eff, b_ref, stride=(2, 1), padding=1)
+    want.backward(grad_out)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(weight.grad, w_eff.grad if dense else w_eff.grad * mask)
+    if has_bias:
+        torch.testing.assert_close(bias.grad, b_ref.grad)
+    if dense:
+        assert weight.grad[~alive].abs().sum() > 0, "dense weight gradient must reach pruned channels"
+
+
+def test_masked_conv2d_gradcheck_dead_channels(device):
+    x = torch.randn(2, 2, 4, 4, device=device, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 2, 3, 3, device=device, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, device=device, dtype=torch.float64, requires_grad=True)
+    mask = _channel_mask(weight, torch.tensor([False, True, True], device=device))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: dnr.ops.masked_conv2d(x, w, mask, b, padding=1, dense_weight_grad=False), (x, weight, bias),
+        fast_mode=True,
+    )
+
+
+def test_masked_conv2d_all_channels_dead_and_empty_batch(device):
+    weight = torch.randn(3, 2, 3, 3, device=device)
+    bias = torch.randn(3, device=device)
+    dead = torch.zeros_like(weight, dtype=torch.bool)
+    x = torch.randn(2, 2, 5, 5, device=device)
+    torch.testing.assert_close(dnr.ops.masked_conv2d(x, weight, dead, bias), F.conv2d(x, weight * dead, bias))
+    some = _channel_mask(weight, torch.tensor([True, False, True], device=device))
+    empty = torch.randn(0, 2, 5, 5, device=device)
+    assert dnr.ops.masked_conv2d(empty, weight, some, bias).shape == (0, 3, 3, 3)
+
+
+def test_masked_conv2d_sees_new_mask(device):
+    """The kernel caches the live channels of a mask per version: an in-place change must be seen."""
+    layer_w = torch.randn(4, 2, 3, 3, device=device)
+    mask = torch.ones_like(layer_w, dtype=torch.bool)
+    x = torch.randn(1, 2, 5, 5, device=device)
+    for alive in ([True, True, True, True], [True, False, True, False], [False, False, True, True]):
+        mask.copy_(torch.tensor(alive, device=device).view(-1, 1, 1, 1).expand_as(mask))
+        torch.testing.assert_close(dnr.ops.masked_conv2d(x, layer_w, mask), F.conv2d(x, layer_w * mask))
+
+
+def test_compiled_kernel_is_used_when_loaded():
+    from dnr import _ext
+
+    if not _ext.loaded():
+        pytest.skip(_ext.reason())
+    assert dnr.ops.backend()["masked_conv2d"]["cpu"] == "extension"
+    x, weight, mask, bias, kw = _conv_inputs(CONV_CASES[0], "cpu", torch.float32, requires_grad=True)
+    out = torch.ops.dnr.masked_conv2d(x, weight, mask, bias, [1, 1], [1, 1], [1, 1], 1, True)
+    assert out.grad_fn is not None, "registered autograd must attach a backward"
+    torch.testing.assert_close(out, F.conv2d(x, weight * mask, bias, padding=1))
+
+
+CPP_CONV_ERRORS = [
+    (lambda x, w, k: (x[0], w, k), r"dnr::masked_conv2d: input must be \[B, C, H, W\], got shape \[3, 8, 8\]"),
+    (lambda x, w, k: (x, w, k.float()), r"dnr::masked_conv2d: mask must be torch\.bool, got Float"),
+    (lambda x, w, k: (x, w, k[:2]), r"dnr::masked_conv2d: mask has shape \[2, 3, 3, 3\] but weight has shape \[4, 3, 3, 3\]"),
+]
+
+
+@pytest.mark.parametrize("change, message", CPP_CONV_ERRORS)
+def test_masked_conv2d_kernel_errors(change, message):
+    """The compiled op's own checks (direct torch.ops calls skip the Python wrapper)."""
+    from dnr import _ext
+
+    if not _ext.loaded():
+        pytest.skip(_ext.reason())
+    x, w, k = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.ones(4, 3, 3, 3, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.dnr.masked_conv2d(*change(x, w, k), None, [1, 1], [0, 0], [1, 1], 1, True)

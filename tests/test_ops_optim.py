@@ -143,3 +143,136 @@ def test_masked_sgd_step_errors_leave_inputs_unchanged(changes, error, message):
     with pytest.raises(error, match=message):
         dnr.ops.masked_sgd_step_(**args)
     assert all(torch.equal(t, b) for t, b in zip(mutable, before)), "nothing may be modified on error"
+
+
+def _sgd_oracle_float64(params, grads, bufs, masks, lr, momentum, dampening, weight_decay, nesterov, first_step):
+    """The SGD formula in float64 (independent of ATen's op sequence)."""
+    out_p, out_b = [], []
+    for p, g, b, k in zip(params, grads, bufs, masks):
+        p, g, b = p.double(), g.double(), b.double()
+        g = g + weight_decay * p
+        b = g if first_step else momentum * b + (1 - dampening) * g
+        d = g + momentum * b if nesterov else b
+        out_p.append((p - lr * d) * k)
+        out_b.append(b)
+    return out_p, out_b
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_masked_sgd_step_reduced_precision(dtype, tol, impl, device):
+    shapes = [(33, 7), (40001,), (1,)]
+    params = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    grads = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    bufs = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    masks = [torch.rand(s, device=device) < 0.5 for s in shapes]
+    args = (0.1, 0.9, 0.0, 1e-2, True, False)
+    want_p, want_b = _sgd_oracle_float64(params, grads, bufs, masks, *args)
+    IMPLS[impl].masked_sgd_step_(params, grads, bufs, masks, *args)
+    for got, want in zip(params + bufs, want_p + want_b):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_masked_sgd_step_exact_with_non_contiguous_grads(device):
+    """float32: bit for bit against SGD + mask, gradients and masks given as transposed views."""
+    p = torch.randn(40, 37, device=device)
+    grad = torch.randn(37, 40, device=device).t()
+    mask = (torch.rand(37, 40, device=device) < 0.5).t()
+    ref = torch.nn.Parameter(p.clone())
+    sgd = torch.optim.SGD([ref], lr=0.1, momentum=0.9, weight_decay=1e-3, foreach=False)
+    buf = torch.zeros_like(p)
+    for step in range(3):
+        ref.grad = grad.clone()
+        sgd.step()
+        with torch.no_grad():
+            ref.mul_(mask)
+        dnr.ops.masked_sgd_step_([p], [grad], [buf], [mask], 0.1, 0.9, 0.0, 1e-3, False, step == 0)
+    assert torch.equal(p, ref.detach())
+    assert torch.equal(buf, sgd.state[ref]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_masked_sgd_step_without_momentum_leaves_buffers(impl, device):
+    p, g = torch.randn(5, device=device), torch.randn(5, device=device)
+    mask = torch.tensor([True, False, True, True, False], device=device)
+    buf = torch.full((5,), 7.0, device=device)
+    want = (p - 0.1 * g) * mask
+    IMPLS[impl].masked_sgd_step_([p], [g], [buf], [mask], 0.1, 0.0, 0.0, 0.0, False, False)
+    torch.testing.assert_close(p, want)
+    assert torch.all(buf == 7.0), "with momentum 0 the buffers are neither read nor written"
+
+
+def test_masked_sgd_step_kernel_errors():
+    """The compiled op's own checks (direct torch.ops calls skip the Python wrapper)."""
+    from dnr import _ext
+
+    if not _ext.has_kernel("masked_sgd_step_", "cpu"):
+        pytest.skip("no CPU kernel")
+    p = [torch.randn(3, 4)]
+    op = torch.ops.dnr.masked_sgd_step_
+    with pytest.raises(RuntimeError, match=r"must have one length, got 1, 1, 1 and 0"):
+        op(p, [torch.randn(3, 4)], [torch.zeros(3, 4)], [], 0.1, 0.9, 0.0, 0.0, False, True)
+    with pytest.raises(RuntimeError, match=r"params\[0\] must be contiguous"):
+        op([torch.randn(4, 3).t()], [torch.randn(3, 4)], [torch.zeros(3, 4)], [torch.ones(3, 4, dtype=torch.bool)],
+           0.1, 0.9, 0.0, 0.0, False, True)
+    with pytest.raises(RuntimeError, match=r"masks\[0\] has dtype Float but must have Bool"):
+        op(p, [torch.randn(3, 4)], [torch.zeros(3, 4)], [torch.ones(3, 4)], 0.1, 0.9, 0.0, 0.0, False, True)
+    with pytest.raises(RuntimeError, match=r"nesterov needs momentum > 0 and dampening == 0, got momentum=0"):
+        op(p, [torch.randn(3, 4)], [torch.zeros(3, 4)], [torch.ones(3, 4, dtype=torch.bool)], 0.1, 0.0, 0.0, 0.0, True, True)
+
+
+def test_masked_sgd_step_falls_back_for_non_contiguous_params(device):
+    base = torch.randn(6, 5, device=device)
+    p = base.t()  # a view: the kernel needs contiguous params, the wrapper uses the reference
+    grad, buf = torch.randn(5, 6, device=device), torch.zeros(5, 6, device=device)
+    mask = torch.rand(5, 6, device=device) < 0.5
+    want = (p - 0.1 * grad) * mask
+    dnr.ops.masked_sgd_step_([p], [grad], [buf], [mask], 0.1, 0.9, 0.0, 0.0, False, True)
+    torch.testing.assert_close(p, want)
+    assert torch.equal(base.t(), p)
+
+
+# ------------------------------------------------------------------------------ channel_norms
+
+
+@pytest.mark.parametrize("impl", ["ops", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_channel_norms_matches_float64(dtype, impl, device):
+    tensors = [torch.randn(s, device=device).to(dtype) for s in ((8, 3, 3, 3), (5, 7), (3,), (0, 4), (2, 20000))]
+    tensors[1] = torch.randn(7, 5, device=device).to(dtype).t()  # non-contiguous
+    out = dnr.ops.channel_norms(tensors) if impl == "ops" else \
+        reference.channel_norms(tensors).to(device).split([t.shape[0] for t in tensors])
+    assert len(out) == len(tensors)
+    for got, t in zip(out, tensors):
+        want = np.sqrt(np.sum(t.double().cpu().numpy().reshape(t.shape[0], t[0].numel() if len(t) else 0) ** 2, axis=1))
+        assert got.dtype == torch.float32 and got.shape == (t.shape[0],) and got.device.type == device
+        np.testing.assert_allclose(got.cpu().numpy(), want.astype(np.float32), rtol=1e-6, atol=0)
+
+
+def test_channel_norms_deterministic_and_empty():
+    tensors = [torch.randn(64, 64, 3, 3), torch.randn(300, 1000)]
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(torch.cat(dnr.ops.channel_norms(tensors)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(runs[0], runs[1])
+    assert dnr.ops.channel_norms([]) == []
+
+
+CHANNEL_NORM_ERRORS = [
+    (lambda t: t[0], TypeError, r"tensors must be a list or tuple of tensors, got Tensor"),
+    (lambda t: [t[0], t[1].long()], TypeError, r"tensors\[1\] must be a floating-point tensor, got dtype torch\.int64"),
+    (lambda t: [t[0], torch.tensor(1.0)], ValueError, r"tensors\[1\] must have an output-channel dimension, got shape \(\)"),
+    (lambda t: [t[0], "w"], TypeError, r"tensors\[1\] must be a torch\.Tensor, got str"),
+]
+
+
+@pytest.mark.parametrize("change, error, message", CHANNEL_NORM_ERRORS)
+def test_channel_norms_errors(change, error, message):
+    with pytest.raises(error, match=message):
+        dnr.ops.channel_norms(change([torch.randn(3, 4), torch.randn(5)]))

@@ -1,4 +1,5 @@
-// CPU kernel of dnr::momentum_stats (schema and semantics: csrc/dnr.cpp).
+// CPU kernels of dnr::momentum_stats and dnr::channel_norms (schemas and
+// semantics: csrc/dnr.cpp).
 // Deterministic: every tensor is cut into fixed chunks, each chunk is summed in
 // a fixed order in double, and the chunk sums are added in chunk order, so the
 // result does not depend on the number of threads.
@@ -7,6 +8,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+
+#include "../multi_tensor.h"
 
 #include <algorithm>
 #include <cmath>
@@ -49,9 +52,7 @@ ChunkSum sum_chunk(const scalar_t* v, const bool* keep, int64_t n) {
 }
 
 at::Tensor momentum_stats_cpu(at::TensorList momenta, at::TensorList masks) {
-  TORCH_CHECK(
-      momenta.size() == masks.size(), "dnr::momentum_stats: got ", momenta.size(),
-      " momenta but ", masks.size(), " masks");
+  check_momentum_stats(momenta, masks);
   const int64_t num_layers = static_cast<int64_t>(momenta.size());
   std::vector<at::Tensor> values(num_layers), keeps(num_layers);
   std::vector<int64_t> first_chunk(num_layers + 1, 0);
@@ -59,18 +60,8 @@ at::Tensor momentum_stats_cpu(at::TensorList momenta, at::TensorList masks) {
     const at::Tensor& m = momenta[l];
     const at::Tensor& k = masks[l];
     TORCH_CHECK(
-        m.device().is_cpu() && k.device().is_cpu(),
-        "dnr::momentum_stats (CPU kernel): momenta[", l, "] is on ", m.device(),
-        " and masks[", l, "] on ", k.device(), "; both must be on cpu");
-    TORCH_CHECK(
-        at::isFloatingType(m.scalar_type()), "dnr::momentum_stats: momenta[", l,
-        "] must be floating point, got ", m.scalar_type());
-    TORCH_CHECK(
-        k.scalar_type() == at::kBool, "dnr::momentum_stats: masks[", l,
-        "] must be torch.bool, got ", k.scalar_type());
-    TORCH_CHECK(
-        k.sizes() == m.sizes(), "dnr::momentum_stats: masks[", l, "] has shape ",
-        k.sizes(), " but momenta[", l, "] has shape ", m.sizes());
+        m.device().is_cpu(), "dnr::momentum_stats (CPU kernel): momenta[", l,
+        "] is on ", m.device());
     values[l] = m.contiguous();
     keeps[l] = k.contiguous();
     first_chunk[l + 1] = first_chunk[l] + (m.numel() + kChunk - 1) / kChunk;
@@ -110,10 +101,66 @@ at::Tensor momentum_stats_cpu(at::TensorList momenta, at::TensorList masks) {
   return out;
 }
 
+template <typename scalar_t>
+double sum_squares(const scalar_t* v, int64_t n) {
+  double acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const double x = static_cast<double>(v[i + j]);
+      acc[j] += x * x;
+    }
+  }
+  for (int j = 0; i < n; ++i, ++j) {
+    const double x = static_cast<double>(v[i]);
+    acc[j] += x * x;
+  }
+  double out = 0.0;
+  for (int j = 0; j < kLanes; ++j) {
+    out += acc[j];
+  }
+  return out;
+}
+
+// One task per output channel of every tensor; each row is summed by one thread
+// in a fixed order, so the result does not depend on the number of threads.
+at::Tensor channel_norms_cpu(at::TensorList tensors) {
+  check_channel_norms(tensors);
+  const int64_t num = static_cast<int64_t>(tensors.size());
+  std::vector<at::Tensor> values(num);
+  std::vector<int64_t> first_row(num + 1, 0);
+  for (int64_t l = 0; l < num; ++l) {
+    TORCH_CHECK(
+        tensors[l].device().is_cpu(), "dnr::channel_norms (CPU kernel): tensors[", l,
+        "] is on ", tensors[l].device());
+    values[l] = tensors[l].contiguous();
+    first_row[l + 1] = first_row[l] + tensors[l].size(0);
+  }
+  at::Tensor out = at::empty({first_row[num]}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, first_row[num], 1, [&](int64_t begin, int64_t end) {
+    int64_t l = 0;
+    for (int64_t r = begin; r < end; ++r) {
+      while (first_row[l + 1] <= r) {
+        ++l;
+      }
+      const int64_t rows = values[l].size(0);
+      const int64_t row_len = rows == 0 ? 0 : values[l].numel() / rows;
+      AT_DISPATCH_FLOATING_TYPES_AND2(
+          at::kHalf, at::kBFloat16, values[l].scalar_type(), "dnr::channel_norms", [&] {
+            const scalar_t* v = values[l].const_data_ptr<scalar_t>() + (r - first_row[l]) * row_len;
+            o[r] = static_cast<float>(std::sqrt(sum_squares(v, row_len)));
+          });
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dnr, CPU, m) {
   m.impl("momentum_stats", &momentum_stats_cpu);
+  m.impl("channel_norms", &channel_norms_cpu);
 }
 
 }  // namespace dnr

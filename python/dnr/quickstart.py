@@ -5,6 +5,7 @@
 
 Builds a small CNN, sparsifies it to 5% density, trains it with the hybrid clean + PGD loss and the
 DNR rewiring controller, and prints clean / FGSM / PGD test accuracy and the compression ratio.
+It runs the same driver as ``dnr train`` (:func:`dnr.harness.fit`) in a temporary run directory.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+import tempfile
 
-import torch
-from torch.utils.data import DataLoader
+from dnr.harness import fit, resolve_config
+from dnr.harness.report import format_summary
 
-import dnr
-from dnr.models import small_cnn
+__all__ = ["build_parser", "run", "format_summary", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,60 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Train and evaluate as configured by ``args``; returns the summary dict."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    train_set = dnr.data.fashion_mnist("train", root=args.data_root, subset=args.train_size)
-    test_set = dnr.data.fashion_mnist("test", root=args.data_root)
-    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(args.seed))
-    test_loader = DataLoader(test_set, batch_size=500)
+    """Train and evaluate as configured by ``args``; returns the summary dict.
 
-    model = small_cnn(num_classes=10)
-    dnr.sparsify(model, density=args.density, mode=args.mode, generator=torch.Generator().manual_seed(args.seed))
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    total_steps = args.epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    controller = dnr.DNR(model, optimizer, total_steps=total_steps) if args.method == "dnr" else None
-    if controller is None:  # a static mask still has to be re-applied after every step
-        optimizer.register_step_post_hook(lambda *_: dnr.apply_masks(model))
+    Keys: method, mode, density, compression, epochs, eps, clean, fgsm, pgd, pgd_steps, test_examples,
+    flops_dense, flops_effective, train_seconds, seed (and the rest of :func:`dnr.harness.fit`'s summary).
 
-    start = time.perf_counter()
-    for epoch in range(args.epochs):
-        stats = dnr.train.train_epoch(model, loader, optimizer, controller=controller,
-                                      last_epoch=epoch == args.epochs - 1, eps=args.eps, alpha=args.alpha,
-                                      steps=args.attack_steps, beta=args.beta, lr_scheduler=scheduler)
-        if not args.quiet:
-            print(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.3f}  "
-                  f"train clean {stats['train_clean_acc']:.3f}  train PGD {stats['train_adv_acc']:.3f}  "
-                  f"{stats['images_per_s']:.0f} img/s", flush=True)
-    train_seconds = time.perf_counter() - start
-    result = dnr.attacks.evaluate(model, test_loader, eps=args.eps, alpha=2.5 * args.eps / args.eval_steps,
-                                  steps=args.eval_steps)
-    report = dnr.density_report(model, input_size=(1, 28, 28))
-    summary = {
-        "method": args.method, "mode": args.mode, "density": report.density, "compression": report.compression,
-        "epochs": args.epochs, "eps": args.eps, "clean": result["clean"], "fgsm": result["fgsm"],
-        "pgd": result["pgd"], "pgd_steps": args.eval_steps, "test_examples": result["n"],
-        "flops_dense": report.flops_dense, "flops_effective": report.flops_effective,
-        "train_seconds": train_seconds, "seed": args.seed,
-    }
+    Raises:
+        dnr.harness.ConfigError: a bad value (the message names the option).
+    """
+    cfg = resolve_config("fashion-mnist-quick", overrides=dict(
+        dataset="fashion-mnist", model="small_cnn", method=args.method, mode=args.mode, density=args.density,
+        epochs=args.epochs, eps=args.eps, alpha=args.alpha, attack_steps=args.attack_steps,
+        eval_steps=args.eval_steps, beta=args.beta, lr=args.lr, batch_size=args.batch_size,
+        train_size=args.train_size, data_root=args.data_root or "embedded", seed=args.seed, threads=args.threads,
+        eval_every=0, plots=False, checkpoint_every=None))
+    with tempfile.TemporaryDirectory(prefix="dnr-quickstart-") as tmp:
+        summary = fit(cfg, tmp, quiet=args.quiet, progress=False)
+    for key in ("run_dir", "model_path"):  # the temporary run directory is gone
+        summary.pop(key, None)
     return summary
-
-
-def format_summary(s: dict) -> str:
-    rows = [
-        ("method", f"{s['method']} ({s['mode']})"),
-        ("density", f"{s['density']:.4f} ({s['compression']:.1f}x compression)"),
-        ("clean accuracy", f"{100 * s['clean']:.2f}%"),
-        (f"FGSM accuracy (eps {s['eps']})", f"{100 * s['fgsm']:.2f}%"),
-        (f"PGD-{s['pgd_steps']} accuracy (eps {s['eps']})", f"{100 * s['pgd']:.2f}%"),
-        ("FLOPs / image (dense -> effective)", f"{s['flops_dense']:,} -> {s['flops_effective']:,}"),
-        ("training time", f"{s['train_seconds']:.0f} s for {s['epochs']} epochs"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,7 @@ Shapes: B batch, C/O input/output channels, H/W spatial, kH/kW kernel size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -123,6 +124,15 @@ def momentum_stats(momenta: Sequence[torch.Tensor], masks: Sequence[torch.Tensor
     return torch.stack(rows).to(momenta[0].device)
 
 
+def channel_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """float32 [sum_l tensors[l].shape[0]]: the L2 norm of every output channel (row of
+    ``t.reshape(t.shape[0], -1)``) of every tensor, concatenated; summed in float64."""
+    if len(tensors) == 0:
+        return torch.zeros(0, dtype=torch.float32)
+    rows = [t.detach().reshape(t.shape[0], math.prod(t.shape[1:])).double().square().sum(dim=1).sqrt() for t in tensors]
+    return torch.cat(rows).float()
+
+
 def masked_sgd_step_(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -142,17 +152,18 @@ def masked_sgd_step_(
         g = grads[i] + weight_decay * params[i]
         buf = g                                        if first_step
         buf = momentum * buf + (1 - dampening) * g     otherwise
-        d = g + momentum * buf if nesterov else buf    (d = g when momentum == 0)
+        d = g + momentum * buf if nesterov else buf
         params[i] -= lr * d;  params[i] *= masks[i]
+    With momentum == 0, d = g and the buffers are neither read nor written.
     The buffers are never masked: pruned weights keep accumulating momentum.
     The op sequence is SGD's own (foreach=False), so results match it bit for bit.
     """
     with torch.no_grad():
         for p, grad, buf, mask in zip(params, grads, momentum_buffers, masks):
             g = grad if weight_decay == 0 else grad.add(p, alpha=weight_decay)
-            if first_step:
+            if momentum != 0 and first_step:
                 buf.copy_(g)
-            else:
+            elif momentum != 0:
                 buf.mul_(momentum).add_(g, alpha=1 - dampening)
             if momentum == 0:
                 d = g  # SGD without momentum ignores the buffer

@@ -79,6 +79,8 @@ def train_epoch(
     device: torch.device | str | None = None,
     lr_scheduler=None,
     progress=None,
+    attack_bn_mode: str = "eval",
+    totals: dict | None = None,
 ) -> dict:
     """Train ``model`` for one epoch of hybrid adversarial training; rewire at the end (unless last).
 
@@ -87,7 +89,11 @@ def train_epoch(
         controller: the DNR controller (None for dense or static-mask training).
         last_epoch: DNR does not rewire after the last epoch.
         lr_scheduler: stepped once per batch when given.
-        progress: optional callable(batch_index, stats) called after every batch.
+        progress: optional callable(batch_index, stats) called after every batch (after the optimizer
+            and scheduler steps, and after ``totals`` is updated).
+        attack_bn_mode: BatchNorm mode while generating the training attack ("eval" or "train").
+        totals: running sums {"loss", "clean_correct", "adv_correct", "n"} to continue (a resumed epoch);
+            updated in place. None starts from zero.
 
     Returns:
         dict: mean loss, clean and adversarial training accuracy, images/s, seconds, and the rewiring
@@ -95,12 +101,15 @@ def train_epoch(
     """
     model.train()
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    totals = {"loss": 0.0, "clean_correct": 0, "adv_correct": 0, "n": 0}
+    if totals is None:
+        totals = {"loss": 0.0, "clean_correct": 0, "adv_correct": 0, "n": 0}
+    seen = totals["n"]  # images counted before this call (a resumed epoch): not part of images/s
     start = time.perf_counter()
     for i, (x, y) in enumerate(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         try:
-            out = adversarial_step(model, x, y, optimizer, eps=eps, alpha=alpha, steps=steps, beta=beta)
+            out = adversarial_step(model, x, y, optimizer, eps=eps, alpha=alpha, steps=steps, beta=beta,
+                                   attack_bn_mode=attack_bn_mode)
         except FloatingPointError as err:
             step = controller.steps if controller is not None else i
             raise FloatingPointError(f"{err} (batch {i} of this epoch, optimizer step {step})") from None
@@ -120,6 +129,6 @@ def train_epoch(
         "train_adv_acc": totals["adv_correct"] / n,
         "images": totals["n"],
         "seconds": seconds,
-        "images_per_s": totals["n"] / seconds if seconds > 0 else float("nan"),
+        "images_per_s": (totals["n"] - seen) / seconds if seconds > 0 else float("nan"),
         "rewiring": record,
     }

@@ -27,6 +27,7 @@ __all__ = [
     "embedded_root",
     "fashion_mnist",
     "mnist",
+    "read_split",
 ]
 
 FASHION_MNIST_CLASSES = (
@@ -82,7 +83,12 @@ def _find(root: str, name: str, dataset: str) -> str:
     )
 
 
-def _load(dataset: str, split, root, subset) -> TensorDataset:
+def read_split(dataset: str, split, root, subset) -> tuple[np.ndarray, np.ndarray]:
+    """Validated raw arrays of one split: uint8 images [N, 28, 28] and uint8 labels [N] in 0..9.
+
+    ``dataset`` names the data set in error messages; the other arguments and the errors are as in
+    :func:`fashion_mnist` (``root`` required here).
+    """
     if not isinstance(split, str) or split not in SPLIT_FILES:
         raise ValueError(f"{dataset}: split must be 'train' or 'test', got {split!r}")
     if not isinstance(root, (str, os.PathLike)):
@@ -125,7 +131,11 @@ def _load(dataset: str, split, root, subset) -> TensorDataset:
                 f"{split!r} in root={root!r}"
             )
         images, labels = images[:subset], labels[:subset]
+    return images, labels
 
+
+def _load(dataset: str, split, root, subset) -> TensorDataset:
+    images, labels = read_split(dataset, split, root, subset)
     x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).to(torch.float32).div_(255.0)
     y = torch.from_numpy(labels.astype(np.int64))
     return TensorDataset(x, y)

@@ -6,13 +6,10 @@ from typing import Sequence
 
 from torch import nn
 
+from ..data.stats import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from ..nn.normalize import Normalize
 
 __all__ = ["SmallCNN", "small_cnn", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD"]
-
-# per-channel statistics of the Fashion-MNIST training set (pixels in [0, 1])
-FASHION_MNIST_MEAN = (0.2860,)
-FASHION_MNIST_STD = (0.3530,)
 
 
 class SmallCNN(nn.Module):

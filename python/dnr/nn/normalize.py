@@ -85,21 +85,7 @@ class Normalize(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: ``[B, C, *]`` -> same shape."""
-        if x.dim() < 2:
-            raise ValueError(
-                f"Normalize: input must have shape [B, C, ...] (at least 2 dims), got shape {tuple(x.shape)}"
-            )
-        c = self.num_channels
-        if c != 1 and x.shape[1] != c:
-            raise ValueError(
-                f"Normalize: input has {x.shape[1]} channels (dim 1 of shape {tuple(x.shape)}) "
-                f"but mean/std have {c}"
-            )
-        # Compute in the input's dtype so bf16/fp16 models are not silently upcast.
-        view = (1, -1) + (1,) * (x.dim() - 2)
-        mean = self.mean.to(dtype=x.dtype).view(view)
-        std = self.std.to(dtype=x.dtype).view(view)
-        return (x - mean) / std
+        return _normalize(x, self.mean, self.std)
 
     def extra_repr(self) -> str:
         def fmt(t: Tensor) -> str:
@@ -107,3 +93,20 @@ class Normalize(nn.Module):
             return "(" + ", ".join(f"{v:.4g}" if math.isfinite(v) else str(v) for v in vals) + ")"
 
         return f"mean={fmt(self.mean)}, std={fmt(self.std)}"
+
+
+@torch.fx.wrap
+def _normalize(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """(x - mean) / std per channel (dim 1). A leaf for torch.fx, so models with Normalize trace."""
+    if x.dim() < 2:
+        raise ValueError(
+            f"Normalize: input must have shape [B, C, ...] (at least 2 dims), got shape {tuple(x.shape)}"
+        )
+    c = mean.numel()
+    if c != 1 and x.shape[1] != c:
+        raise ValueError(
+            f"Normalize: input has {x.shape[1]} channels (dim 1 of shape {tuple(x.shape)}) but mean/std have {c}"
+        )
+    # Compute in the input's dtype so bf16/fp16 models are not silently upcast.
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    return (x - mean.to(dtype=x.dtype).view(view)) / std.to(dtype=x.dtype).view(view)

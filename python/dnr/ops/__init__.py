@@ -16,7 +16,8 @@ import torch
 from .. import reference
 from ._registry import backend, use_kernel
 
-__all__ = ["masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_", "backend"]
+__all__ = ["masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "channel_norms", "masked_sgd_step_",
+           "backend"]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -326,6 +327,32 @@ def momentum_stats(momenta: Sequence[torch.Tensor], masks: Sequence[torch.Tensor
     return reference.momentum_stats(momenta, masks)
 
 
+def channel_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """L2 norm of every output channel of every tensor, in one pass (one launch on CUDA).
+
+    Args:
+        tensors: L floating tensors [O_l, ...] (weights or momenta), all on one device.
+    Returns:
+        L float32 tensors [O_l] on that device: entry l holds
+        ``tensors[l].reshape(O_l, -1).norm(dim=1)``, summed in float64 (deterministic).
+    """
+    tensors = _sequence("tensors", tensors)
+    if not tensors:
+        return []
+    for i, t in enumerate(tensors):
+        _tensor(f"tensors[{i}]", t)
+        _floating(f"tensors[{i}]", t)
+        if t.dim() < 1:
+            raise ValueError(f"tensors[{i}] must have an output-channel dimension, got shape {tuple(t.shape)}")
+        _same_device(f"tensors[{i}]", t, tensors[0], "tensors[0]")
+    with torch.no_grad():
+        if use_kernel("channel_norms", tensors[0].device):
+            flat = torch.ops.dnr.channel_norms(tensors)
+        else:
+            flat = reference.channel_norms(tensors).to(tensors[0].device)
+    return list(flat.split([t.shape[0] for t in tensors]))
+
+
 # --------------------------------------------------------------------------------- optimizer
 
 
@@ -347,8 +374,10 @@ def masked_sgd_step_(
 
         g = grads[i] + weight_decay * params[i]
         buf = g  if first_step  else  momentum * buf + (1 - dampening) * g
-        d = g + momentum * buf  if nesterov  else  buf        (g when momentum == 0)
+        d = g + momentum * buf  if nesterov  else  buf
         params[i] -= lr * d;  params[i] *= masks[i]
+
+    With momentum == 0, d = g and the buffers are neither read nor written.
 
     Args:
         params, grads, momentum_buffers: lists of floating tensors; entry i of each
@@ -390,8 +419,13 @@ def masked_sgd_step_(
     if not params:
         return
     args = (params, grads, momentum_buffers, masks, lr, momentum, dampening, weight_decay, nesterov, first_step)
+    # The kernel writes through raw pointers: params and buffers must be contiguous.
+    fused = use_kernel("masked_sgd_step_", params[0].device) and all(
+        p.device == params[0].device and p.is_contiguous() and b.is_contiguous()
+        for p, b in zip(params, momentum_buffers)
+    )
     with torch.no_grad():
-        if use_kernel("masked_sgd_step_", params[0].device) and all(p.device == params[0].device for p in params):
+        if fused:
             torch.ops.dnr.masked_sgd_step_(*args)
         else:
             reference.masked_sgd_step_(*args)

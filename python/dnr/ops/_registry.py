@@ -16,7 +16,7 @@ import torch
 from .. import _ext
 
 # Every op of csrc/dnr.cpp, plus masked_linear (reference only: it is one GEMM).
-OPS = ("masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_")
+OPS = ("masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "channel_norms", "masked_sgd_step_")
 DEVICES = ("cpu", "cuda")
 
 # Ops whose inputs may require grad: a compiled kernel is used only once its
@@ -38,6 +38,15 @@ def _masked_conv2d_fake(input, weight, mask, bias, stride, padding, dilation, gr
     return input.new_empty((b, o, h_out, w_out))
 
 
+def _masked_conv2d_backward_fake(grad_output, input, weight, mask, stride, padding, dilation, groups,
+                                 dense_weight_grad, output_mask):
+    return (
+        input.new_empty(input.shape) if output_mask[0] else None,
+        weight.new_empty(weight.shape) if output_mask[1] else None,
+        weight.new_empty((weight.shape[0],)) if output_mask[2] else None,
+    )
+
+
 def _pgd_step_fake(delta, x_adv, x, grad, eps, alpha, lo, hi):
     return None
 
@@ -46,16 +55,54 @@ def _momentum_stats_fake(momenta: Sequence[torch.Tensor], masks: Sequence[torch.
     return momenta[0].new_empty((len(momenta), 2), dtype=torch.float64)
 
 
+def _channel_norms_fake(tensors: Sequence[torch.Tensor]):
+    return tensors[0].new_empty((sum(t.shape[0] for t in tensors),), dtype=torch.float32)
+
+
 def _masked_sgd_step_fake(params, grads, momentum_buffers, masks, lr, momentum, dampening, weight_decay, nesterov, first_step):
     return None
 
 
 _FAKES = {
     "masked_conv2d": _masked_conv2d_fake,
+    "masked_conv2d_backward": _masked_conv2d_backward_fake,
     "pgd_step_": _pgd_step_fake,
     "momentum_stats": _momentum_stats_fake,
+    "channel_norms": _channel_norms_fake,
     "masked_sgd_step_": _masked_sgd_step_fake,
 }
+
+
+def _masked_conv2d_setup_context(ctx, inputs, output):
+    input, weight, mask, bias, stride, padding, dilation, groups, dense_weight_grad = inputs
+    ctx.save_for_backward(input, weight, mask)
+    ctx.conv = (stride, padding, dilation, groups, dense_weight_grad)
+    ctx.has_bias = bias is not None
+
+
+def _masked_conv2d_autograd(ctx, grad_output):
+    input, weight, mask = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_input, grad_weight, grad_bias = torch.ops.dnr.masked_conv2d_backward(
+        grad_output, input, weight, mask, *ctx.conv, [need[0], need[1], ctx.has_bias and need[3]]
+    )
+    return grad_input, grad_weight, None, grad_bias, None, None, None, None, None
+
+
+def _register_autograd() -> None:
+    torch.library.register_autograd(
+        "dnr::masked_conv2d", _masked_conv2d_autograd, setup_context=_masked_conv2d_setup_context
+    )
+    _AUTOGRAD_REGISTERED.add("masked_conv2d")
+
+
+def _has_schema(op: str) -> bool:
+    """An extension built from older sources may lack newer ops: those run their reference."""
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"dnr::{op}", "")
+    except RuntimeError:
+        return False
+    return True
 
 
 def _register() -> dict[tuple[str, str], bool]:
@@ -63,9 +110,14 @@ def _register() -> dict[tuple[str, str], bool]:
     usable = {(op, device): False for op in OPS for device in DEVICES}
     if not _ext.loaded():
         return usable
-    for op, fake in _FAKES.items():
-        torch.library.register_fake(f"dnr::{op}", fake)
-    for op in _FAKES:
+    present = {op for op in _FAKES if _has_schema(op)}
+    for op in present:
+        torch.library.register_fake(f"dnr::{op}", _FAKES[op])
+    if {"masked_conv2d", "masked_conv2d_backward"} <= present:
+        _register_autograd()
+    for op in OPS:
+        if op not in present:
+            continue
         ready = op not in _NEEDS_AUTOGRAD or op in _AUTOGRAD_REGISTERED
         for device in DEVICES:
             usable[op, device] = ready and _ext.has_kernel(op, device)

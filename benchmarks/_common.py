@@ -1,0 +1,133 @@
+"""Shared helpers of the per-op benchmarks: argument parsing, timing, environment, JSON output.
+
+Every benchmark script checks its op against plain PyTorch first, then times both in
+the same run and writes ``<op>-<device>.json`` into ``benchmarks/results/`` (or
+``--out`` / ``$OUT``), plus a printed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Weight shapes of ResNet-18 for 32x32 inputs (CIFAR stem: 3x3 conv1, no max-pool), fc included.
+RESNET18_SHAPES = (
+    [(64, 3, 3, 3)] + [(64, 64, 3, 3)] * 4
+    + [(128, 64, 3, 3), (128, 128, 3, 3), (128, 64, 1, 1), (128, 128, 3, 3), (128, 128, 3, 3)]
+    + [(256, 128, 3, 3), (256, 256, 3, 3), (256, 128, 1, 1), (256, 256, 3, 3), (256, 256, 3, 3)]
+    + [(512, 256, 3, 3), (512, 512, 3, 3), (512, 256, 1, 1), (512, 512, 3, 3), (512, 512, 3, 3)]
+    + [(10, 512)]
+)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default: 50 on cuda, 10 on cpu)")
+    p.add_argument("--out", default=os.environ.get("OUT") or str(RESULTS),
+                   help="folder for the JSON file (default: $OUT if set, else benchmarks/results)")
+    return p
+
+
+def setup(args) -> torch.device:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda but torch.cuda.is_available() is False")
+    if args.repeats is None:
+        args.repeats = 50 if device.type == "cuda" else 10
+    import dnr.ops
+
+    print(f"device {device_name(device)}; dnr backend: {json.dumps(dnr.ops.backend())}")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device: torch.device, repeats: int, warmup: int = 3, inner: int = 1) -> float:
+    """Median milliseconds per call of fn() over `repeats` timed runs (each `inner` calls)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / inner)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / inner)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, numel: int = 1 << 26) -> float:
+    """Achievable bytes/s of this device: a large clone (read + write)."""
+    numel = numel if device.type == "cuda" else numel // 16
+    x = torch.empty(numel, dtype=torch.float32, device=device).fill_(1)
+    y = torch.empty_like(x)
+    ms = time_fn(lambda: y.copy_(x), device, repeats=10)
+    return 2 * 4 * numel / (ms / 1e3)
+
+
+def environment(device: torch.device) -> dict:
+    import dnr
+    import dnr.ops
+
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "python": platform.python_version(),
+        "dnr": dnr.__version__,
+        "dnr_backend": dnr.ops.backend(),
+        "threads": torch.get_num_threads(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write(op: str, device: torch.device, rows: list[dict], args, extra: dict | None = None) -> Path:
+    """Print the rows as a table and write the JSON file; return its path."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [[_fmt(row.get(k)) for k in keys] for row in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{op}-{device.type}.json"
+    payload = {"op": op, "environment": environment(device), "repeats": args.repeats, "results": rows, **(extra or {})}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# On a GPU machine (no network): build dnr with its CUDA kernels, run the op/optimizer
+# tests (CUDA cases included) and every benchmark on the GPU. Logs, JUnit XML and the
+# benchmark JSON go to $OUT (default benchmarks/results). Each phase runs under a time
+# limit and a failing phase does not stop the next; the exit code is that of the worst.
+#
+#   OUT=/some/dir bash benchmarks/run_gpu.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+status=0
+phase() { echo "=== [$(date -u +%H:%M:%S)] $*"; }
+run() {  # run <seconds> <log name> <command...>
+    local limit=$1 name=$2 rc=0
+    shift 2
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1 || rc=$?
+    tail -n 25 "$OUT/$name.log"
+    echo "--- $name: exit $rc"
+    [ "$rc" -ne 0 ] && status=$rc
+    return 0
+}
+
+phase "environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())" | tee -a "$OUT/gpu.txt"
+
+phase "build (CUDA kernels forced on)"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} DNR_BUILD_CUDA=1
+run 420 build python -m pip install --no-build-isolation --no-deps --no-index -e .
+python -c "import json, dnr.ops; print(json.dumps(dnr.ops.backend()))" | tee "$OUT/backend.json"
+
+phase "tests: ops and optimizer, CPU and CUDA"
+DNR_REQUIRE_EXT=1 run 240 tests python -m pytest -q -p no:cacheprovider -x --junitxml="$OUT/tests.xml" \
+    tests/test_ops*.py tests/test_optim*.py
+
+phase "benchmarks (--device cuda)"
+for bench in pgd_step momentum_stats masked_sgd masked_conv; do
+    run 120 "bench_$bench" python "benchmarks/bench_$bench.py" --device cuda --out "$OUT"
+done
+
+phase "done, exit $status"
+exit "$status"

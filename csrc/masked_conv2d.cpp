@@ -1,0 +1,185 @@
+// dnr::masked_conv2d and its backward, for CPU and CUDA alike: the GEMM work is
+// ATen's convolution (cuDNN / oneDNN), this file only adds what those cannot do:
+// the mask, the dense or masked weight gradient, and, when whole output channels
+// are pruned (channel mode), a gather of the live filters so that the
+// convolution runs on those alone and its cost falls with channel density.
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <optional>
+#include <unordered_map>
+
+namespace dnr {
+namespace {
+
+// Live output channels of a mask: (indices int64 [K], K). Finding them needs
+// the mask's values, a device sync on CUDA; masks change rarely (rewiring), so
+// the answer is kept per mask tensor and version (a strong reference pins the
+// tensor, so a cached key is never reused by another tensor).
+struct LiveChannels {
+  at::Tensor mask;  // keeps the key alive
+  int64_t version;
+  at::Tensor index;
+  int64_t count;
+};
+
+std::mutex cache_mutex;
+std::unordered_map<const c10::TensorImpl*, LiveChannels> cache;
+constexpr size_t kCacheSize = 512;
+
+std::pair<at::Tensor, int64_t> compute_live(const at::Tensor& mask) {
+  const at::Tensor alive = mask.reshape({mask.size(0), -1}).any(1);
+  const at::Tensor index = alive.nonzero().squeeze(1);
+  return {index, index.size(0)};
+}
+
+std::pair<at::Tensor, int64_t> live_channels(const at::Tensor& mask) {
+  if (mask.is_inference() || !mask.device().is_cuda()) {
+    return compute_live(mask);  // CPU: no sync to save; inference tensors have no version
+  }
+  const int64_t version = mask._version();
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  auto found = cache.find(mask.unsafeGetTensorImpl());
+  if (found != cache.end() && found->second.version == version) {
+    return {found->second.index, found->second.count};
+  }
+  auto [index, count] = compute_live(mask);
+  if (cache.size() >= kCacheSize) {
+    cache.clear();
+  }
+  cache[mask.unsafeGetTensorImpl()] = LiveChannels{mask, version, index, count};
+  return {index, count};
+}
+
+void check_conv_args(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mask,
+    int64_t groups) {
+  TORCH_CHECK(
+      input.dim() == 4, "dnr::masked_conv2d: input must be [B, C, H, W], got shape ",
+      input.sizes());
+  TORCH_CHECK(
+      weight.dim() == 4, "dnr::masked_conv2d: weight must be [O, C/groups, kH, kW], got shape ",
+      weight.sizes());
+  TORCH_CHECK(
+      mask.scalar_type() == at::kBool, "dnr::masked_conv2d: mask must be torch.bool, got ",
+      mask.scalar_type());
+  TORCH_CHECK(
+      mask.sizes() == weight.sizes(), "dnr::masked_conv2d: mask has shape ", mask.sizes(),
+      " but weight has shape ", weight.sizes());
+  TORCH_CHECK(
+      mask.device() == weight.device() && input.device() == weight.device(),
+      "dnr::masked_conv2d: input (", input.device(), "), weight (", weight.device(),
+      ") and mask (", mask.device(), ") must be on one device");
+  TORCH_CHECK(groups >= 1, "dnr::masked_conv2d: groups must be >= 1, got ", groups);
+}
+
+// The gathered path pays off only when some output channel is entirely pruned;
+// with groups > 1 the filters of a group are tied to its input channels.
+// (With no live channel at all the plain convolution of the all-zero weight runs:
+// ATen rejects zero filters.)
+bool gather_channels(const at::Tensor& weight, int64_t groups, int64_t live) {
+  return groups == 1 && live > 0 && live < weight.size(0);
+}
+
+at::Tensor masked_conv2d(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mask,
+    const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    bool dense_weight_grad) {
+  check_conv_args(input, weight, mask, groups);
+  const at::Tensor w = weight * mask;
+  const std::vector<int64_t> no_output_padding{0, 0};
+  if (groups == 1) {
+    auto [index, live] = live_channels(mask);
+    if (gather_channels(weight, groups, live)) {
+      const std::optional<at::Tensor> bias_live =
+          bias.has_value() && bias->defined() ? std::optional<at::Tensor>(bias->index_select(0, index))
+                                              : std::nullopt;
+      const at::Tensor part = at::convolution(
+          input, w.index_select(0, index), bias_live, stride, padding, dilation,
+          false, no_output_padding, groups);
+      std::vector<int64_t> shape = part.sizes().vec();
+      shape[1] = weight.size(0);
+      // A pruned channel's output is its bias (zero without one).
+      at::Tensor out = at::zeros(shape, part.options().memory_format(part.suggest_memory_format()));
+      if (bias.has_value() && bias->defined()) {
+        out.add_(bias->view({1, -1, 1, 1}));
+      }
+      return out.index_copy_(1, index, part);
+    }
+  }
+  return at::convolution(input, w, bias, stride, padding, dilation, false, no_output_padding, groups);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& mask, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool dense_weight_grad,
+    std::array<bool, 3> output_mask) {
+  check_conv_args(input, weight, mask, groups);
+  const at::Tensor w = weight * mask;
+  const std::vector<int64_t> no_output_padding{0, 0};
+  const std::vector<int64_t> bias_sizes{weight.size(0)};
+  at::Tensor grad_input, grad_weight, grad_bias;
+  std::optional<std::pair<at::Tensor, int64_t>> live;
+  if (groups == 1) {
+    live = live_channels(mask);
+  }
+  if (live && gather_channels(weight, groups, live->second)) {
+    const at::Tensor& index = live->first;
+    // Pruned channels have zero filters: they add nothing to grad_input, and
+    // their masked weight gradient is zero.
+    const bool masked_w = output_mask[1] && !dense_weight_grad;
+    if (output_mask[0] || masked_w) {
+      auto [gi, gw, unused] = at::convolution_backward(
+          grad_output.index_select(1, index), input, w.index_select(0, index),
+          std::nullopt, stride, padding, dilation, false, no_output_padding, groups,
+          {output_mask[0], masked_w, false});
+      grad_input = gi;
+      if (masked_w) {
+        grad_weight = at::zeros_like(weight).index_copy_(0, index, gw).mul_(mask);
+      }
+    }
+    if (output_mask[1] && dense_weight_grad) {  // every filter, pruned ones included
+      grad_weight = std::get<1>(at::convolution_backward(
+          grad_output, input, w, std::nullopt, stride, padding, dilation, false,
+          no_output_padding, groups, {false, true, false}));
+    }
+    if (output_mask[2]) {
+      grad_bias = grad_output.sum({0, 2, 3});
+    }
+  } else {
+    std::tie(grad_input, grad_weight, grad_bias) = at::convolution_backward(
+        grad_output, input, w, bias_sizes, stride, padding, dilation, false,
+        no_output_padding, groups, output_mask);
+    if (grad_weight.defined() && !dense_weight_grad) {
+      grad_weight.mul_(mask);
+    }
+  }
+  // Only what was asked for: some backends fill unrequested entries anyway.
+  return {
+      output_mask[0] ? grad_input : at::Tensor(), output_mask[1] ? grad_weight : at::Tensor(),
+      output_mask[2] ? grad_bias : at::Tensor()};
+}
+
+}  // namespace
+
+// ATen's convolution dispatches on the device itself: one implementation serves both.
+TORCH_LIBRARY_IMPL(dnr, CPU, m) {
+  m.impl("masked_conv2d", &masked_conv2d);
+  m.impl("masked_conv2d_backward", &masked_conv2d_backward);
+}
+
+TORCH_LIBRARY_IMPL(dnr, CUDA, m) {
+  m.impl("masked_conv2d", &masked_conv2d);
+  m.impl("masked_conv2d_backward", &masked_conv2d_backward);
+}
+
+}  // namespace dnr

@@ -1,0 +1,290 @@
+"""The ``dnr`` command (also ``python -m dnr``): train, eval, report, info.
+
+    dnr train                       # preset fashion-mnist-quick: DNR at 20x on the embedded Fashion-MNIST subset
+    dnr train --preset cifar10-resnet18-irregular --data-root ~/data/cifar10 --out runs/r18
+    dnr train --config run.yaml --epochs 50       # flags override the file, the file overrides the preset
+    dnr train --resume runs/r18                   # continue exactly where the run stopped
+    dnr eval runs/r18/model.pt --steps 50 --restarts 5 [--autoattack]
+    dnr report runs/r18
+    dnr info runs/r18/model.pt
+
+Errors (bad option or value, missing data, damaged checkpoint, NaN loss) print one line
+``dnr: error: ...`` on stderr and exit with status 2 (usage/config) or 1 (everything else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from .harness import checkpoint as ckpt
+from .harness import config as hconfig
+from .harness import report as hreport
+from .harness import run as hrun
+
+__all__ = ["build_parser", "main"]
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_train(sub) -> None:
+    presets = "\n".join(f"  {name:<32} {_preset_line(name)}" for name in hconfig.PRESETS)
+    p = sub.add_parser(
+        "train", formatter_class=_Formatter, help="train a model (DNR, static, dense-at or dense)",
+        description="Train a model and evaluate it; writes a run directory (config, metrics, rewiring log, "
+                    "checkpoints, final model, report and plots).\n\nOption values come from the preset "
+                    f"(default {hconfig.DEFAULT_PRESET}), then the --config file, then the flags.",
+        epilog="presets:\n" + presets)
+    g = p.add_argument_group("run")
+    g.add_argument("--preset", default=None, metavar="NAME",
+                   help=f"named settings to start from (default {hconfig.DEFAULT_PRESET}; list below)")
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML (.yaml/.yml, needs pyyaml) or JSON file of option: value (may name a 'preset')")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="run directory to create (default runs/<preset>-<method>-<date>-<time>)")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR exactly where it stopped (its saved config is used)")
+    g.add_argument("--quiet", action="store_true", help="print only the final summary table (and errors)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (tqdm) on stderr")
+    g.add_argument("--dry-run", action="store_true",
+                   help="resolve and validate the config, check the data, print the config and exit")
+    g.add_argument("--json", default=None, metavar="FILE", help="also write the final summary to this JSON file")
+    hconfig.add_config_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _preset_line(name: str) -> str:
+    c = hconfig.resolve_config(name)
+    return f"{c.model} on {c.dataset}, {c.method} {c.mode} density {c.density}, {c.epochs} epochs"
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", formatter_class=_Formatter, help="clean / FGSM / PGD (/ AutoAttack) accuracy of a checkpoint",
+                       description="Evaluate a checkpoint (model.pt, checkpoints/last.pt or a run directory) on "
+                                   "its dataset's test split; prints JSON. Attack defaults come from the run's config.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or run directory")
+    p.add_argument("--data-root", default=None, metavar="DIR", help="dataset folder (default: the run's)")
+    p.add_argument("--test-size", type=int, default=None, metavar="N",
+                   help="evaluate the first N test examples (default: the run's test size, else all)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="evaluation batch size")
+    p.add_argument("--eps", type=float, default=None, metavar="X", help="L-inf radius (default: the run's eval eps)")
+    p.add_argument("--alpha", type=float, default=None, metavar="X", help="PGD step size (default: 2.5 eps / steps)")
+    p.add_argument("--steps", type=int, default=None, metavar="K", help="PGD steps (default: the run's eval steps)")
+    p.add_argument("--restarts", type=int, default=None, metavar="R",
+                   help="PGD random restarts (default: the run's eval restarts)")
+    p.add_argument("--no-fgsm", action="store_true", help="skip FGSM")
+    p.add_argument("--no-pgd", action="store_true", help="skip PGD")
+    p.add_argument("--autoattack", action="store_true",
+                   help="also run AutoAttack (standard, L-inf) through the torchattacks package")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the PGD random starts and AutoAttack (default: the run's seed, which reproduces "
+                        "the final evaluation of dnr train)")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the JSON result to FILE")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", formatter_class=_Formatter, help="markdown summary and PNG plots of a run",
+                       description="Write RUN_DIR/report.md and RUN_DIR/plots/*.png (accuracy per epoch, "
+                                   "per-layer density over training, final density per layer; plots need matplotlib).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by dnr train")
+    p.set_defaults(func=cmd_report)
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", formatter_class=_Formatter, help="density report of a checkpoint",
+                       description="Per-layer density, compression and FLOPs of a checkpoint (model.pt, "
+                                   "checkpoints/last.pt or a run directory).")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or run directory")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    parser = argparse.ArgumentParser(prog="dnr", formatter_class=_Formatter, description=__doc__.split("\n\n")[0] + "\n\n"
+                                     + "\n".join(__doc__.split("\n\n")[1].splitlines()))
+    parser.add_argument("--version", action="version", version=f"dnr {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_report(sub)
+    _add_info(sub)
+    try:  # the export commands, when that module is installed
+        from .export import cli as export_cli
+    except ImportError:
+        export_cli = None
+    if export_cli is not None and hasattr(export_cli, "register"):
+        export_cli.register(sub)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------- commands
+def cmd_train(args) -> int:
+    overrides = hconfig.config_overrides_from_args(args)
+    if args.resume:
+        if args.preset or args.config or args.out:
+            raise hconfig.ConfigError("--resume continues a run with its saved config: do not combine it with "
+                                      "--preset, --config or --out")
+        summary = hrun.fit(None, None, resume=args.resume, quiet=args.quiet, progress=not args.no_progress,
+                           overrides_on_resume=overrides)
+    else:
+        file_values = hconfig.load_config_file(args.config) if args.config else {}
+        cfg = hconfig.resolve_config(args.preset, file_values, overrides)
+        preset = args.preset or file_values.get("preset") or hconfig.DEFAULT_PRESET
+        if not args.quiet or args.dry_run:
+            print("resolved config (preset " + preset + "):")
+            print("\n".join(f"  {k}: {v}" for k, v in cfg.to_dict().items()), flush=True)
+        if args.dry_run:
+            hrun.check_data(cfg)
+            return 0
+        out = args.out or os.path.join("runs", f"{preset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+        summary = hrun.fit(cfg, out, quiet=args.quiet, progress=not args.no_progress)
+    print(hreport.format_summary(summary))
+    print(f"run directory: {summary['run_dir']}")
+    if summary.get("plots"):
+        print(f"plots: {summary['plots_dir']} ({', '.join(os.path.basename(p) for p in summary['plots'])})")
+    elif summary.get("plots_note"):
+        print(summary["plots_note"])
+    if summary.get("report"):
+        print(f"report: {summary['report']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise hconfig.ConfigError(f"option --device: got {name!r}, but CUDA is not available here")
+    return name
+
+
+def cmd_eval(args) -> int:
+    for name in ("test_size", "batch_size", "steps"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise hconfig.ConfigError(f"option --{name.replace('_', '-')}: got {v}, expected an integer >= 1")
+    if args.restarts is not None and args.restarts < 1:
+        raise hconfig.ConfigError(f"option --restarts: got {args.restarts}, expected an integer >= 1")
+    if args.eps is not None and args.eps < 0:
+        raise hconfig.ConfigError(f"option --eps: got {args.eps}, expected a number >= 0")
+    if args.alpha is not None and args.alpha <= 0:
+        raise hconfig.ConfigError(f"option --alpha: got {args.alpha}, expected a number > 0")
+    device = _device(args.device)
+    model, cfg, state = hrun.load_trained_model(args.checkpoint, device)
+    if args.data_root is not None:
+        cfg.data_root = args.data_root
+    if args.batch_size is not None:
+        cfg.eval_batch_size = args.batch_size
+    if args.test_size is not None:
+        cfg.test_size = args.test_size
+    restarts = cfg.eval_restarts if args.restarts is None else args.restarts
+    eps = cfg.resolved_eval_eps if args.eps is None else args.eps
+    steps = cfg.eval_steps if args.steps is None else args.steps
+    alpha = args.alpha if args.alpha is not None else (
+        cfg.resolved_eval_alpha if args.eps is None and args.steps is None else hconfig.default_pgd_alpha(eps, steps))
+    loader = hrun.make_test_loader(cfg)
+    log = hrun._Log(quiet=args.quiet, progress=True)
+    seed = cfg.seed if args.seed is None else args.seed
+    res = hrun.final_evaluation(model, loader, eps=eps, alpha=alpha, steps=steps, restarts=restarts,
+                                seed=seed, log=log, fgsm=not args.no_fgsm, pgd=not args.no_pgd)
+    out = {"checkpoint": state["path"], "model": cfg.model, "dataset": cfg.dataset, "method": cfg.method,
+           "mode": cfg.mode, "n": res["n"], "clean": res["clean"], "fgsm": res["fgsm"], "pgd": res["pgd"],
+           "autoattack": None, "eps": eps, "alpha": alpha, "pgd_steps": steps, "pgd_restarts": restarts,
+           "seed": seed}
+    if args.autoattack:
+        out["autoattack"] = _autoattack(model, loader, eps, seed, device)
+    report = hrun.density_report(model)
+    out.update(density=report.density, compression=report.compression)
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+def _autoattack(model, loader, eps, seed, device) -> float:
+    try:
+        import torchattacks
+    except ImportError:
+        raise hconfig.ConfigError("option --autoattack needs the torchattacks package: pip install torchattacks "
+                                  "(or pip install 'dnr[attacks]')") from None
+    num_classes = None
+    correct = n = 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        if num_classes is None:
+            with torch.no_grad():
+                num_classes = model(x[:1]).shape[1]
+            attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard",
+                                             n_classes=num_classes, seed=seed)
+        x_adv = attack(x, y)
+        with torch.no_grad():
+            correct += int((model(x_adv).argmax(1) == y).sum())
+        n += int(y.numel())
+    return correct / max(1, n)
+
+
+def cmd_report(args) -> int:
+    out = hreport.write_report(args.run_dir)
+    print(f"report: {out['report']}")
+    if out["plots"]:
+        print(f"plots: {out['plots_dir']} ({', '.join(os.path.basename(p) for p in out['plots'])})")
+    else:
+        print(out["note"] or "no plots (the run has no metrics yet)")
+    return 0
+
+
+def cmd_info(args) -> int:
+    model, cfg, state = hrun.load_trained_model(args.checkpoint)
+    _, c, s, _, _, _ = hrun.dataset_meta(cfg.dataset)
+    report = hrun.density_report(model, input_size=(c, s, s))
+    if args.json:
+        print(json.dumps({"checkpoint": state["path"], "kind": state["kind"], "config": cfg.to_dict(),
+                          **report.to_dict()}, indent=2, default=list))
+        return 0
+    where = f", epoch {state['epoch']} batch {state['batch']} (step {state['step']})" if state["kind"] == "train" else ""
+    print(f"checkpoint: {state['path']} ({state['kind']}{where})")
+    print(f"model: {cfg.model} on {cfg.dataset}, method {cfg.method} ({cfg.mode}), target density {cfg.density}")
+    print(report)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- entry point
+_EXPECTED = (hconfig.ConfigError, ckpt.CheckpointError, hrun.RunError, hrun.TrainingDiverged, FileNotFoundError)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except _EXPECTED as err:
+        if args.traceback:
+            raise
+        msg = " ".join(str(err).split())
+        if isinstance(err, FileNotFoundError) and err.filename and err.filename not in msg:
+            msg = f"{msg}: {err.filename}"
+        print(f"dnr: error: {msg}", file=sys.stderr)
+        return 2 if isinstance(err, hconfig.ConfigError) else 1
+    except KeyboardInterrupt:
+        print("dnr: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""``export_model``: one call that writes an export (compact, sparse or onnx) and its model card."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .compact import compact_model
+from .model_card import model_card, write_model_card
+from .onnx_export import check_onnx, export_onnx
+from .sparse_format import file_payload_bytes, save_dense, save_sparse
+
+__all__ = ["FORMATS", "export_model", "save_compact", "load_compact", "check_compact"]
+
+FORMATS = ("compact", "sparse", "onnx")
+
+
+def save_compact(compacted: nn.Module, path: str | os.PathLike, input_size: Sequence[int]) -> str:
+    """Save a compacted model as a ``torch.export`` program (``.pt2``, batch dimension dynamic).
+
+    Load it with :func:`load_compact` (no pickled Python code, no dnr needed to run it).
+    """
+    example = torch.zeros((2, *[int(s) for s in input_size]), device=next(compacted.parameters()).device)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    program = torch.export.export(compacted.eval(), (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, os.fspath(path))
+    return os.fspath(path)
+
+
+def load_compact(path: str | os.PathLike) -> nn.Module:
+    """Load a model written by :func:`save_compact`: [B, *input_size] -> logits, eval mode."""
+    return torch.export.load(os.fspath(path)).module()
+
+
+@torch.no_grad()
+def check_compact(model: nn.Module, compacted: nn.Module, x: torch.Tensor, *, rtol: float = 1e-4,
+                  atol: float = 1e-5) -> float:
+    """Max abs difference of the eval-mode outputs on ``x``; AssertionError beyond ``atol + rtol*|ref|``."""
+    was = model.training
+    model.eval()
+    try:
+        ref, got = model(x), compacted(x)
+    finally:
+        model.train(was)
+    diff = (ref - got).abs()
+    if bool((diff > atol + rtol * ref.abs()).any()):
+        raise AssertionError(f"compacted model differs from the masked model: max abs diff {float(diff.max()):.3g}")
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def export_model(model: nn.Module, out: str | os.PathLike, fmt: str, input_size: Sequence[int], *,
+                 dtype: str | None = None, onnx_model: str | None = None, architecture: str | None = None,
+                 config: dict | None = None, summary: dict | None = None, check: bool = True,
+                 generator: torch.Generator | None = None) -> dict:
+    """Export ``model`` to ``out`` in format ``fmt`` and write the model card beside it.
+
+    Args:
+        model: a masked model (as trained by dnr), on the CPU.
+        out: output file (compact: ``.pt2``; sparse: ``.safetensors``; onnx: ``.onnx``).
+        fmt: "compact" (channel-compacted dense model, torch.export program), "sparse" (dnr-sparse
+            safetensors file) or "onnx".
+        input_size: one example's shape without the batch dim, e.g. (3, 32, 32).
+        dtype: sparse only: value dtype ("float32" default, "float16", "bfloat16").
+        onnx_model: onnx only: "compact" or "masked" (default: compact when the model prunes whole
+            channels, else masked).
+        architecture, config, summary: recorded in the card (summary's accuracies are copied).
+        check: verify the export against the masked model on random inputs (compact: PyTorch outputs,
+            onnx: onnxruntime, sparse: exact round trip).
+        generator: for the random check inputs.
+
+    Returns:
+        the model card (also written to ``<out>.card.json``).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    model = model.eval()
+    input_size = tuple(int(s) for s in input_size)
+    out = os.fspath(out)
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    x = torch.rand((4, *input_size), generator=gen)
+    extra: dict = {}
+    exported = None
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        dense_bytes = save_dense(model, os.path.join(tmp, "dense.safetensors"))
+    if fmt == "compact":
+        exported = compact_model(model, input_size)
+        if check:
+            extra["check"] = {"max_abs_diff_vs_masked": check_compact(model, exported, x)}
+        save_compact(exported, out, input_size)
+    elif fmt == "sparse":
+        layout = save_sparse(model, out, dtype=dtype, metadata={"architecture_name": architecture or ""})
+        extra["sparse"] = {"value_dtype": layout.value_dtype, "payload_bytes": file_payload_bytes(out),
+                           "predicted_payload_bytes": layout.payload_bytes,
+                           "predicted_ratio": layout.ratio,
+                           "encodings": {t.key: t.encoding for t in layout.tensors if t.encoding != "dense"}}
+        if check and layout.value_dtype == "float32":
+            from .sparse_format import read_sparse
+            state, _ = read_sparse(out)
+            own = model.state_dict()
+            bad = [k for k in own if not torch.equal(state[k], _masked(own, k))]
+            if bad:
+                raise AssertionError(f"sparse round trip is not exact for {bad[:3]}")
+            extra["check"] = {"round_trip": "bit-exact"}
+    else:
+        if onnx_model is None:
+            from .compact import check_channel_structure, CompactionError
+            try:
+                check_channel_structure(model)
+                onnx_model = "compact"
+            except CompactionError:
+                onnx_model = "masked"
+        if onnx_model not in ("compact", "masked"):
+            raise ValueError(f"onnx_model must be 'compact' or 'masked', got {onnx_model!r}")
+        net = compact_model(model, input_size) if onnx_model == "compact" else model
+        if onnx_model == "compact":
+            exported = net
+        export_onnx(net, out, input_size)
+        extra["onnx"] = {"model": onnx_model}
+        if check:
+            extra["check"] = {"max_abs_diff_onnxruntime_vs_torch": check_onnx(net, out, x)}
+            if onnx_model == "compact":
+                extra["check"]["max_abs_diff_vs_masked"] = check_compact(model, net, x)
+    card = model_card(model, input_size, export_format=fmt, export_path=out, exported_model=exported,
+                      architecture=architecture, config=config, summary=summary, extra=extra)
+    card["export"]["dense_file_bytes"] = dense_bytes
+    card["export"]["ratio_vs_dense"] = dense_bytes / max(1, card["export"]["file_bytes"])
+    write_model_card(card, out)
+    return card
+
+
+def _masked(state: dict, key: str) -> torch.Tensor:
+    """The state entry as the masked model computes with it (pruned weights as exact zeros)."""
+    t = state[key].cpu()
+    mask_key = key[: -len("weight")] + "mask" if key.endswith("weight") else None
+    if mask_key is not None and mask_key in state:
+        return torch.where(state[mask_key].cpu(), t, torch.zeros_like(t))
+    return t

@@ -1,0 +1,136 @@
+"""Checkpoint files: atomic writes, ``weights_only=True`` loads, clear errors.
+
+A checkpoint is a dict of tensors and plain Python values (no pickled objects), so it loads with
+``torch.load(weights_only=True)``. It always carries ``format`` (``"dnr-checkpoint"``), ``version``,
+``kind`` (``"train"`` for a full training state, ``"model"`` for a final model) and ``config`` (the
+TrainConfig as a dict), plus ``model`` (the state dict, masks included).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_model_state", "rng_state",
+           "set_rng_state", "FORMAT", "VERSION"]
+
+FORMAT = "dnr-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated, corrupt, of another format or of another architecture."""
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically: a temp file in the same folder, fsync, then os.replace.
+
+    A crash at any point leaves either the old file or the new one, never a partial file at ``path``.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path: str, *, kind: str | None = None) -> dict:
+    """Load a checkpoint with ``torch.load(weights_only=True)`` onto the CPU.
+
+    Args:
+        path: the file, or a run directory (then ``checkpoints/last.pt``, else ``model.pt`` inside it).
+        kind: require this kind (``"train"`` or ``"model"``); None accepts both.
+
+    Raises:
+        CheckpointError: missing, truncated/corrupt, not a dnr checkpoint, or of the wrong kind.
+    """
+    path = resolve_checkpoint_path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for damaged zip archives / pickles
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path!r} is truncated or corrupt and cannot be loaded ({first[:200]})"
+                              ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path!r} is not a dnr checkpoint (no format={FORMAT!r} entry)")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path!r} has format version {state.get('version')!r}; this dnr reads "
+                              f"version {VERSION}")
+    for key in ("kind", "config", "model"):
+        if key not in state:
+            raise CheckpointError(f"checkpoint {path!r} is incomplete: no {key!r} entry")
+    if kind is not None and state["kind"] != kind:
+        raise CheckpointError(f"checkpoint {path!r} is a {state['kind']!r} checkpoint, expected a {kind!r} one")
+    state["path"] = path
+    return state
+
+
+def resolve_checkpoint_path(path: str) -> str:
+    """A file path as given, or for a run directory its last training checkpoint (else its final model)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        for candidate in (os.path.join(path, "checkpoints", "last.pt"), os.path.join(path, "model.pt")):
+            if os.path.isfile(candidate):
+                return candidate
+        raise CheckpointError(f"run directory {path!r} holds no checkpoint (checkpoints/last.pt or model.pt)")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    return path
+
+
+def load_model_state(model: torch.nn.Module, state: dict) -> None:
+    """Load ``state["model"]`` into ``model`` strictly; a mismatch raises CheckpointError naming both
+    architectures."""
+    cfg = state.get("config", {})
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except (RuntimeError, KeyError, ValueError) as err:
+        detail = " ".join(str(err).split())[:300]
+        raise CheckpointError(
+            f"checkpoint {state.get('path', '?')!r} holds a {cfg.get('model', '?')!r} model for "
+            f"{cfg.get('dataset', '?')!r} that does not fit this {type(model).__name__} ({detail})") from None
+
+
+# ---------------------------------------------------------------------------------------- RNG states
+def rng_state() -> dict:
+    """torch (CPU and CUDA), numpy and Python ``random`` states as weights_only-loadable values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))

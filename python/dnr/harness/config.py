@@ -1,0 +1,332 @@
+"""Training configuration: one validated dataclass, named presets, YAML/JSON files and CLI overrides.
+
+Resolution order (later wins): the preset (default ``fashion-mnist-quick``) < the config file's keys
+< command-line flags. Every field is a CLI flag (``lr_schedule`` -> ``--lr-schedule``) with the help
+text below; ``dnr train --help`` lists them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+__all__ = ["ConfigError", "TrainConfig", "PRESETS", "DEFAULT_PRESET", "METHODS", "resolve_config",
+           "load_config_file", "add_config_arguments", "config_overrides_from_args"]
+
+METHODS = ("dense", "dense-at", "static", "dnr")
+LR_SCHEDULES = ("cosine", "step", "constant")
+DEFAULT_PRESET = "fashion-mnist-quick"
+
+
+class ConfigError(ValueError):
+    """A bad preset, option or value; the message names the option, the value and what was expected."""
+
+
+def _f(default, help, *, type=None, choices=None, optional=False, nargs=None):
+    return dataclasses.field(default=default, metadata={"help": help, "type": type, "choices": choices,
+                                                        "optional": optional, "nargs": nargs})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything one training run depends on (saved as ``config.json`` in the run directory)."""
+
+    # data and model
+    dataset: str = _f("fashion-mnist", "dataset name (see dnr.data.build_dataset)", type=str)
+    data_root: str | None = _f(None, "dataset folder; 'embedded' = the Fashion-MNIST subset shipped in the package "
+                               "(6000 train / 1000 test); none = the dataset's default folder", type=str,
+                               optional=True)
+    train_size: int | None = _f(None, "use only the first N training examples", type=int, optional=True)
+    test_size: int | None = _f(None, "use only the first N test examples", type=int, optional=True)
+    augment: bool = _f(False, "training-set augmentation (random crop + flip for colour datasets)", type=bool)
+    model: str = _f("small_cnn", "architecture (see dnr.models.build_model)", type=str)
+    # method and sparsity
+    method: str = _f("dnr", "dense: clean dense training; dense-at: dense PGD adversarial training; static: "
+                     "fixed random mask + AT; dnr: dynamic network rewiring + AT", type=str, choices=METHODS)
+    mode: str = _f("irregular", "sparsity unit: single weights or output channels", type=str,
+                   choices=("irregular", "channel"))
+    density: float = _f(0.05, "fraction of prunable weights kept, in (0, 1] (0.05 = 20x)", type=float)
+    init: str = _f("uniform", "initial mask: uniform density per layer or Erdos-Renyi-Kernel", type=str,
+                   choices=("uniform", "erk"))
+    prune_first: bool = _f(True, "prune the first conv layer", type=bool)
+    prune_last: bool | None = _f(None, "prune the last linear layer (default: yes for irregular, no for "
+                                 "channel)", type=bool, optional=True)
+    prune_rate: float = _f(0.5, "DNR initial prune rate p0, in (0, 1)", type=float)
+    prune_rate_min: float = _f(0.005, "DNR final prune rate p_min, in [0, p0]", type=float)
+    prune_schedule: str = _f("cosine", "prune-rate schedule over training", type=str,
+                             choices=("cosine", "linear", "constant"))
+    rewire_every: int | None = _f(None, "rewire every K optimizer steps instead of at epoch ends", type=int,
+                                  optional=True)
+    # optimisation
+    epochs: int = _f(6, "training epochs", type=int)
+    batch_size: int = _f(128, "training batch size", type=int)
+    lr: float = _f(0.05, "initial (peak) learning rate", type=float)
+    momentum: float = _f(0.9, "SGD momentum, in (0, 1) (DNR needs momentum)", type=float)
+    nesterov: bool = _f(True, "Nesterov momentum", type=bool)
+    weight_decay: float = _f(5e-4, "L2 weight decay (through the optimizer)", type=float)
+    lr_schedule: str = _f("cosine", "learning-rate schedule, stepped per batch", type=str, choices=LR_SCHEDULES)
+    lr_milestones: list = _f((0.5, 0.75), "step schedule: fractions of training where the lr is multiplied "
+                             "by --lr-gamma", type=float, nargs="+")
+    lr_gamma: float = _f(0.1, "step schedule: lr factor at each milestone", type=float)
+    warmup_epochs: float = _f(0.0, "linear warm-up from 0 over this many epochs", type=float)
+    # training attack
+    eps: float = _f(0.1, "L-inf radius of the training attack (pixels in [0, 1])", type=float)
+    alpha: float = _f(0.025, "PGD step size of the training attack", type=float)
+    attack_steps: int = _f(5, "PGD steps of the training attack", type=int)
+    beta: float = _f(0.5, "weight of the clean loss in the hybrid loss, in [0, 1]", type=float)
+    attack_bn_mode: str = _f("eval", "BatchNorm mode while generating training attacks", type=str,
+                             choices=("eval", "train"))
+    # evaluation
+    eval_eps: float | None = _f(None, "L-inf radius for evaluation (default: --eps)", type=float, optional=True)
+    eval_alpha: float | None = _f(None, "PGD step size for evaluation (default: 2.5 * eval_eps / eval_steps)",
+                                  type=float, optional=True)
+    eval_steps: int = _f(20, "PGD steps for evaluation", type=int)
+    eval_restarts: int = _f(1, "PGD random restarts in the final evaluation", type=int)
+    eval_every: int = _f(1, "evaluate clean and PGD test accuracy every N epochs (0: only at the end)", type=int)
+    eval_size: int | None = _f(None, "test examples used by the per-epoch evaluation (default: all)",
+                               type=int, optional=True)
+    eval_batch_size: int = _f(500, "evaluation batch size", type=int)
+    # run
+    seed: int = _f(0, "random seed (weights, masks, data order, attacks)", type=int)
+    deterministic: bool = _f(False, "deterministic algorithms (bitwise reproducible runs and resumes)", type=bool)
+    device: str = _f("auto", "cpu, cuda, cuda:N or auto", type=str)
+    threads: int | None = _f(None, "torch CPU threads", type=int, optional=True)
+    checkpoint_every: int | None = _f(None, "also checkpoint every N optimizer steps (always at epoch ends)",
+                                      type=int, optional=True)
+    tensorboard: bool = _f(False, "write TensorBoard logs to RUN_DIR/tensorboard (needs tensorboard)", type=bool)
+    plots: bool = _f(True, "write the markdown report and PNG plots at the end (plots need matplotlib)",
+                     type=bool)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def sparse(self) -> bool:
+        return self.method in ("static", "dnr")
+
+    @property
+    def adversarial(self) -> bool:
+        return self.method != "dense"
+
+    @property
+    def resolved_eval_eps(self) -> float:
+        return self.eps if self.eval_eps is None else self.eval_eps
+
+    @property
+    def resolved_eval_alpha(self) -> float:
+        return default_pgd_alpha(self.resolved_eval_eps, self.eval_steps) if self.eval_alpha is None else self.eval_alpha
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "TrainConfig":
+        """Check every field; raises ConfigError naming the first bad one. Returns self."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            meta = f.metadata
+            if value is None:
+                if not meta["optional"]:
+                    raise ConfigError(f"option {_flag(f.name)} must not be empty (got None)")
+                continue
+            setattr(self, f.name, _coerce(f.name, value, meta))
+            if meta["choices"] and getattr(self, f.name) not in meta["choices"]:
+                raise ConfigError(f"option {_flag(f.name)}: got {value!r}, expected one of {list(meta['choices'])}")
+
+        def need(name, ok, expected):
+            if not ok:
+                raise ConfigError(f"option {_flag(name)}: got {getattr(self, name)!r}, expected {expected}")
+
+        need("density", 0.0 < self.density <= 1.0, "a number in (0, 1]")
+        need("prune_rate", 0.0 < self.prune_rate < 1.0, "a number in (0, 1)")
+        need("prune_rate_min", 0.0 <= self.prune_rate_min <= self.prune_rate, f"a number in [0, {self.prune_rate}]")
+        for name in ("epochs", "batch_size", "attack_steps", "eval_steps", "eval_restarts", "eval_batch_size"):
+            need(name, getattr(self, name) >= 1, "an integer >= 1")
+        for name in ("train_size", "test_size", "eval_size", "rewire_every", "checkpoint_every", "threads"):
+            if getattr(self, name) is not None:
+                need(name, getattr(self, name) >= 1, "an integer >= 1 (or none)")
+        need("eval_every", self.eval_every >= 0, "an integer >= 0")
+        need("lr", self.lr > 0, "a number > 0")
+        need("momentum", 0.0 < self.momentum < 1.0, "a number in (0, 1)")
+        need("weight_decay", self.weight_decay >= 0, "a number >= 0")
+        need("lr_gamma", 0.0 < self.lr_gamma <= 1.0, "a number in (0, 1]")
+        need("lr_milestones", all(0.0 < m < 1.0 for m in self.lr_milestones), "fractions of training in (0, 1)")
+        need("warmup_epochs", 0.0 <= self.warmup_epochs < self.epochs, f"a number in [0, epochs={self.epochs})")
+        need("eps", self.eps >= 0, "a number >= 0")
+        need("alpha", self.alpha > 0, "a number > 0")
+        need("beta", 0.0 <= self.beta <= 1.0, "a number in [0, 1]")
+        if self.eval_eps is not None:
+            need("eval_eps", self.eval_eps >= 0, "a number >= 0")
+        if self.eval_alpha is not None:
+            need("eval_alpha", self.eval_alpha > 0, "a number > 0")
+        need("device", self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+             "cpu, cuda, cuda:N or auto")
+        if self.data_root == "embedded" and self.dataset != "fashion-mnist":
+            raise ConfigError(f"option --data-root: 'embedded' is the Fashion-MNIST subset, but --dataset is "
+                              f"{self.dataset!r}; give that dataset's folder")
+        if self.method == "dnr" and self.density == 1.0:
+            raise ConfigError("option --density: got 1.0, but --method dnr needs a sparse model (density < 1)")
+        if self.method == "dense-at" and self.eps == 0:
+            raise ConfigError("option --eps: got 0, but --method dense-at trains adversarially (eps > 0)")
+        return self
+
+
+def default_pgd_alpha(eps: float, steps: int) -> float:
+    """The evaluation step size when none is given: 2.5 * eps / steps (any positive value when eps = 0,
+    where the projection keeps x unchanged)."""
+    return 2.5 * eps / steps if eps > 0 else 1.0 / 255
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _coerce(name: str, value: Any, meta: dict) -> Any:
+    """Convert a value read from a file or the CLI to the field's type, or raise ConfigError."""
+    typ = meta["type"]
+    if meta["nargs"]:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(name, v, {**meta, "nargs": None}) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"option {_flag(name)}: got {value!r}, expected true or false")
+    if typ is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and
+                                                                       value.strip().lstrip("-").isdigit())):
+            raise ConfigError(f"option {_flag(name)}: got {value!r}, expected an integer")
+        return int(value)
+    if typ is float:
+        try:
+            out = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            out = math.nan
+        if not math.isfinite(out):
+            raise ConfigError(f"option {_flag(name)}: got {value!r}, expected a finite number")
+        return out
+    if not isinstance(value, str):
+        raise ConfigError(f"option {_flag(name)}: got {value!r}, expected a string")
+    return value
+
+
+# ---------------------------------------------------------------------------------------- presets
+_PAPER = dict(method="dnr", density=0.05, epochs=200, eps=8 / 255, alpha=2 / 255, attack_steps=7, beta=0.5,
+              lr=0.1, batch_size=128, weight_decay=5e-4, momentum=0.9, nesterov=False, lr_schedule="step",
+              lr_milestones=[0.5, 0.75], lr_gamma=0.1, eval_eps=8 / 255, eval_alpha=2 / 255, eval_steps=20,
+              augment=True, eval_every=10, eval_size=1000, eval_batch_size=256)
+
+PRESETS: dict[str, dict] = {
+    # the default `dnr train`: minutes on two CPU cores, embedded Fashion-MNIST subset, DNR at 20x
+    "fashion-mnist-quick": dict(dataset="fashion-mnist", data_root="embedded", model="small_cnn", method="dnr", mode="irregular",
+                                density=0.05, epochs=5, batch_size=128, lr=0.05, nesterov=True,
+                                lr_schedule="cosine", eps=0.1, alpha=0.025, attack_steps=5, eval_steps=20,
+                                eval_every=1, eval_size=200, train_size=3000),
+}
+for _data in ("cifar10", "cifar100", "tiny-imagenet"):
+    for _model in (("vgg16",) if _data == "tiny-imagenet" else ("vgg16", "resnet18")):
+        for _mode in ("irregular", "channel"):
+            PRESETS[f"{_data}-{_model}-{_mode}"] = dict(_PAPER, dataset=_data, model=_model, mode=_mode)
+
+
+def load_config_file(path: str) -> dict:
+    """Read a YAML (.yaml/.yml, needs pyyaml) or JSON file holding a mapping of option -> value.
+
+    A ``preset`` key names the preset the file builds on."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"config file {path!r} is YAML but pyyaml is not installed: pip install pyyaml "
+                              "(or pip install 'dnr[harness]'), or use a .json file") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config file {path!r} is not valid JSON: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of option: value, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve_config(preset: str | None = None, file_values: dict | None = None,
+                   overrides: dict | None = None) -> TrainConfig:
+    """Preset < config-file values < overrides, validated.
+
+    Raises:
+        ConfigError: unknown preset, unknown option or bad value.
+    """
+    file_values = dict(file_values or {})
+    file_preset = file_values.pop("preset", None)
+    name = preset or file_preset or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = dict(PRESETS[name])
+    for source, layer in (("config file", file_values), ("override", overrides or {})):
+        unknown = sorted(set(layer) - fields)
+        if unknown:
+            raise ConfigError(f"unknown option(s) in {source}: {', '.join(unknown)}; see dnr train --help")
+        values.update(layer)
+    explicit_root = "data_root" in file_values or "data_root" in (overrides or {})
+    if not explicit_root and values.get("data_root") == "embedded" and values.get("dataset") != "fashion-mnist":
+        values["data_root"] = None  # the preset's embedded Fashion-MNIST does not apply to another dataset
+    return TrainConfig(**values).validate()
+
+
+# ---------------------------------------------------------------------------------------- CLI flags
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per TrainConfig field. Defaults are SUPPRESSed so only given flags override."""
+    group = parser.add_argument_group("training options (override the preset and the config file)")
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+        preset_default = PRESETS[DEFAULT_PRESET].get(f.name, default)
+        help_text = f"{meta['help']} [{DEFAULT_PRESET}: {preset_default}]"
+        flag = _flag(f.name)
+        if meta["type"] is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+            continue
+        kwargs: dict = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        if meta["nargs"]:
+            kwargs["nargs"] = meta["nargs"]
+        kwargs["type"] = _cli_type(meta["type"], meta["optional"])
+        kwargs["metavar"] = {int: "N", float: "X", str: "S"}[meta["type"]] if not meta["choices"] else None
+        group.add_argument(flag, **kwargs)
+
+
+def _cli_type(typ, optional: bool):
+    def parse(text: str):
+        if optional and text.lower() in ("none", "null"):
+            return None
+        try:
+            return typ(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if typ is int else 'a number'}{' or none' if optional else ''}, "
+                f"got {text!r}") from None
+    parse.__name__ = typ.__name__
+    return parse
+
+
+def config_overrides_from_args(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields given on the command line."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in vars(args).items() if k in names}

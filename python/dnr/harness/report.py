@@ -1,0 +1,179 @@
+"""Run reports: ``report.md`` and PNG plots (matplotlib, optional) from a run directory's files.
+
+Plots (``RUN_DIR/plots/``):
+    accuracy.png          clean and PGD test accuracy (and training accuracy) per epoch
+    layer_density.png     per-layer density at the end of every epoch
+    final_density.png     final density per layer (bar chart)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+__all__ = ["write_report", "format_summary", "read_run"]
+
+
+def read_run(run_dir: str) -> dict:
+    """config.json, metrics.jsonl, rewiring.jsonl and summary.json (when present) of a run directory."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
+    cfg_path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{run_dir!r} is not a run directory (no config.json)")
+
+    def jsonl(name):
+        path = os.path.join(run_dir, name)
+        if not os.path.isfile(path):
+            return []
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    with open(cfg_path) as f:
+        config = json.load(f)
+    summary = None
+    if os.path.isfile(os.path.join(run_dir, "summary.json")):
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+    return {"config": config, "metrics": jsonl("metrics.jsonl"), "rewiring": jsonl("rewiring.jsonl"),
+            "summary": summary}
+
+
+def format_summary(s: dict) -> str:
+    """The final summary table (clean / FGSM / PGD accuracy, density, compression, FLOPs, time)."""
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    method = s["method"] if s["method"] in ("dense", "dense-at") else f"{s['method']} ({s['mode']})"
+    rows = [
+        ("method", method),
+        ("density", f"{s['density']:.4f} ({s['compression']:.1f}x compression)"),
+        ("clean accuracy", pct(s["clean"])),
+        (f"FGSM accuracy (eps {s['eps']:.4g})", pct(s["fgsm"])),
+        (f"PGD-{s['pgd_steps']} accuracy (eps {s['eps']:.4g})", pct(s["pgd"])),
+    ]
+    if s.get("flops_dense") is not None:
+        rows.append(("FLOPs / image (dense -> effective)",
+                     f"{s['flops_dense']:,} -> {s['flops_effective']:,} "
+                     f"({s['flops_dense'] / max(1, s['flops_effective']):.1f}x fewer)"))
+    rows.append(("training time", f"{s['train_seconds']:.0f} s for {s['epochs']} epochs"))
+    if s.get("test_examples") is not None:
+        rows.append(("test examples", str(s["test_examples"])))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _plots(run: dict, plots_dir: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(plots_dir, exist_ok=True)
+    rows = run["metrics"]
+    out = []
+    epochs = [r["epoch"] for r in rows]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label, style in (("test_clean_acc", "test clean", "-o"), ("test_pgd_acc", "test PGD", "-s"),
+                              ("train_clean_acc", "train clean", "--"), ("train_adv_acc", "train PGD", ":")):
+        pts = [(e, r[key]) for e, r in zip(epochs, rows) if r.get(key) is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("accuracy per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out.append(os.path.join(plots_dir, "accuracy.png"))
+    fig.savefig(out[-1], dpi=100)
+    plt.close(fig)
+
+    names = list(rows[-1]["layers"]) if rows and rows[-1].get("layers") else []
+    if names:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name in names:
+            ax.plot(epochs, [r["layers"].get(name) for r in rows], "-o", markersize=3, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("density")
+        ax.set_yscale("log")
+        ax.set_title("per-layer density over training")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        out.append(os.path.join(plots_dir, "layer_density.png"))
+        fig.savefig(out[-1], dpi=100)
+        plt.close(fig)
+
+        final = rows[-1]["layers"]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.bar(range(len(names)), [final[n] for n in names])
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+        ax.set_ylabel("density")
+        ax.set_title("final density per layer")
+        fig.tight_layout()
+        out.append(os.path.join(plots_dir, "final_density.png"))
+        fig.savefig(out[-1], dpi=100)
+        plt.close(fig)
+    return out
+
+
+def _markdown(run: dict, plots: list[str], run_dir: str, note: str | None) -> str:
+    cfg, rows, s = run["config"], run["metrics"], run["summary"]
+    lines = [f"# dnr run: {cfg['method']} {cfg['model']} on {cfg['dataset']}", ""]
+    keys = ("method", "mode", "density", "model", "dataset", "epochs", "batch_size", "lr", "lr_schedule",
+            "eps", "alpha", "attack_steps", "beta", "eval_steps", "seed", "deterministic")
+    lines += ["| option | value |", "|---|---|"] + [f"| {k} | {cfg[k]} |" for k in keys] + [""]
+    if s is not None:
+        lines += ["## Final evaluation", "", "```", format_summary(s), "```", ""]
+    if rows:
+        lines += ["## Per epoch", "", "| epoch | loss | train clean | train PGD | test clean | test PGD | density | "
+                  "lr | s | img/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+        def f(v, fmt=".4f"):
+            return "-" if v is None else format(v, fmt)
+
+        for r in rows:
+            lines.append(f"| {r['epoch']} | {f(r['loss'])} | {f(r['train_clean_acc'])} | {f(r['train_adv_acc'])} | "
+                         f"{f(r['test_clean_acc'])} | {f(r['test_pgd_acc'])} | {f(r['density'])} | {f(r['lr'], '.4g')} | "
+                         f"{f(r['seconds'], '.1f')} | {f(r['images_per_s'], '.0f')} |")
+        lines.append("")
+    if s is not None and s.get("layers"):
+        lines += ["## Final density per layer", "", "| layer | active / prunable | density |", "|---|---|---|"]
+        for l in s["layers"]:
+            if l["masked"]:
+                lines.append(f"| {l['name']} | {l['active']} / {l['prunable']} | {l['density']:.4f} |")
+        lines.append("")
+    if run["rewiring"]:
+        lines += [f"Rewiring rounds: {len(run['rewiring'])} (details in `rewiring.jsonl`).", ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, run_dir)})" for p in plots] + [""]
+    if note:
+        lines += [note, ""]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str) -> dict:
+    """Write ``report.md`` and the plots of ``run_dir``.
+
+    Returns:
+        {"report": path of report.md, "plots": [png paths], "plots_dir": folder, "note": why plots are
+        missing (matplotlib not installed) or None}.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a run directory.
+    """
+    run = read_run(run_dir)
+    plots_dir = os.path.join(run_dir, "plots")
+    note = None
+    try:
+        plots = _plots(run, plots_dir)
+    except ImportError:
+        plots = []
+        note = "plots skipped: matplotlib is not installed (pip install matplotlib, or pip install 'dnr[plots]')"
+    report = os.path.join(run_dir, "report.md")
+    with open(report + ".tmp", "w") as f:
+        f.write(_markdown(run, plots, run_dir, note))
+    os.replace(report + ".tmp", report)
+    return {"report": report, "plots": plots, "plots_dir": plots_dir, "note": note}

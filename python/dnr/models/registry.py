@@ -1,0 +1,44 @@
+"""``build_model(name, ...)``: one entry point for every model of the package, by name."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ._common import check_positive_int, input_normalization
+from .resnet import resnet18
+from .small_cnn import small_cnn
+from .vgg import vgg16
+
+__all__ = ["MODEL_NAMES", "build_model"]
+
+MODEL_NAMES = ("small_cnn", "vgg16", "resnet18")
+
+
+def build_model(name: str, num_classes: int, in_channels: int, input_size: int, mean=None, std=None) -> nn.Module:
+    """Build the model called ``name`` for inputs [B, in_channels, input_size, input_size] in [0, 1].
+
+    Args:
+        name: one of MODEL_NAMES: "small_cnn" (input_size must be 28), "vgg16" (a multiple of 32),
+            "resnet18" (>= 8).
+        num_classes: logits per example.
+        in_channels: input channels.
+        input_size: side of the square input.
+        mean, std: per-channel statistics for the model's first layer ``Normalize``; both None for no
+            normalisation (typically ``dnr.data.dataset_info(name).mean`` / ``.std``).
+
+    Returns:
+        A freshly initialised model (train mode, CPU, float32) mapping [B, C, S, S] to [B, num_classes].
+
+    Raises:
+        ValueError: unknown name (lists MODEL_NAMES), bad sizes, or mean/std not matching in_channels.
+    """
+    if name not in MODEL_NAMES:
+        raise ValueError(f"build_model: unknown model name {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+    check_positive_int(input_size, "input_size", name)
+    if name == "small_cnn":
+        if input_size != 28:
+            raise ValueError(f"small_cnn: input_size must be 28, got {input_size}")
+        input_normalization(mean, std, in_channels, name)  # same checks as the other models
+        return small_cnn(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
+    builder = vgg16 if name == "vgg16" else resnet18
+    return builder(num_classes=num_classes, in_channels=in_channels, input_size=input_size, mean=mean, std=std)

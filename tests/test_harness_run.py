@@ -1,0 +1,95 @@
+"""The fit driver: the four methods, quiet mode, run-directory contents, quickstart on top of it."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import dnr
+from dnr.harness import ConfigError, fit, load_checkpoint, resolve_config
+from dnr.harness.run import EpochBatchSampler, build_model_for
+from dnr.nn import masked_layers
+
+TINY = dict(train_size=128, test_size=32, batch_size=64, epochs=2, attack_steps=1, eval_steps=1, eval_size=16,
+            threads=1, plots=False, seed=2)
+
+
+def _fit(tmp_path, **overrides):
+    cfg = resolve_config(None, {}, {**TINY, **overrides})
+    return cfg, fit(cfg, str(tmp_path / overrides.get("method", "dnr")), quiet=True, progress=False)
+
+
+@pytest.mark.parametrize("method", ["dense", "dense-at"])
+def test_dense_methods_train_unpruned_models(tmp_path, method):
+    cfg, s = _fit(tmp_path, method=method)
+    model = load_checkpoint(s["model_path"])["model"]
+    assert not any(k.endswith(".mask") for k in model)
+    assert s["density"] == 1.0 and s["compression"] == 1.0 and s["method"] == method
+    rows = [json.loads(line) for line in open(os.path.join(s["run_dir"], "metrics.jsonl"))]
+    assert rows[-1]["prune_rate"] is None and rows[-1]["rewired_weights"] is None
+    # dense: clean training only (no adversarial accuracy); dense-at: adversarial training
+    assert (rows[-1]["train_adv_acc"] is None) == (method == "dense")
+
+
+def test_static_method_keeps_the_initial_mask_and_zero_pruned_weights(tmp_path):
+    cfg, s = _fit(tmp_path, method="static", density=0.1)
+    initial = build_model_for(cfg)  # the same seeded initial mask the run started from
+    final = load_checkpoint(s["model_path"])["model"]
+    for name, layer in masked_layers(initial):
+        assert torch.equal(final[name + ".mask"], layer.mask), name
+        assert not final[name + ".weight"][~layer.mask].any(), name  # pruned weights stayed exactly zero
+    assert s["density"] == pytest.approx(0.1, abs=1e-3)
+    assert os.path.getsize(os.path.join(s["run_dir"], "rewiring.jsonl")) == 0
+
+
+@pytest.mark.parametrize("mode", ["irregular", "channel"])
+def test_dnr_rewires_with_an_exact_budget(tmp_path, mode):
+    cfg, s = _fit(tmp_path, method="dnr", epochs=3, mode=mode, density=0.2)
+    initial = build_model_for(cfg)
+    final = load_checkpoint(s["model_path"])["model"]
+    budget = sum(int(layer.mask.sum()) for _, layer in masked_layers(initial))
+    assert sum(int(final[n + ".mask"].sum()) for n, _ in masked_layers(initial)) == budget
+    assert any(not torch.equal(final[n + ".mask"], l.mask) for n, l in masked_layers(initial))  # it rewired
+    records = [json.loads(line) for line in open(os.path.join(s["run_dir"], "rewiring.jsonl"))]
+    assert [r["epoch"] for r in records] == [1, 2] and all(r["active"] == budget for r in records)
+
+
+def test_quiet_mode_prints_nothing(tmp_path, capsys):
+    _fit(tmp_path, epochs=1, method="dense")
+    assert capsys.readouterr().out == ""
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+        pytest.skip("tensorboard is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        _fit(tmp_path, tensorboard=True)
+    assert not (tmp_path / "dnr").exists()
+
+
+def test_epoch_batch_sampler_resumes_the_same_order():
+    s = EpochBatchSampler(10, 3, seed=4)
+    s.set_epoch(2)
+    full = list(s)
+    assert len(full) == 3 and sorted(i for b in full for i in b) == sorted(set(i for b in full for i in b))
+    s.set_epoch(2, start=1)
+    assert list(s) == full[1:] and len(s) == 2
+    s.set_epoch(3)
+    assert list(s) != full  # a new order every epoch
+
+
+def test_quickstart_runs_on_the_fit_driver():
+    from dnr.quickstart import build_parser, format_summary, run
+    args = build_parser().parse_args(["--epochs", "1", "--train-size", "128", "--batch-size", "64", "--attack-steps",
+                                      "1", "--eval-steps", "1", "--threads", "1", "--quiet", "--method", "static"])
+    s = run(args)
+    assert {"method", "mode", "density", "compression", "clean", "fgsm", "pgd"} <= set(s)
+    assert (s["method"], s["mode"], s["test_examples"]) == ("static", "irregular", 1000)
+    assert s["compression"] == pytest.approx(20.0, rel=1e-3)
+    assert "clean accuracy" in format_summary(s)
+    with pytest.raises(ConfigError, match="--density"):
+        run(build_parser().parse_args(["--density", "0"]))
