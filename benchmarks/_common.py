@@ -34,6 +34,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default: 50 on cuda, 10 on cpu)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--out", default=os.environ.get("OUT") or str(RESULTS),
                    help="folder for the JSON file (default: $OUT if set, else benchmarks/results)")
     return p
@@ -43,6 +44,8 @@ def setup(args) -> torch.device:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda but torch.cuda.is_available() is False")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.repeats is None:
         args.repeats = 50 if device.type == "cuda" else 10
     import dnr.ops

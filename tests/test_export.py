@@ -236,7 +236,7 @@ def test_parameter_count_matches_density_report(name):
     """Per layer, the compacted conv/linear holds exactly the report's effective weights; in total the
     model holds those plus biases and norm parameters of the kept channels."""
     factory, size = SMALL[name]
-    model = _pruned(factory, 0.3, seed=7, randomize=False)  # freshly initialised norms (as at training start)
+    model = _pruned(factory, 0.3, seed=7)
     report = density_report(model, size)
     compact = compact_model(model, size)
     modules = dict(compact.named_modules())
@@ -246,12 +246,6 @@ def test_parameter_count_matches_density_report(name):
         effective = row.macs_effective // positions  # == row.effective_active for masked layers
         layer = modules[row.name]
         expected_total += layer.weight.numel() + (layer.weight.shape[0] if layer.bias is not None else 0)
-        if isinstance(layer, nn.Linear) and name != "tiny_resnet":
-            # The report probes with random weights: after ReLU + flatten a live feature can be zero for
-            # the whole probe (a channel whose random weights on non-negative inputs are all negative),
-            # so for a flatten-fed linear it can only undercount. Compaction keeps whole channels.
-            assert layer.weight.numel() >= effective, row.name
-            continue
         if row.masked:
             assert effective == row.effective_active
         assert layer.weight.numel() == effective, row.name
@@ -377,3 +371,27 @@ def test_views_that_name_channel_counts():
     assert model.fc1.channel_mask.sum() < 6  # the hidden layer is pruned, so view(-1, 6) must go
     compact = compact_model(model, (3, 4, 4))
     _assert_close(model, compact, torch.randn(4, 3, 4, 4))
+
+
+class _LateNorm(nn.Module):
+    """conv -> ReLU -> BN: the BN is not paired with the conv, so a pruned channel leaves the BN as the
+    constant shift, which the next conv reads: the channel must be kept (as a zero channel) up to the BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1, bias=False)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.bn(torch.relu(self.conv(x)))
+        return self.fc(torch.relu(self.conv2(h)).mean((2, 3)))
+
+
+def test_norm_that_revives_a_pruned_channel():
+    model = _pruned(_LateNorm, 0.5, seed=6)
+    assert model.conv.norm_name is None and not bool(model.conv.channel_mask.all())
+    compact = compact_model(model, (3, 4, 4))
+    _assert_close(model, compact, torch.randn(3, 3, 4, 4))
+    assert compact.dnr_compaction["conv"]["out"] == 8  # zero channels kept: the BN turns them into constants

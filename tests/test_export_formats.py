@@ -15,7 +15,7 @@ from dnr.nn import masked_layers, sparsify
 
 pytest.importorskip("safetensors")
 from dnr.export import (SparseFormatError, export_model, file_payload_bytes, load_sparse, read_sparse,  # noqa: E402
-                        save_dense, save_sparse, sparse_layout)
+                        save_dense, save_sparse)
 
 
 def _model(mode, density=0.1, widths=(16, 32, 64), seed=0):

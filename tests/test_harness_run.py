@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 
-import dnr
 from dnr.harness import ConfigError, fit, load_checkpoint, resolve_config
 from dnr.harness.run import EpochBatchSampler, build_model_for
 from dnr.nn import masked_layers
@@ -82,6 +81,7 @@ def test_epoch_batch_sampler_resumes_the_same_order():
     assert list(s) != full  # a new order every epoch
 
 
+@pytest.mark.slow  # evaluates on the 1000 embedded test images
 def test_quickstart_runs_on_the_fit_driver():
     from dnr.quickstart import build_parser, format_summary, run
     args = build_parser().parse_args(["--epochs", "1", "--train-size", "128", "--batch-size", "64", "--attack-steps",

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import dnr.ops
-from dnr import reference
+from dnr import _ext, reference
 
 # (batch, in_ch, H, W, out_ch, kernel, stride, padding, dilation, groups, bias)
 CONV_CASES = [
@@ -15,7 +15,8 @@ CONV_CASES = [
     (3, 2, 5, 6, 3, 1, 2, 0, 1, 1, True),  # 1x1, strided
     (0, 3, 6, 6, 2, 3, 1, 1, 1, 1, True),  # empty batch
 ]
-IMPLS = ["ops", "reference"]
+# "kernel": the compiled op called directly (dnr.ops may prefer the reference for some inputs on CPU)
+IMPLS = ["ops", "reference", "kernel"]
 
 
 def _conv_inputs(case, device, dtype, requires_grad=False):
@@ -32,6 +33,11 @@ def _masked_conv2d(impl, x, weight, mask, bias, stride=1, padding=0, dilation=1,
     if impl == "ops":
         return dnr.ops.masked_conv2d(x, weight, mask, bias, stride, padding, dilation, groups, dense_weight_grad)
     pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    if impl == "kernel":
+        if not _ext.has_kernel("masked_conv2d", x.device.type):
+            pytest.skip(f"no compiled masked_conv2d ({_ext.reason() or 'not built'})")
+        return torch.ops.dnr.masked_conv2d(x, weight, mask, bias, pair(stride), pair(padding), pair(dilation), groups,
+                                           dense_weight_grad)
     return reference.masked_conv2d(x, weight, mask, bias, pair(stride), pair(padding), pair(dilation), groups, dense_weight_grad)
 
 

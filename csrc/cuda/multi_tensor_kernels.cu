@@ -227,8 +227,9 @@ at::Tensor channel_norms_cuda(at::TensorList tensors) {
 
 // ---------------------------------------------------------------- masked_sgd_step_
 
-constexpr int64_t kSgdChunk = 65536;  // elements per block
-constexpr int kSgdThreads = 512;
+// Small chunks: many resident blocks keep enough loads in flight to saturate HBM.
+constexpr int64_t kSgdChunk = 16384;  // elements per block
+constexpr int kSgdThreads = 256;
 constexpr int kSgdCols = 6;  // table row: param, grad, buffer, mask (all at the chunk), length, dtype
 
 struct SgdArgs {
@@ -250,6 +251,7 @@ __device__ __forceinline__ void sgd_chunk(
   // Scalars rounded to T as ATen rounds its Scalar arguments.
   const T lr_neg = static_cast<T>(-a.lr), mom = static_cast<T>(a.momentum);
   const T one_minus_damp = static_cast<T>(1.0 - a.dampening), wd = static_cast<T>(a.weight_decay);
+#pragma unroll 4
   for (int64_t i = threadIdx.x; i < n; i += kSgdThreads) {
     const T pi = static_cast<T>(p[i]);
     T gi = static_cast<T>(g[i]);

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #include "../pgd_step.h"
 
@@ -27,9 +28,17 @@ __global__ void pgd_step_cuda_kernel(
     const opmath_t* __restrict__ alpha, int64_t alpha_stride, opmath_t lo,
     opmath_t hi, int64_t per_sample, int64_t numel) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  // The sample index costs an integer division per element: skip it when eps and
+  // alpha are shared, and divide in 32 bits when the sizes allow (64-bit division
+  // is emulated, slow enough to matter in this bandwidth-bound kernel).
+  const bool per_sample_scalars = (eps_stride | alpha_stride) != 0;
+  const bool small = numel <= static_cast<int64_t>(UINT32_MAX);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
        i < numel; i += step) {
-    const int64_t b = i / per_sample;
+    const int64_t b = !per_sample_scalars
+        ? 0
+        : small ? static_cast<int64_t>(static_cast<uint32_t>(i) / static_cast<uint32_t>(per_sample))
+                : i / per_sample;
     const opmath_t e = eps[b * eps_stride];
     const opmath_t g = static_cast<opmath_t>(grad[i]);
     const opmath_t s = g > opmath_t(0) ? opmath_t(1) : (g < opmath_t(0) ? opmath_t(-1) : opmath_t(0));

@@ -66,7 +66,8 @@ def _preset_line(name: str) -> str:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", formatter_class=_Formatter, help="clean / FGSM / PGD (/ AutoAttack) accuracy of a checkpoint",
+    p = sub.add_parser("eval", formatter_class=_Formatter,
+                       help="clean / FGSM / PGD (/ AutoAttack) accuracy of a checkpoint",
                        description="Evaluate a checkpoint (model.pt, checkpoints/last.pt or a run directory) on "
                                    "its dataset's test split; prints JSON. Attack defaults come from the run's config.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or run directory")
@@ -111,8 +112,8 @@ def _add_info(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    parser = argparse.ArgumentParser(prog="dnr", formatter_class=_Formatter, description=__doc__.split("\n\n")[0] + "\n\n"
-                                     + "\n".join(__doc__.split("\n\n")[1].splitlines()))
+    intro, usage = __doc__.split("\n\n")[:2]
+    parser = argparse.ArgumentParser(prog="dnr", formatter_class=_Formatter, description=intro + "\n\n" + usage)
     parser.add_argument("--version", action="version", version=f"dnr {__version__}")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -136,8 +137,9 @@ def cmd_train(args) -> int:
         if args.preset or args.config or args.out:
             raise hconfig.ConfigError("--resume continues a run with its saved config: do not combine it with "
                                       "--preset, --config or --out")
-        summary = hrun.fit(None, None, resume=args.resume, quiet=args.quiet, progress=not args.no_progress,
-                           overrides_on_resume=overrides)
+        summary = _interruptible(args.resume, lambda: hrun.fit(
+            None, None, resume=args.resume, quiet=args.quiet, progress=not args.no_progress,
+            overrides_on_resume=overrides))
     else:
         file_values = hconfig.load_config_file(args.config) if args.config else {}
         cfg = hconfig.resolve_config(args.preset, file_values, overrides)
@@ -149,7 +151,9 @@ def cmd_train(args) -> int:
             hrun.check_data(cfg)
             return 0
         out = args.out or os.path.join("runs", f"{preset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-        summary = hrun.fit(cfg, out, quiet=args.quiet, progress=not args.no_progress)
+        summary = _interruptible(out, lambda: hrun.fit(cfg, out, quiet=args.quiet, progress=not args.no_progress))
+    if summary is None:
+        return 130
     print(hreport.format_summary(summary))
     print(f"run directory: {summary['run_dir']}")
     if summary.get("plots"):
@@ -162,6 +166,18 @@ def cmd_train(args) -> int:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
     return 0
+
+
+def _interruptible(run_dir: str, train):
+    """Run ``train()``; on Ctrl-C say how to continue and return None."""
+    try:
+        return train()
+    except KeyboardInterrupt:
+        if os.path.isfile(os.path.join(run_dir, "checkpoints", "last.pt")):
+            print(f"dnr: interrupted; continue with: dnr train --resume {run_dir}", file=sys.stderr)
+        else:
+            print("dnr: interrupted before the first checkpoint", file=sys.stderr)
+        return None
 
 
 def _device(name: str) -> str:
@@ -257,7 +273,9 @@ def cmd_info(args) -> int:
         print(json.dumps({"checkpoint": state["path"], "kind": state["kind"], "config": cfg.to_dict(),
                           **report.to_dict()}, indent=2, default=list))
         return 0
-    where = f", epoch {state['epoch']} batch {state['batch']} (step {state['step']})" if state["kind"] == "train" else ""
+    where = ""
+    if state["kind"] == "train":
+        where = f", epoch {state['epoch']} batch {state['batch']} (step {state['step']})"
     print(f"checkpoint: {state['path']} ({state['kind']}{where})")
     print(f"model: {cfg.model} on {cfg.dataset}, method {cfg.method} ({cfg.mode}), target density {cfg.density}")
     print(report)
@@ -281,9 +299,6 @@ def main(argv=None) -> int:
             msg = f"{msg}: {err.filename}"
         print(f"dnr: error: {msg}", file=sys.stderr)
         return 2 if isinstance(err, hconfig.ConfigError) else 1
-    except KeyboardInterrupt:
-        print("dnr: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from torch.optim.sgd import sgd as _sgd  # torch's own functional SGD update
 
 from . import ops
 from .nn import masked_layers
+from .ops._registry import use_kernel
 
 __all__ = ["MaskedSGD"]
 
@@ -123,7 +124,14 @@ class MaskedSGD(torch.optim.SGD):
                 for lst, t in zip(fused[first], (p, p.grad, buf, mask)):
                     lst.append(t)
             for first, (params, grads, bufs, ms) in fused.items():
-                if params:
+                if not params:
+                    continue
+                if use_kernel("masked_sgd_step_", params[0].device) and all(p.is_contiguous() for p in params):
+                    # Everything the wrapper checks holds by construction here (the kernel checks
+                    # again in C++): skipping its per-tensor Python checks saves ~L x 10 us per step.
+                    torch.ops.dnr.masked_sgd_step_(params, grads, bufs, ms, hyper["lr"], hyper["momentum"],
+                                                   hyper["dampening"], hyper["weight_decay"], hyper["nesterov"], first)
+                else:
                     ops.masked_sgd_step_(params, grads, bufs, ms, first_step=first, **hyper)
             if plain[0]:
                 _sgd(plain[0], plain[1], plain[2], maximize=False, **hyper)

@@ -77,7 +77,16 @@ def export_model(model: nn.Module, out: str | os.PathLike, fmt: str, input_size:
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
-    model = model.eval()
+    was_training = model.training
+    model.eval()
+    try:
+        return _export(model, out, fmt, input_size, dtype=dtype, onnx_model=onnx_model, architecture=architecture,
+                       config=config, summary=summary, check=check, generator=generator)
+    finally:
+        model.train(was_training)
+
+
+def _export(model, out, fmt, input_size, *, dtype, onnx_model, architecture, config, summary, check, generator):
     input_size = tuple(int(s) for s in input_size)
     out = os.fspath(out)
     folder = os.path.dirname(os.path.abspath(out))

@@ -37,14 +37,14 @@ from __future__ import annotations
 import copy
 import math
 import operator
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.masked import MaskedConv2d, MaskedLayer, MaskedLinear
+from ..nn.masked import MaskedLayer
 from ..nn.normalize import Normalize
 
 __all__ = ["CompactionError", "ExpandChannels", "compact_model", "check_channel_structure"]

@@ -36,14 +36,16 @@ class TrainConfig:
     """Everything one training run depends on (saved as ``config.json`` in the run directory)."""
 
     # data and model
-    dataset: str = _f("fashion-mnist", "dataset name (see dnr.data.build_dataset)", type=str)
+    dataset: str = _f("fashion-mnist", "dataset name: fashion-mnist, mnist, cifar10, cifar100, tiny-imagenet, "
+                      "synthetic (dnr.data.build_dataset)", type=str)
     data_root: str | None = _f(None, "dataset folder; 'embedded' = the Fashion-MNIST subset shipped in the package "
                                "(6000 train / 1000 test); none = the dataset's default folder", type=str,
                                optional=True)
     train_size: int | None = _f(None, "use only the first N training examples", type=int, optional=True)
     test_size: int | None = _f(None, "use only the first N test examples", type=int, optional=True)
     augment: bool = _f(False, "training-set augmentation (random crop + flip for colour datasets)", type=bool)
-    model: str = _f("small_cnn", "architecture (see dnr.models.build_model)", type=str)
+    model: str = _f("small_cnn", "architecture: small_cnn (28x28 inputs), vgg16, resnet18 (dnr.models.build_model)",
+                    type=str)
     # method and sparsity
     method: str = _f("dnr", "dense: clean dense training; dense-at: dense PGD adversarial training; static: "
                      "fixed random mask + AT; dnr: dynamic network rewiring + AT", type=str, choices=METHODS)
@@ -116,7 +118,9 @@ class TrainConfig:
 
     @property
     def resolved_eval_alpha(self) -> float:
-        return default_pgd_alpha(self.resolved_eval_eps, self.eval_steps) if self.eval_alpha is None else self.eval_alpha
+        if self.eval_alpha is not None:
+            return self.eval_alpha
+        return default_pgd_alpha(self.resolved_eval_eps, self.eval_steps)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -222,10 +226,10 @@ _PAPER = dict(method="dnr", density=0.05, epochs=200, eps=8 / 255, alpha=2 / 255
 
 PRESETS: dict[str, dict] = {
     # the default `dnr train`: minutes on two CPU cores, embedded Fashion-MNIST subset, DNR at 20x
-    "fashion-mnist-quick": dict(dataset="fashion-mnist", data_root="embedded", model="small_cnn", method="dnr", mode="irregular",
-                                density=0.05, epochs=5, batch_size=128, lr=0.05, nesterov=True,
+    "fashion-mnist-quick": dict(dataset="fashion-mnist", data_root="embedded", model="small_cnn", method="dnr",
+                                mode="irregular", density=0.05, epochs=4, batch_size=128, lr=0.05, nesterov=True,
                                 lr_schedule="cosine", eps=0.1, alpha=0.025, attack_steps=5, eval_steps=20,
-                                eval_every=1, eval_size=200, train_size=3000),
+                                eval_every=1, eval_size=200, train_size=None),
 }
 for _data in ("cifar10", "cifar100", "tiny-imagenet"):
     for _model in (("vgg16",) if _data == "tiny-imagenet" else ("vgg16", "resnet18")):
@@ -308,7 +312,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         if meta["nargs"]:
             kwargs["nargs"] = meta["nargs"]
         kwargs["type"] = _cli_type(meta["type"], meta["optional"])
-        kwargs["metavar"] = {int: "N", float: "X", str: "S"}[meta["type"]] if not meta["choices"] else None
+        if not meta["choices"]:
+            kwargs["metavar"] = {"dataset": "NAME", "model": "NAME", "data_root": "DIR", "device": "DEV"}.get(
+                f.name, {int: "N", float: "X", str: "S"}[meta["type"]])
         group.add_argument(flag, **kwargs)
 
 

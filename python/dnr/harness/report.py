@@ -35,8 +35,12 @@ def read_run(run_dir: str) -> dict:
     if os.path.isfile(os.path.join(run_dir, "summary.json")):
         with open(os.path.join(run_dir, "summary.json")) as f:
             summary = json.load(f)
+    initial = None
+    if os.path.isfile(os.path.join(run_dir, "initial_density.json")):
+        with open(os.path.join(run_dir, "initial_density.json")) as f:
+            initial = json.load(f)
     return {"config": config, "metrics": jsonl("metrics.jsonl"), "rewiring": jsonl("rewiring.jsonl"),
-            "summary": summary}
+            "summary": summary, "initial_density": initial}
 
 
 def format_summary(s: dict) -> str:
@@ -79,6 +83,7 @@ def _plots(run: dict, plots_dir: str) -> list[str]:
         pts = [(e, r[key]) for e, r in zip(epochs, rows) if r.get(key) is not None]
         if pts:
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, label=label)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("accuracy per epoch")
@@ -91,10 +96,14 @@ def _plots(run: dict, plots_dir: str) -> list[str]:
 
     names = list(rows[-1]["layers"]) if rows and rows[-1].get("layers") else []
     if names:
+        initial = run.get("initial_density") or {}
+        xs = ([0] if initial else []) + epochs
         fig, ax = plt.subplots(figsize=(7, 4))
         for name in names:
-            ax.plot(epochs, [r["layers"].get(name) for r in rows], "-o", markersize=3, label=name)
-        ax.set_xlabel("epoch")
+            ys = ([initial.get(name)] if initial else []) + [r["layers"].get(name) for r in rows]
+            ax.plot(xs, ys, "-o", markersize=3, label=name)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("epoch (0: initial mask)")
         ax.set_ylabel("density")
         ax.set_yscale("log")
         ax.set_title("per-layer density over training")
@@ -136,7 +145,8 @@ def _markdown(run: dict, plots: list[str], run_dir: str, note: str | None) -> st
 
         for r in rows:
             lines.append(f"| {r['epoch']} | {f(r['loss'])} | {f(r['train_clean_acc'])} | {f(r['train_adv_acc'])} | "
-                         f"{f(r['test_clean_acc'])} | {f(r['test_pgd_acc'])} | {f(r['density'])} | {f(r['lr'], '.4g')} | "
+                         f"{f(r['test_clean_acc'])} | {f(r['test_pgd_acc'])} | {f(r['density'])} | "
+                         f"{f(r['lr'], '.4g')} | "
                          f"{f(r['seconds'], '.1f')} | {f(r['images_per_s'], '.0f')} |")
         lines.append("")
     if s is not None and s.get("layers"):

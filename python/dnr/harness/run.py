@@ -3,6 +3,7 @@
 A run directory holds::
 
     config.json          the resolved TrainConfig
+    initial_density.json the per-layer density of the initial mask
     metrics.jsonl/.csv   one row per epoch: losses, train/test clean and PGD accuracy, density, prune
                          rate, lr, seconds, images/s (the JSONL rows also hold the per-layer densities)
     rewiring.jsonl       one record per DNR rewiring (per-layer density, mu, pruned and regrown counts)
@@ -355,6 +356,9 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume) -> dict:
 
     epoch, batch, step, rows, totals, elapsed = 0, 0, 0, [], None, 0.0
     if state is not None:
+        if state.get("steps_per_epoch") != steps_per_epoch:
+            raise CheckpointError(f"checkpoint {state['path']!r} was written with {state.get('steps_per_epoch')} "
+                                  f"steps per epoch but the data now gives {steps_per_epoch}: the training set changed")
         load_model_state(model, state)
         try:
             optimizer.load_state_dict(state["optimizer"])
@@ -372,6 +376,8 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume) -> dict:
     else:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         _write_text_atomic(os.path.join(run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2) + "\n")
+        initial = {name: layer.density for name, layer in masked_layers(model)}
+        _write_text_atomic(os.path.join(run_dir, "initial_density.json"), json.dumps(initial, indent=2) + "\n")
     writer = SummaryWriter(os.path.join(run_dir, "tensorboard")) if cfg.tensorboard else None
     ckpt_path = os.path.join(run_dir, CHECKPOINT)
     delay = float(os.environ.get("DNR_STEP_DELAY", "0") or 0)
@@ -395,6 +401,7 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume) -> dict:
         epoch_totals = totals if totals is not None else {"loss": 0.0, "clean_correct": 0, "adv_correct": 0, "n": 0}
         bar = log.bar(total=steps_per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{cfg.epochs}")
         start_batch = batch
+        lr_at_start = cfg.lr * lr_factor(cfg, epoch * steps_per_epoch, total_steps, steps_per_epoch)
         done = [batch]  # batches of this epoch finished so far
 
         def on_batch(i: int, out: dict) -> None:
@@ -426,7 +433,7 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume) -> dict:
         finally:
             if bar is not None:
                 bar.close()
-        row = _epoch_row(cfg, model, controller, optimizer, stats, epoch, step)
+        row = _epoch_row(cfg, model, controller, lr_at_start, stats, epoch, step)
         if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             t_eval = time.perf_counter()
             res = final_evaluation(model, eval_loader, eps=cfg.resolved_eval_eps, alpha=cfg.resolved_eval_alpha,
@@ -447,13 +454,14 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume) -> dict:
     return _finish(cfg, model, run_dir, test_loader, train_seconds, log, writer)
 
 
-def _epoch_row(cfg, model, controller, optimizer, stats, epoch, step) -> dict:
+def _epoch_row(cfg, model, controller, lr, stats, epoch, step) -> dict:
+    """One metrics row; ``lr`` is the learning rate of the epoch's first step."""
     layers = {name: layer.density for name, layer in masked_layers(model)}
     active = sum(int(layer.mask.sum()) for _, layer in masked_layers(model))
     prunable = sum(layer.weight.numel() for _, layer in masked_layers(model))
     rec = stats["rewiring"]
     return {
-        "epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"], "loss": stats["loss"],
+        "epoch": epoch + 1, "step": step, "lr": lr, "loss": stats["loss"],
         "train_clean_acc": stats["train_clean_acc"],
         "train_adv_acc": stats["train_adv_acc"] if cfg.adversarial else None,
         "test_clean_acc": None, "test_pgd_acc": None,
@@ -486,7 +494,8 @@ def _finish(cfg, model, run_dir, test_loader, train_seconds, log, writer) -> dic
     summary = {
         "method": cfg.method, "mode": cfg.mode, "model": cfg.model, "dataset": cfg.dataset,
         "density": report.density, "effective_density": report.effective_density,
-        "compression": report.compression if report.prunable else 1.0, "epochs": cfg.epochs, "eps": cfg.resolved_eval_eps,
+        "compression": report.compression if report.prunable else 1.0, "epochs": cfg.epochs,
+        "eps": cfg.resolved_eval_eps,
         "alpha": cfg.resolved_eval_alpha, "clean": res["clean"], "fgsm": res["fgsm"], "pgd": res["pgd"],
         "pgd_steps": cfg.eval_steps, "pgd_restarts": cfg.eval_restarts, "test_examples": res["n"],
         "flops_dense": report.flops_dense, "flops_effective": report.flops_effective,

@@ -124,14 +124,14 @@ def density_report(
     input_size: Sequence[int] | None = None,
     *,
     example_input: torch.Tensor | None = None,
-    probe_batch: int = 16,
+    probe_batch: int = 2,
 ) -> DensityReport:
     """Density, parameter counts and (with an input size) dense/masked/effective FLOPs of ``model``.
 
     Args:
         model: any module; masked layers are counted as pruned, other conv/linear layers as dense.
         input_size: shape of ONE example without the batch dim, e.g. (3, 32, 32); enables FLOPs.
-        example_input: a batch [B, *input_size] to probe with instead of Gaussian noise.
+        example_input: a batch [B, *input_size] of positive values to probe with (default: uniform in [0.5, 1.5)).
         probe_batch: batch size of the noise probe.
 
     Returns:
@@ -168,7 +168,7 @@ def density_report(
     if example_input is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         gen = torch.Generator(device="cpu").manual_seed(0)
-        example_input = torch.randn((probe_batch, *input_size), generator=gen).to(device)
+        example_input = torch.rand((probe_batch, *input_size), generator=gen).add_(0.5).to(device)
     report.input_size = tuple(example_input.shape[1:])
     _count_flops(model, rows, example_input)
     report.effective_active = sum(r.effective_active for r in layers if r.masked)
@@ -181,21 +181,35 @@ def density_report(
 def _count_flops(model: nn.Module, rows: dict, example: torch.Tensor) -> None:
     """Run ``example`` through a structural twin of ``model`` and fill the MAC counts of ``rows``.
 
-    The twin (a deep copy in float64, eval mode) keeps every exactly-zero parameter at zero and draws
-    every other parameter at random, so an activation is zero for the whole probe only when the
-    structure (masks, masked biases and norm scales) forces it, not because of what the weights learned.
+    The twin (a float64 deep copy in eval mode) keeps every exactly-zero parameter at zero (and every
+    masked weight at zero) and makes everything else positive: live weights are positive and each
+    output row sums to 1, norm layers have unit scale and centred statistics, input normalisation is
+    the identity, and the probe input is positive. Through conv, linear, norm, ReLU, pooling and
+    residual sums every live activation is then strictly positive, so an activation is zero for the
+    probe exactly when the structure (masks, masked biases and norm scales) forces it.
     """
+    from .normalize import Normalize  # local: normalize is a sibling module
+
     twin = copy.deepcopy(model).double().eval()
     gen = torch.Generator(device="cpu").manual_seed(0)
     masked_weights = {id(m.weight): m.mask for m in twin.modules() if isinstance(m, MaskedLayer)}
     with torch.no_grad():
-        for p in twin.parameters():
-            fan_in = p[0].numel() if p.dim() > 1 else 1
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device) / math.sqrt(fan_in)
-            # a masked weight is live by its mask (regrown weights are live at value 0); any other
-            # parameter is structurally zero when it is exactly zero (masked biases, norm scales)
+        for m in twin.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is not None:
+                m.running_mean.zero_()
+                m.running_var.fill_(1.0)
+            if isinstance(m, Normalize):
+                m.mean.zero_()
+                m.std.fill_(1.0)
+        for name, p in twin.named_parameters():
             keep = masked_weights.get(id(p), p != 0)
-            p.copy_(torch.where(keep, noise, torch.zeros_like(p)))
+            if p.dim() > 1:
+                w = torch.rand(p.shape, generator=gen, dtype=p.dtype).add_(0.5).to(p.device) * keep
+                rows_sum = w.reshape(w.shape[0], -1).sum(1).clamp_min(1e-300)
+                p.copy_(w / rows_sum.reshape(-1, *([1] * (w.dim() - 1))))
+            else:  # norm scales -> 1, biases and shifts -> a small positive constant, zeros stay zero
+                value = 1.0 if name.rpartition(".")[2] == "weight" else 1e-3
+                p.copy_(keep.to(p.dtype) * value)
     twin_rows = {t: rows[m] for m, t in zip(model.modules(), twin.modules()) if m in rows}
     handles = []
 

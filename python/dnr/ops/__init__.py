@@ -169,11 +169,22 @@ def masked_conv2d(
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     args = (x, weight, mask, bias, stride, padding, dilation, groups, dense_weight_grad)
-    if use_kernel("masked_conv2d", x.device):
+    if use_kernel("masked_conv2d", x.device) and _conv_kernel_pays(x, mask, groups):
         out = torch.ops.dnr.masked_conv2d(*args)
     else:
         out = reference.masked_conv2d(*args)
     return out.squeeze(0) if unbatched else out
+
+
+def _conv_kernel_pays(x: torch.Tensor, mask: torch.Tensor, groups: int) -> bool:
+    """Whether the compiled masked_conv2d beats the reference here (measured, see
+    benchmarks/bench_masked_conv.py). On CPU it does the reference's work plus a
+    Python-level backward, so it only pays when whole output channels are pruned
+    (it then convolves the live filters alone). On CUDA and under torch.compile
+    (one traceable op, no data-dependent branch) it is always used."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return True
+    return groups == 1 and not bool(mask.reshape(mask.shape[0], -1).any(dim=1).all())
 
 
 def masked_linear(
@@ -335,6 +346,10 @@ def channel_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     Returns:
         L float32 tensors [O_l] on that device: entry l holds
         ``tensors[l].reshape(O_l, -1).norm(dim=1)``, summed in float64 (deterministic).
+
+    ``dnr.nn.units.unit_scores`` does not use it: the controller scores one layer at a
+    time, and for one tensor this op saves nothing over ``reshape(O, -1).norm(dim=1)``;
+    it pays when all layers are scored in one call (one launch instead of L).
     """
     tensors = _sequence("tensors", tensors)
     if not tensors:
