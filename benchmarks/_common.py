@@ -66,7 +66,9 @@ def sync(device: torch.device) -> None:
 
 
 def time_fn(fn, device: torch.device, repeats: int, warmup: int = 3, inner: int = 1) -> float:
-    """Median milliseconds per call of fn() over `repeats` timed runs (each `inner` calls)."""
+    """Milliseconds per call of fn() over `repeats` timed runs (each `inner` calls): the
+    median on CUDA, the minimum on CPU (shared CPUs are noisy; the minimum is the run
+    least disturbed by other processes)."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -85,7 +87,7 @@ def time_fn(fn, device: torch.device, repeats: int, warmup: int = 3, inner: int 
             for _ in range(inner):
                 fn()
             times.append((time.perf_counter() - t0) * 1e3 / inner)
-    return statistics.median(times)
+    return statistics.median(times) if device.type == "cuda" else min(times)
 
 
 def copy_bandwidth(device: torch.device, numel: int = 1 << 26) -> float:

@@ -130,10 +130,12 @@ def test_info_prints_the_density_report(run, capsys):
     out, _ = run
     code, stdout, _ = _main(capsys, "info", os.path.join(out, "model.pt"))
     assert code == 0 and "compression 20.0x" in stdout and "features.0" in stdout and "FLOPs per example" in stdout
-    code, stdout, _ = _main(capsys, "info", out, "--json")
+    code, stdout, _ = _main(capsys, "info", out, "--json")  # a run directory: its final model
     info = json.loads(stdout)
-    assert info["kind"] == "train" and info["density"] == pytest.approx(0.05, abs=1e-3)
+    assert info["kind"] == "model" and info["density"] == pytest.approx(0.05, abs=1e-3)
     assert sum(l["active"] for l in info["layers"]) == info["active"]
+    code, stdout, _ = _main(capsys, "info", os.path.join(out, "checkpoints", "last.pt"))
+    assert code == 0 and "(train, epoch 2 batch 0 (step 8))" in stdout
 
 
 def test_report_writes_markdown_and_plots(run, capsys, tmp_path):

@@ -93,3 +93,17 @@ def test_quickstart_runs_on_the_fit_driver():
     assert "clean accuracy" in format_summary(s)
     with pytest.raises(ConfigError, match="--density"):
         run(build_parser().parse_args(["--density", "0"]))
+
+
+def test_progress_bars_on_a_terminal(monkeypatch, capsys):
+    pytest.importorskip("tqdm")
+    from dnr.harness.run import _Log, final_evaluation
+    from dnr.models import small_cnn
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    log = _Log(quiet=False, progress=True)
+    assert log.tqdm is not None and _Log(quiet=True, progress=True).tqdm is None
+    model = small_cnn().eval()
+    data = [(torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))) for _ in range(3)]
+    res = final_evaluation(model, data, eps=0.1, alpha=0.05, steps=1, restarts=1, seed=0, log=log, desc="evalbar")
+    assert res["n"] == 12
+    assert "evalbar" in capsys.readouterr().err

@@ -27,7 +27,7 @@ struct ChunkSum {
 };
 
 template <typename scalar_t>
-ChunkSum sum_chunk(const scalar_t* v, const bool* keep, int64_t n) {
+__attribute__((always_inline)) inline ChunkSum sum_chunk_impl(const scalar_t* v, const bool* keep, int64_t n) {
   double acc[kLanes] = {};
   int64_t cnt[kLanes] = {};
   int64_t i = 0;
@@ -49,6 +49,76 @@ ChunkSum sum_chunk(const scalar_t* v, const bool* keep, int64_t n) {
     out.count += cnt[j];
   }
   return out;
+}
+
+template <typename scalar_t>
+__attribute__((always_inline)) inline double sum_squares_impl(const scalar_t* v, int64_t n) {
+  double acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const double x = static_cast<double>(v[i + j]);
+      acc[j] += x * x;
+    }
+  }
+  for (int j = 0; i < n; ++i, ++j) {
+    const double x = static_cast<double>(v[i]);
+    acc[j] += x * x;
+  }
+  double out = 0.0;
+  for (int j = 0; j < kLanes; ++j) {
+    out += acc[j];
+  }
+  return out;
+}
+
+template <typename scalar_t>
+ChunkSum sum_chunk_generic(const scalar_t* v, const bool* keep, int64_t n) {
+  return sum_chunk_impl(v, keep, n);
+}
+
+template <typename scalar_t>
+double sum_squares_generic(const scalar_t* v, int64_t n) {
+  return sum_squares_impl(v, n);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same loops compiled for AVX2 and chosen at run time. The lanes keep their
+// order, so both copies give bit-identical sums.
+template <typename scalar_t>
+__attribute__((target("avx2,f16c"))) ChunkSum sum_chunk_avx2(const scalar_t* v, const bool* keep, int64_t n) {
+  return sum_chunk_impl(v, keep, n);
+}
+
+template <typename scalar_t>
+__attribute__((target("avx2,f16c"))) double sum_squares_avx2(const scalar_t* v, int64_t n) {
+  return sum_squares_impl(v, n);
+}
+
+bool cpu_has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return yes;
+}
+#endif
+
+template <typename scalar_t>
+ChunkSum sum_chunk(const scalar_t* v, const bool* keep, int64_t n) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_has_avx2()) {
+    return sum_chunk_avx2(v, keep, n);
+  }
+#endif
+  return sum_chunk_generic(v, keep, n);
+}
+
+template <typename scalar_t>
+double sum_squares(const scalar_t* v, int64_t n) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_has_avx2()) {
+    return sum_squares_avx2(v, n);
+  }
+#endif
+  return sum_squares_generic(v, n);
 }
 
 at::Tensor momentum_stats_cpu(at::TensorList momenta, at::TensorList masks) {
@@ -97,27 +167,6 @@ at::Tensor momentum_stats_cpu(at::TensorList momenta, at::TensorList masks) {
     }
     o[2 * l] = abs_sum;
     o[2 * l + 1] = static_cast<double>(count);
-  }
-  return out;
-}
-
-template <typename scalar_t>
-double sum_squares(const scalar_t* v, int64_t n) {
-  double acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const double x = static_cast<double>(v[i + j]);
-      acc[j] += x * x;
-    }
-  }
-  for (int j = 0; i < n; ++i, ++j) {
-    const double x = static_cast<double>(v[i]);
-    acc[j] += x * x;
-  }
-  double out = 0.0;
-  for (int j = 0; j < kLanes; ++j) {
-    out += acc[j];
   }
   return out;
 }

@@ -12,6 +12,53 @@ namespace {
 
 constexpr int64_t kGrainSize = 32768;  // elements per task, as ATen's elementwise ops
 
+// One sample's block [0, n) with one eps/alpha. Branch-free (the sign of a random
+// gradient defeats branch prediction) so that the loop vectorises.
+template <typename scalar_t, typename opmath_t>
+__attribute__((always_inline)) inline void pgd_block(
+    scalar_t* __restrict__ delta, scalar_t* __restrict__ x_adv,
+    const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad, opmath_t e,
+    opmath_t a, opmath_t lo, opmath_t hi, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const opmath_t g = static_cast<opmath_t>(grad[i]);
+    const opmath_t s = static_cast<opmath_t>(g > opmath_t(0)) - static_cast<opmath_t>(g < opmath_t(0));
+    const opmath_t xi = static_cast<opmath_t>(x[i]);
+    opmath_t d = static_cast<opmath_t>(delta[i]) + a * s;
+    d = d < -e ? -e : d;  // min(max(., -e), e) with NaN passed through
+    d = d > e ? e : d;
+    opmath_t v = xi + d;
+    v = v < lo ? lo : v;
+    v = v > hi ? hi : v;
+    const scalar_t xa = static_cast<scalar_t>(v);
+    x_adv[i] = xa;
+    // delta is what x_adv really moved, after rounding to scalar_t.
+    delta[i] = static_cast<scalar_t>(static_cast<opmath_t>(xa) - xi);
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+void pgd_block_generic(
+    scalar_t* delta, scalar_t* x_adv, const scalar_t* x, const scalar_t* grad, opmath_t e,
+    opmath_t a, opmath_t lo, opmath_t hi, int64_t n) {
+  pgd_block(delta, x_adv, x, grad, e, a, lo, hi, n);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same loop compiled for AVX2 (8 floats a step), chosen at run time.
+template <typename scalar_t, typename opmath_t>
+__attribute__((target("avx2,fma,f16c"))) void pgd_block_avx2(
+    scalar_t* delta, scalar_t* x_adv, const scalar_t* x, const scalar_t* grad, opmath_t e,
+    opmath_t a, opmath_t lo, opmath_t hi, int64_t n) {
+  pgd_block(delta, x_adv, x, grad, e, a, lo, hi, n);
+}
+
+bool cpu_has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c");
+  return yes;
+}
+#endif
+
 template <typename scalar_t>
 void pgd_step_kernel(
     scalar_t* delta, scalar_t* x_adv, const scalar_t* x, const scalar_t* grad,
@@ -28,16 +75,15 @@ void pgd_step_kernel(
       const int64_t block_end = std::min(end, (b + 1) * per_sample);
       const opmath_t e = eps[b * eps_stride];
       const opmath_t a = alpha[b * alpha_stride];
-      for (; i < block_end; ++i) {
-        const opmath_t g = static_cast<opmath_t>(grad[i]);
-        const opmath_t s = g > opmath_t(0) ? opmath_t(1) : (g < opmath_t(0) ? opmath_t(-1) : opmath_t(0));
-        const opmath_t xi = static_cast<opmath_t>(x[i]);
-        const opmath_t d = std::min(std::max(static_cast<opmath_t>(delta[i]) + a * s, -e), e);
-        const scalar_t xa = static_cast<scalar_t>(std::min(std::max(xi + d, lo), hi));
-        x_adv[i] = xa;
-        // delta is what x_adv really moved, after rounding to scalar_t.
-        delta[i] = static_cast<scalar_t>(static_cast<opmath_t>(xa) - xi);
+#if defined(__x86_64__) && defined(__GNUC__)
+      if (cpu_has_avx2()) {
+        pgd_block_avx2(delta + i, x_adv + i, x + i, grad + i, e, a, lo, hi, block_end - i);
+        i = block_end;
+        continue;
       }
+#endif
+      pgd_block_generic(delta + i, x_adv + i, x + i, grad + i, e, a, lo, hi, block_end - i);
+      i = block_end;
     }
   });
 }

@@ -52,7 +52,8 @@ def _add_train(sub) -> None:
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR exactly where it stopped (its saved config is used)")
     g.add_argument("--quiet", action="store_true", help="print only the final summary table (and errors)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars (tqdm) on stderr")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (shown on a terminal's stderr when tqdm is installed)")
     g.add_argument("--dry-run", action="store_true",
                    help="resolve and validate the config, check the data, print the config and exit")
     g.add_argument("--json", default=None, metavar="FILE", help="also write the final summary to this JSON file")
@@ -299,6 +300,9 @@ def main(argv=None) -> int:
             msg = f"{msg}: {err.filename}"
         print(f"dnr: error: {msg}", file=sys.stderr)
         return 2 if isinstance(err, hconfig.ConfigError) else 1
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -58,13 +58,14 @@ def load_checkpoint(path: str, *, kind: str | None = None) -> dict:
     """Load a checkpoint with ``torch.load(weights_only=True)`` onto the CPU.
 
     Args:
-        path: the file, or a run directory (then ``checkpoints/last.pt``, else ``model.pt`` inside it).
+        path: the file, or a run directory: its ``model.pt`` (final model) when there is one and ``kind``
+            is not ``"train"``, else its ``checkpoints/last.pt``.
         kind: require this kind (``"train"`` or ``"model"``); None accepts both.
 
     Raises:
         CheckpointError: missing, truncated/corrupt, not a dnr checkpoint, or of the wrong kind.
     """
-    path = resolve_checkpoint_path(path)
+    path = resolve_checkpoint_path(path, prefer_final=kind != "train")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for damaged zip archives / pickles
@@ -85,11 +86,13 @@ def load_checkpoint(path: str, *, kind: str | None = None) -> dict:
     return state
 
 
-def resolve_checkpoint_path(path: str) -> str:
-    """A file path as given, or for a run directory its last training checkpoint (else its final model)."""
+def resolve_checkpoint_path(path: str, prefer_final: bool = True) -> str:
+    """A file path as given; for a run directory its final ``model.pt`` or its ``checkpoints/last.pt``,
+    in the order ``prefer_final`` says, whichever exists first."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        for candidate in (os.path.join(path, "checkpoints", "last.pt"), os.path.join(path, "model.pt")):
+        candidates = [os.path.join(path, "model.pt"), os.path.join(path, "checkpoints", "last.pt")]
+        for candidate in candidates if prefer_final else candidates[::-1]:
             if os.path.isfile(candidate):
                 return candidate
         raise CheckpointError(f"run directory {path!r} holds no checkpoint (checkpoints/last.pt or model.pt)")

@@ -184,12 +184,13 @@ def lr_factor(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: in
 
 # ---------------------------------------------------------------------------------------- output helpers
 class _Log:
-    """Progress lines on stdout (off in quiet mode) and optional tqdm bars on stderr."""
+    """Progress lines on stdout (off in quiet mode) and tqdm bars on stderr (when tqdm is installed and
+    stderr is a terminal: redirected logs get the per-epoch lines only)."""
 
     def __init__(self, quiet: bool, progress: bool):
         self.quiet = quiet
         self.tqdm = None
-        if progress and not quiet:
+        if progress and not quiet and sys.stderr.isatty():
             try:
                 from tqdm.auto import tqdm
                 self.tqdm = tqdm

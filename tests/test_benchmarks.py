@@ -1,0 +1,36 @@
+"""The per-op benchmark scripts run, pass their own correctness checks and write their JSON."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+SCRIPTS = [
+    pytest.param("pgd_step", "pgd_step", id="pgd_step"),
+    pytest.param("masked_conv", "masked_conv", id="masked_conv", marks=pytest.mark.slow),
+    pytest.param("momentum_stats", "momentum_stats", id="momentum_stats", marks=pytest.mark.slow),
+    pytest.param("masked_sgd", "masked_sgd", id="masked_sgd", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("script, op", SCRIPTS)
+def test_benchmark_writes_json(script, op, tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(BENCH / f"bench_{script}.py"), "--device", "cpu", "--repeats", "1", "--threads", "1",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads((tmp_path / f"{op}-cpu.json").read_text())
+    assert payload["op"] == op
+    env = payload["environment"]
+    assert env["device_type"] == "cpu" and env["torch"] and "dnr_backend" in env
+    assert payload["results"], "no timing rows"
+    for row in payload["results"]:
+        times = {k: v for k, v in row.items() if k.endswith("_ms") and v is not None}
+        assert times and all(v > 0 for v in times.values())
+        assert any(k.startswith(("speedup", "dnr_over")) for k in row)
+    assert f"wrote {tmp_path}" in done.stdout
