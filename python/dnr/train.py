@@ -13,7 +13,7 @@ from . import attacks
 from .losses import hybrid_loss
 from .rewiring import DNR
 
-__all__ = ["adversarial_step", "train_epoch"]
+__all__ = ["adversarial_step", "train_epoch", "fit"]
 
 
 def adversarial_step(
@@ -132,3 +132,13 @@ def train_epoch(
         "images_per_s": (totals["n"] - seen) / seconds if seconds > 0 else float("nan"),
         "rewiring": record,
     }
+
+
+def fit(cfg, out_dir, **kwargs) -> dict:
+    """The training harness's driver (``dnr.harness.fit``): train and evaluate a run into ``out_dir``.
+
+    Accepts the user's own ``model=``, ``train_data=`` and ``test_data=``; see ``dnr.harness.run.fit``.
+    """
+    from .harness.run import fit as harness_fit  # the harness imports this module: import lazily
+
+    return harness_fit(cfg, out_dir, **kwargs)

@@ -122,6 +122,16 @@ def build_model_for(cfg: TrainConfig, *, generator_seed: int | None = None) -> t
     return model
 
 
+def _prepare_user_model(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """A user's model for ``cfg``: sparsified as configured unless it already has masks."""
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"fit: model must be an nn.Module, got {type(model).__name__}")
+    if cfg.sparse and not masked_layers(model):
+        sparsify(model, density=cfg.density, mode=cfg.mode, init=cfg.init, prune_first=cfg.prune_first,
+                 prune_last=cfg.prune_last, generator=torch.Generator().manual_seed(cfg.seed))
+    return model
+
+
 def load_trained_model(path: str, device: str = "cpu") -> tuple[torch.nn.Module, TrainConfig, dict]:
     """Rebuild the model of a checkpoint (training or final) and load its weights and masks."""
     state = load_checkpoint(path)
@@ -134,8 +144,8 @@ def load_trained_model(path: str, device: str = "cpu") -> tuple[torch.nn.Module,
     return model.to(device).eval(), cfg, state
 
 
-def make_test_loader(cfg: TrainConfig, limit: int | None = None) -> DataLoader:
-    ds = _build_dataset(cfg, "test", None)
+def make_test_loader(cfg: TrainConfig, limit: int | None = None, dataset=None) -> DataLoader:
+    ds = dataset if dataset is not None else _build_dataset(cfg, "test", None)
     if limit is not None and limit < len(ds):
         ds = Subset(ds, range(limit))
     return DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False)
@@ -269,8 +279,14 @@ def _setup_runtime(cfg: TrainConfig) -> torch.device:
 
 
 def fit(cfg: TrainConfig | None, out_dir: str | None, *, resume: str | None = None, quiet: bool = False,
-        progress: bool = True, overrides_on_resume: dict | None = None) -> dict:
+        progress: bool = True, overrides_on_resume: dict | None = None, model: torch.nn.Module | None = None,
+        train_data=None, test_data=None) -> dict:
     """Train (or resume) a run and evaluate it; returns the summary dict (see ``summary.json``).
+
+    Any user model and data work too: pass ``model`` (a plain model is sparsified as ``cfg`` says for
+    the static and dnr methods; an already sparsified one keeps its masks) and/or ``train_data`` /
+    ``test_data`` (datasets of (float [C, H, W] in [0, 1], int64 label)); they replace ``cfg.model``
+    and ``cfg.dataset``. Resume such a run by passing the same kind of model and data again.
 
     Args:
         cfg: the validated config (ignored when ``resume`` is given: the run's saved config is used).
@@ -279,6 +295,7 @@ def fit(cfg: TrainConfig | None, out_dir: str | None, *, resume: str | None = No
         quiet: print nothing but errors (the caller prints the summary).
         progress: tqdm bars on stderr (when tqdm is installed).
         overrides_on_resume: options of RESUME_MUTABLE to change for the resumed run.
+        model, train_data, test_data: user model / datasets instead of the config's named ones.
 
     Raises:
         ConfigError, RunError, CheckpointError: before any file is written or changed.
@@ -288,14 +305,16 @@ def fit(cfg: TrainConfig | None, out_dir: str | None, *, resume: str | None = No
              torch.backends.cudnn.benchmark)
     try:
         return _fit(cfg, out_dir, resume=resume, quiet=quiet, progress=progress,
-                    overrides_on_resume=overrides_on_resume)
+                    overrides_on_resume=overrides_on_resume, user_model=model, train_data=train_data,
+                    test_data=test_data)
     finally:  # threads and determinism are process-wide: leave them as the caller had them
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1])
         torch.backends.cudnn.benchmark = saved[2]
 
 
-def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume) -> dict:
+def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_model=None, train_data=None,
+         test_data=None) -> dict:
     log = _Log(quiet, progress)
     state = None
     if resume is not None:
@@ -326,16 +345,17 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume) -> dict:
 
     # Everything that can fail on bad input happens before the run directory is touched.
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    train_set = _build_dataset(cfg, "train", data_gen)
-    test_loader = make_test_loader(cfg)
-    eval_loader = make_test_loader(cfg, cfg.eval_size)
+    train_set = train_data if train_data is not None else _build_dataset(cfg, "train", data_gen)
+    test_loader = make_test_loader(cfg, dataset=test_data)
+    eval_loader = make_test_loader(cfg, cfg.eval_size, dataset=test_data)
+    input_shape = tuple(train_set[0][0].shape)
     if len(train_set) < cfg.batch_size:
         raise ConfigError(f"option --batch-size: got {cfg.batch_size}, larger than the {len(train_set)} training "
                           "examples (the last partial batch is dropped)")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    model = build_model_for(cfg).to(device)
+    model = (_prepare_user_model(user_model, cfg) if user_model is not None else build_model_for(cfg)).to(device)
     sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed)
     # the loader's own generator: creating its iterator every epoch must not draw from the global RNG
     loader_gen = torch.Generator().manual_seed(cfg.seed + 4)
@@ -452,7 +472,8 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume) -> dict:
             writer.flush()
         log(_epoch_line(cfg, row))
     train_seconds = elapsed + time.perf_counter() - t0
-    return _finish(cfg, model, run_dir, test_loader, train_seconds, log, writer)
+    return _finish(cfg, model, run_dir, test_loader, train_seconds, log, writer, input_shape,
+                   user_model is not None)
 
 
 def _epoch_row(cfg, model, controller, lr, stats, epoch, step) -> dict:
@@ -485,15 +506,15 @@ def _epoch_line(cfg, r) -> str:
             f"density {r['density']:.4f}  lr {r['lr']:.4g}  {r['seconds']:.1f} s  {r['images_per_s']:.0f} img/s")
 
 
-def _finish(cfg, model, run_dir, test_loader, train_seconds, log, writer) -> dict:
+def _finish(cfg, model, run_dir, test_loader, train_seconds, log, writer, input_shape, user_model) -> dict:
     """Final evaluation on the test set, model.pt, summary.json and the report."""
     log(f"final evaluation on {len(test_loader.dataset)} test examples (clean, FGSM, PGD-{cfg.eval_steps})")
     res = final_evaluation(model, test_loader, eps=cfg.resolved_eval_eps, alpha=cfg.resolved_eval_alpha,
                            steps=cfg.eval_steps, restarts=cfg.eval_restarts, seed=cfg.seed, log=log)
-    _, in_channels, input_size, _, _, _ = dataset_meta(cfg.dataset)
-    report = density_report(model, input_size=(in_channels, input_size, input_size))
+    report = density_report(model, input_size=input_shape)
     summary = {
-        "method": cfg.method, "mode": cfg.mode, "model": cfg.model, "dataset": cfg.dataset,
+        "method": cfg.method, "mode": cfg.mode, "model": type(model).__name__ if user_model else cfg.model,
+        "dataset": cfg.dataset,
         "density": report.density, "effective_density": report.effective_density,
         "compression": report.compression if report.prunable else 1.0, "epochs": cfg.epochs,
         "eps": cfg.resolved_eval_eps,

@@ -1,0 +1,30 @@
+"""`dnr eval --autoattack` through the independent torchattacks implementation (when installed)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torchattacks")
+pytestmark = pytest.mark.slow
+
+TINY = ["--train-size", "256", "--test-size", "64", "--batch-size", "64", "--epochs", "2", "--attack-steps", "2",
+        "--eval-steps", "2", "--eval-size", "32", "--threads", "2", "--no-progress", "--seed", "1"]
+
+
+def _dnr(*args):
+    proc = subprocess.run([sys.executable, "-m", "dnr", *args], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_autoattack_is_reported_and_not_above_clean(tmp_path):
+    out = str(tmp_path / "run")
+    _dnr("train", *TINY, "--out", out)
+    res = json.loads(_dnr("eval", out, "--test-size", "8", "--steps", "10", "--autoattack", "--quiet"))
+    assert res["n"] == 8
+    assert res["autoattack"] is not None
+    # robust accuracy under AutoAttack is a fraction of the 8 examples and cannot exceed clean accuracy
+    assert res["autoattack"] * 8 == pytest.approx(round(res["autoattack"] * 8))
+    assert 0.0 <= res["autoattack"] <= res["clean"]
