@@ -77,6 +77,18 @@ class MaskedLayer:
         """Zero the pruned weights in place (and the bias of fully pruned output channels)."""
         self.weight.mul_(self.mask)
 
+    def _copy_from(self, dense: nn.Module):
+        """Copy weight, bias, requires_grad flags and train/eval mode from the dense layer; returns self."""
+        with torch.no_grad():
+            self.weight.copy_(dense.weight)
+            if dense.bias is not None:
+                self.bias.copy_(dense.bias)
+        self.weight.requires_grad_(dense.weight.requires_grad)
+        if dense.bias is not None:
+            self.bias.requires_grad_(dense.bias.requires_grad)
+        self.train(dense.training)
+        return self
+
     def _check_mask(self) -> None:
         # A mask assigned or loaded with the wrong shape would silently broadcast; refuse it.
         if self.mask.shape != self.weight.shape:
@@ -127,15 +139,7 @@ class MaskedConv2d(MaskedLayer, nn.Conv2d):
             bias=conv.bias is not None, padding_mode=conv.padding_mode,
             device=conv.weight.device, dtype=conv.weight.dtype,
         )
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        layer.weight.requires_grad_(conv.weight.requires_grad)
-        if conv.bias is not None:
-            layer.bias.requires_grad_(conv.bias.requires_grad)
-        layer.train(conv.training)
-        return layer
+        return layer._copy_from(conv)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_mask()
@@ -173,15 +177,7 @@ class MaskedLinear(MaskedLayer, nn.Linear):
         """Build a masked copy of ``linear`` sharing its device and dtype, with an all-ones mask."""
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     device=linear.weight.device, dtype=linear.weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        layer.weight.requires_grad_(linear.weight.requires_grad)
-        if linear.bias is not None:
-            layer.bias.requires_grad_(linear.bias.requires_grad)
-        layer.train(linear.training)
-        return layer
+        return layer._copy_from(linear)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_mask()
