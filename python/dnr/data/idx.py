@@ -18,11 +18,12 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import tempfile
 import zlib
 from typing import Union
 
 import numpy as np
+
+from .._files import atomic_open
 
 __all__ = ["read_idx", "write_idx", "IDX_DTYPES"]
 
@@ -173,16 +174,5 @@ def write_idx(path: PathLike, array, compress: bool | None = None) -> None:
     if compress:
         blob = gzip.compress(blob, compresslevel=9, mtime=0)
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-idx-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(path, "wb") as f:
+        f.write(blob)

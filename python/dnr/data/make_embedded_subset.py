@@ -15,25 +15,17 @@ destination are static files and are not touched.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
 
 import numpy as np
 
+from .._files import sha256_file
 from .fashion_mnist import SPLIT_FILES, _find, default_fashion_mnist_root, embedded_root
 from .idx import read_idx, write_idx
 
 NUM_CLASSES = 10
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def select_indices(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
@@ -70,7 +62,7 @@ def make_subset(source: str, dest: str, seed: int = 0, train_per_class: int = 60
         write_idx(os.path.join(dest, img_name + ".gz"), images[idx])
         write_idx(os.path.join(dest, lab_name + ".gz"), labels[idx])
         for p in (img_src, lab_src):
-            record["source_sha256"][os.path.basename(p)] = _sha256(p)
+            record["source_sha256"][os.path.basename(p)] = sha256_file(p)
         record["indices"][split] = idx.tolist()
     with open(os.path.join(dest, "indices.json"), "w") as f:
         # Metadata one key per line; each index list on a single line (7000 ints).

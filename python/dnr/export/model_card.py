@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 from typing import Sequence
 
 from torch import nn
 
+from .._files import sha256_file
 from ..nn.report import density_report
 
 __all__ = ["model_card", "write_model_card", "card_path", "ACCURACY_KEYS"]
@@ -22,14 +22,6 @@ ACCURACY_KEYS = ("clean", "fgsm", "pgd", "autoattack", "eps", "alpha", "pgd_step
 def card_path(export_path: str | os.PathLike) -> str:
     """Where the card of ``export_path`` goes: ``<export_path>.card.json``."""
     return os.fspath(export_path) + ".card.json"
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_card(model: nn.Module, input_size: Sequence[int], *, export_format: str, export_path: str | None = None,
@@ -76,7 +68,7 @@ def model_card(model: nn.Module, input_size: Sequence[int], *, export_format: st
             card["compaction"] = plan
     if export_path is not None:
         card["export"].update(file=os.path.basename(os.fspath(export_path)),
-                              file_bytes=os.path.getsize(export_path), sha256=_sha256(os.fspath(export_path)))
+                              file_bytes=os.path.getsize(export_path), sha256=sha256_file(export_path))
     if config is not None:
         card["config"] = config
     if extra:

@@ -33,6 +33,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from .._files import atomic_path
 from ..nn.masked import MaskedLayer
 from ._optional import require
 
@@ -212,13 +213,8 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, dtype=None, metada
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.update({"format": FORMAT, "version": str(VERSION), "architecture": type(model).__name__,
                  "layout": json.dumps(layout, separators=(",", ":")), "sha256": _digest(tensors)})
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    st.save_file(tensors, tmp, metadata=meta)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        st.save_file(tensors, tmp, metadata=meta)
     return sparse_layout(model, dtype)
 
 

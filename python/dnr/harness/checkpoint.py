@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 
 import numpy as np
 import torch
+
+from .._files import atomic_open
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_model_state", "rng_state",
            "set_rng_state", "FORMAT", "VERSION"]
@@ -31,27 +32,8 @@ def save_checkpoint(path: str, state: dict) -> None:
 
     A crash at any point leaves either the old file or the new one, never a partial file at ``path``.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    with atomic_open(path, "wb") as f:
+        torch.save({"format": FORMAT, "version": VERSION, **state}, f)
 
 
 def load_checkpoint(path: str, *, kind: str | None = None) -> dict:

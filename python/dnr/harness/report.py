@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 
+from .._files import atomic_open
+
 __all__ = ["write_report", "format_summary", "read_run"]
 
 
@@ -183,7 +185,6 @@ def write_report(run_dir: str) -> dict:
         plots = []
         note = "plots skipped: matplotlib is not installed (pip install matplotlib, or pip install 'dnr[plots]')"
     report = os.path.join(run_dir, "report.md")
-    with open(report + ".tmp", "w") as f:
+    with atomic_open(report, "w") as f:
         f.write(_markdown(run, plots, run_dir, note))
-    os.replace(report + ".tmp", report)
     return {"report": report, "plots": plots, "plots_dir": plots_dir, "note": note}

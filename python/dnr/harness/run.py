@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from .. import attacks
+from .._files import atomic_open
 from ..nn import apply_masks, density_report, masked_layers, sparsify
 from ..rewiring import DNR
 from ..train import train_epoch
@@ -218,10 +219,8 @@ class _Log:
 
 
 def _write_text_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(path, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 CSV_COLUMNS = ("epoch", "step", "lr", "loss", "train_clean_acc", "train_adv_acc", "test_clean_acc",
@@ -232,12 +231,10 @@ CSV_COLUMNS = ("epoch", "step", "lr", "loss", "train_clean_acc", "train_adv_acc"
 def _write_metrics(run_dir: str, rows: list[dict], history: list[dict]) -> None:
     """Rewrite metrics.jsonl, metrics.csv and rewiring.jsonl from the run's records (idempotent)."""
     _write_text_atomic(os.path.join(run_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-    tmp = os.path.join(run_dir, "metrics.csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(os.path.join(run_dir, "metrics.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, os.path.join(run_dir, "metrics.csv"))
     _write_text_atomic(os.path.join(run_dir, "rewiring.jsonl"), "".join(json.dumps(r) + "\n" for r in history))
 
 
