@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -28,13 +28,15 @@ def adversarial_step(
     beta: float = 0.5,
     attack_bn_mode: str = "eval",
     generator: torch.Generator | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> dict:
     """One hybrid adversarial training step.
 
     Generates ``x_adv`` with L-inf PGD (input gradients only, BatchNorm in eval mode by default), then
     minimises ``beta * CE(f(x), y) + (1 - beta) * CE(f(x_adv), y)`` with one optimizer step. A DNR
     controller attached to ``optimizer`` re-applies the masks right after the step. ``beta = 1`` with
-    ``steps`` ignored gives clean training (no attack is run).
+    ``steps`` ignored gives clean training (no attack is run). ``penalty()``, when given, is a scalar
+    regulariser (e.g. ADMM's or RSR's) added to the loss; the returned loss includes it.
 
     Args:
         x: [B, C, H, W] inputs in [0, 1]; y: [B] int64 labels.
@@ -52,6 +54,10 @@ def adversarial_step(
     clean_logits = model(x)
     adv_logits = model(x_adv) if beta < 1.0 else clean_logits.detach()
     loss = hybrid_loss(clean_logits, adv_logits, y, beta=beta)
+    if penalty is not None:
+        extra = penalty()
+        if extra is not None:
+            loss = loss + extra
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"loss is {loss.item()}: stopping before the optimizer step")
     optimizer.zero_grad(set_to_none=True)
@@ -81,6 +87,7 @@ def train_epoch(
     progress=None,
     attack_bn_mode: str = "eval",
     totals: dict | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> dict:
     """Train ``model`` for one epoch of hybrid adversarial training; rewire at the end (unless last).
 
@@ -94,6 +101,7 @@ def train_epoch(
         attack_bn_mode: BatchNorm mode while generating the training attack ("eval" or "train").
         totals: running sums {"loss", "clean_correct", "adv_correct", "n"} to continue (a resumed epoch);
             updated in place. None starts from zero.
+        penalty: optional callable returning a scalar added to every step's loss (see adversarial_step).
 
     Returns:
         dict: mean loss, clean and adversarial training accuracy, images/s, seconds, and the rewiring
@@ -109,7 +117,7 @@ def train_epoch(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         try:
             out = adversarial_step(model, x, y, optimizer, eps=eps, alpha=alpha, steps=steps, beta=beta,
-                                   attack_bn_mode=attack_bn_mode)
+                                   attack_bn_mode=attack_bn_mode, penalty=penalty)
         except FloatingPointError as err:
             step = controller.steps if controller is not None else i
             raise FloatingPointError(f"{err} (batch {i} of this epoch, optimizer step {step})") from None

@@ -14,10 +14,12 @@ import math
 import os
 from typing import Any
 
-__all__ = ["ConfigError", "TrainConfig", "PRESETS", "DEFAULT_PRESET", "METHODS", "resolve_config",
+__all__ = ["ConfigError", "TrainConfig", "PRESETS", "DEFAULT_PRESET", "METHODS", "PHASED_METHODS", "resolve_config",
            "load_config_file", "add_config_arguments", "config_overrides_from_args"]
 
-METHODS = ("dense", "dense-at", "static", "dnr")
+METHODS = ("dense", "dense-at", "static", "dnr", "oneshot", "admm", "rsr")
+# prune once after a dense or regularised first phase, then fine-tune with the mask fixed
+PHASED_METHODS = ("oneshot", "admm", "rsr")
 LR_SCHEDULES = ("cosine", "step", "constant")
 DEFAULT_PRESET = "fashion-mnist-quick"
 
@@ -48,7 +50,10 @@ class TrainConfig:
                     type=str)
     # method and sparsity
     method: str = _f("dnr", "dense: clean dense training; dense-at: dense PGD adversarial training; static: "
-                     "fixed random mask + AT; dnr: dynamic network rewiring + AT", type=str, choices=METHODS)
+                     "fixed random mask + AT; dnr: dynamic network rewiring + AT; oneshot: dense AT, one-shot "
+                     "magnitude prune, AT fine-tuning; admm: ADMM robust pruning (Ye et al. 2019); rsr: robust "
+                     "sparse regularization (noise injection + L1 + AT, then prune and fine-tune)", type=str,
+                     choices=METHODS)
     mode: str = _f("irregular", "sparsity unit: single weights or output channels", type=str,
                    choices=("irregular", "channel"))
     density: float = _f(0.05, "fraction of prunable weights kept, in (0, 1] (0.05 = 20x)", type=float)
@@ -63,6 +68,20 @@ class TrainConfig:
                              choices=("cosine", "linear", "constant"))
     rewire_every: int | None = _f(None, "rewire every K optimizer steps instead of at epoch ends", type=int,
                                   optional=True)
+    # baselines (oneshot, admm, rsr): a first phase, one exact-budget prune, masked fine-tuning
+    phase_split: float = _f(0.5, "oneshot/admm/rsr: fraction of the epochs before the prune (dense AT, ADMM or "
+                            "RSR training); the rest is masked AT fine-tuning with the lr schedule restarted",
+                            type=float)
+    prune_scope: str | None = _f(None, "oneshot/admm/rsr: magnitude ranking per layer ('layer', with the --init "
+                                 "split) or over all layers ('global'); default layer for oneshot and admm, global "
+                                 "for rsr", type=str, optional=True, choices=("layer", "global"))
+    admm_rho: float = _f(1e-2, "admm: penalty weight rho at the start; it grows geometrically to --admm-rho-max "
+                         "over the ADMM phase", type=float)
+    admm_rho_max: float = _f(1.0, "admm: rho at the last Z/U update of the ADMM phase", type=float)
+    admm_every: int | None = _f(None, "admm: optimizer steps between Z/U updates (default: 4 per epoch)", type=int,
+                                optional=True)
+    rsr_l1: float = _f(5e-5, "rsr: weight of the L1 penalty on the prunable weights", type=float)
+    rsr_noise_init: float = _f(0.25, "rsr: initial trainable noise scale of every channel", type=float)
     # optimisation
     epochs: int = _f(6, "training epochs", type=int)
     batch_size: int = _f(128, "training batch size", type=int)
@@ -106,7 +125,21 @@ class TrainConfig:
     # ------------------------------------------------------------------ derived values
     @property
     def sparse(self) -> bool:
-        return self.method in ("static", "dnr")
+        """The run ends with a sparse model (density < 1 is the target)."""
+        return self.method in ("static", "dnr") + PHASED_METHODS
+
+    @property
+    def phased(self) -> bool:
+        return self.method in PHASED_METHODS
+
+    @property
+    def pre_epochs(self) -> int:
+        """Phased methods: epochs before the prune (at least 1, leaving at least 1 for fine-tuning)."""
+        return min(self.epochs - 1, max(1, math.floor(self.phase_split * self.epochs + 0.5)))
+
+    @property
+    def resolved_prune_scope(self) -> str:
+        return self.prune_scope or ("global" if self.method == "rsr" else "layer")
 
     @property
     def adversarial(self) -> bool:
@@ -170,8 +203,19 @@ class TrainConfig:
         if self.data_root == "embedded" and self.dataset != "fashion-mnist":
             raise ConfigError(f"option --data-root: 'embedded' is the Fashion-MNIST subset, but --dataset is "
                               f"{self.dataset!r}; give that dataset's folder")
-        if self.method == "dnr" and self.density == 1.0:
-            raise ConfigError("option --density: got 1.0, but --method dnr needs a sparse model (density < 1)")
+        if self.method in ("dnr",) + PHASED_METHODS and self.density == 1.0:
+            raise ConfigError(f"option --density: got 1.0, but --method {self.method} needs a sparse model "
+                              "(density < 1)")
+        need("phase_split", 0.0 < self.phase_split < 1.0, "a number in (0, 1)")
+        if self.phased:
+            need("epochs", self.epochs >= 2, f"at least 2 for --method {self.method} (a training phase and a "
+                 "fine-tuning phase)")
+        need("admm_rho", self.admm_rho > 0, "a number > 0")
+        need("admm_rho_max", self.admm_rho_max >= self.admm_rho, f"a number >= --admm-rho ({self.admm_rho})")
+        if self.admm_every is not None:
+            need("admm_every", self.admm_every >= 1, "an integer >= 1 (or none)")
+        need("rsr_l1", self.rsr_l1 >= 0, "a number >= 0")
+        need("rsr_noise_init", self.rsr_noise_init >= 0, "a number >= 0")
         if self.method == "dense-at" and self.eps == 0:
             raise ConfigError("option --eps: got 0, but --method dense-at trains adversarially (eps > 0)")
         return self

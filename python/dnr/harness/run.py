@@ -7,6 +7,7 @@ A run directory holds::
     metrics.jsonl/.csv   one row per epoch: losses, train/test clean and PGD accuracy, density, prune
                          rate, lr, seconds, images/s (the JSONL rows also hold the per-layer densities)
     rewiring.jsonl       one record per DNR rewiring (per-layer density, mu, pruned and regrown counts)
+    pruning.jsonl        baselines (oneshot, admm, rsr): ADMM updates and the prune (dnr.harness.methods)
     checkpoints/last.pt  the full training state (atomic; every epoch end and every --checkpoint-every steps)
     model.pt             the final model (state dict with masks + config + summary)
     summary.json         the final evaluation, density and FLOPs
@@ -45,6 +46,7 @@ from ..train import train_epoch
 from .checkpoint import (CheckpointError, load_checkpoint, load_model_state, rng_state, save_checkpoint,
                          set_rng_state)
 from .config import ConfigError, TrainConfig
+from .methods import PhasedMethod
 
 __all__ = ["fit", "TrainingDiverged", "RunError", "build_model_for", "load_trained_model", "dataset_meta",
            "make_test_loader", "final_evaluation", "lr_factor"]
@@ -118,9 +120,14 @@ def build_model_for(cfg: TrainConfig, *, generator_seed: int | None = None) -> t
         raise ConfigError(f"option --model: {err}") from None
     if cfg.sparse:
         seed = cfg.seed if generator_seed is None else generator_seed
-        sparsify(model, density=cfg.density, mode=cfg.mode, init=cfg.init, prune_first=cfg.prune_first,
+        sparsify(model, density=_initial_density(cfg), mode=cfg.mode, init=cfg.init, prune_first=cfg.prune_first,
                  prune_last=cfg.prune_last, generator=torch.Generator().manual_seed(seed))
     return model
+
+
+def _initial_density(cfg: TrainConfig) -> float:
+    """The density of the initial mask: the target, or 1 for the baselines that prune after a dense phase."""
+    return 1.0 if cfg.phased else cfg.density
 
 
 def _prepare_user_model(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
@@ -128,7 +135,7 @@ def _prepare_user_model(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Mo
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"fit: model must be an nn.Module, got {type(model).__name__}")
     if cfg.sparse and not masked_layers(model):
-        sparsify(model, density=cfg.density, mode=cfg.mode, init=cfg.init, prune_first=cfg.prune_first,
+        sparsify(model, density=_initial_density(cfg), mode=cfg.mode, init=cfg.init, prune_first=cfg.prune_first,
                  prune_last=cfg.prune_last, generator=torch.Generator().manual_seed(cfg.seed))
     return model
 
@@ -181,8 +188,16 @@ class EpochBatchSampler(Sampler):
 
 # ---------------------------------------------------------------------------------------- schedules
 def lr_factor(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warm-up, then the schedule.
+
+    The phased baselines restart the schedule (without warm-up) at the prune: learning-rate rewinding."""
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if cfg.phased:
+        boundary = cfg.pre_epochs * steps_per_epoch
+        if step >= boundary:
+            step, total_steps, warmup = step - boundary, total_steps - boundary, 0
+        else:
+            total_steps = boundary
     if step < warmup:
         return (step + 1) / warmup
     if cfg.lr_schedule == "cosine":
@@ -228,14 +243,17 @@ CSV_COLUMNS = ("epoch", "step", "lr", "loss", "train_clean_acc", "train_adv_acc"
                "images_per_s", "eval_seconds")
 
 
-def _write_metrics(run_dir: str, rows: list[dict], history: list[dict]) -> None:
-    """Rewrite metrics.jsonl, metrics.csv and rewiring.jsonl from the run's records (idempotent)."""
+def _write_metrics(run_dir: str, rows: list[dict], history: list[dict], pruning: list[dict] | None = None) -> None:
+    """Rewrite metrics.jsonl, metrics.csv, rewiring.jsonl (and pruning.jsonl for the baselines) from the
+    run's records (idempotent)."""
     _write_text_atomic(os.path.join(run_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     with atomic_open(os.path.join(run_dir, "metrics.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     _write_text_atomic(os.path.join(run_dir, "rewiring.jsonl"), "".join(json.dumps(r) + "\n" for r in history))
+    if pruning is not None:
+        _write_text_atomic(os.path.join(run_dir, "pruning.jsonl"), "".join(json.dumps(r) + "\n" for r in pruning))
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -362,6 +380,8 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_mod
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
+    # before the scheduler: RSR adds its noise scales to the optimizer as a second parameter group
+    method = PhasedMethod(cfg, model, optimizer, steps_per_epoch) if cfg.phased else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: lr_factor(cfg, k, total_steps, steps_per_epoch))
     controller = None
@@ -383,6 +403,8 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_mod
             scheduler.load_state_dict(state["scheduler"])
             if controller is not None:
                 controller.load_state_dict(state["controller"])
+            if method is not None:
+                method.load_state_dict(state["method"])
         except (KeyError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"checkpoint {state['path']!r}: cannot restore the training state ({err})") from None
         data_gen.set_state(state["data_generator"])
@@ -405,6 +427,7 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_mod
             "kind": "train", "config": cfg.to_dict(), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "controller": controller.state_dict() if controller is not None else None,
+            "method": method.state_dict() if method is not None else None,
             "rng": rng_state(), "data_generator": data_gen.get_state(),
             "loader_generator": loader_gen.get_state(), "epoch": epoch_, "batch": batch_,
             "step": step, "epoch_totals": dict(totals_) if totals_ is not None else None, "metrics": rows,
@@ -441,7 +464,7 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_mod
         try:
             stats = train_epoch(model, loader, optimizer, controller=controller, last_epoch=epoch == cfg.epochs - 1,
                                 device=device, lr_scheduler=scheduler, progress=on_batch, totals=epoch_totals,
-                                **attack)
+                                penalty=method.penalty if method is not None else None, **attack)
         except FloatingPointError as err:
             b = done[0] + 1
             last = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
@@ -451,7 +474,11 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_mod
         finally:
             if bar is not None:
                 bar.close()
+        pruned = method.end_epoch(epoch) if method is not None else None
         row = _epoch_row(cfg, model, controller, lr_at_start, stats, epoch, step)
+        if pruned is not None:
+            log(f"epoch {epoch + 1}: {cfg.method} pruned to density {pruned['density']:.4f} "
+                f"({pruned['active']} weights, scope {pruned['scope']}); fine-tuning with the mask fixed")
         if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             t_eval = time.perf_counter()
             res = final_evaluation(model, eval_loader, eps=cfg.resolved_eval_eps, alpha=cfg.resolved_eval_alpha,
@@ -461,7 +488,8 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_mod
         rows.append(row)
         epoch, batch, totals = epoch + 1, 0, None
         save(epoch, 0, None)
-        _write_metrics(run_dir, rows, controller.history if controller is not None else [])
+        _write_metrics(run_dir, rows, controller.history if controller is not None else [],
+                       method.log if method is not None else None)
         if writer is not None:
             for key in CSV_COLUMNS[2:]:
                 if isinstance(row.get(key), (int, float)):
