@@ -1,4 +1,4 @@
-"""The ``dnr`` command (also ``python -m dnr``): train, eval, report, info.
+"""The ``dnr`` command (also ``python -m dnr``): train, eval, report, compare, info.
 
     dnr train                       # preset fashion-mnist-quick: DNR at 20x on the embedded Fashion-MNIST subset
     dnr train --preset cifar10-resnet18-irregular --data-root ~/data/cifar10 --out runs/r18
@@ -7,6 +7,8 @@
     dnr eval runs/r18/model.pt --steps 50 --restarts 5 [--autoattack]
     dnr report runs/r18
     dnr info runs/r18/model.pt
+    dnr compare --config configs/compare-fashion-mnist.yaml --out runs/compare [--jobs 2]
+    dnr compare --report-only runs/compare        # rebuild compare.md / compare.json / plots from the run files
 
 Errors (bad option or value, missing data, damaged checkpoint, NaN loss) print one line
 ``dnr: error: ...`` on stderr and exit with status 2 (usage/config) or 1 (everything else).
@@ -63,7 +65,12 @@ def _add_train(sub) -> None:
 
 def _preset_line(name: str) -> str:
     c = hconfig.resolve_config(name)
-    return f"{c.model} on {c.dataset}, {c.method} {c.mode} density {c.density}, {c.epochs} epochs"
+    line = f"{c.model} on {c.dataset}, {c.method} {c.mode} density {c.density}, {c.epochs} epochs"
+    pub = hconfig.PUBLISHED.get(name)
+    if pub:
+        nums = ", ".join(f"{k} {v}" for k, v in pub.items() if k in ("clean", "pgd", "autoattack") and v is not None)
+        line += f" (published: {nums})"
+    return line
 
 
 def _add_eval(sub) -> None:
@@ -85,6 +92,11 @@ def _add_eval(sub) -> None:
     p.add_argument("--no-pgd", action="store_true", help="skip PGD")
     p.add_argument("--autoattack", action="store_true",
                    help="also run AutoAttack (standard, L-inf) through the torchattacks package")
+    p.add_argument("--sanity", action="store_true",
+                   help="also run the gradient-masking sanity checks (dnr.evaluation.robust_evaluation): PGD with "
+                        "the given steps and 50 steps, an eps sweep [0, eps/2, eps, 2 eps, 0.3, 0.5] (PGD-20) and, "
+                        "with --autoattack, AutoAttack vs PGD on the same examples; prints the checks to stderr and "
+                        "adds the full result under \"robust\" (costs about 9 more PGD runs over the test set)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the PGD random starts and AutoAttack (default: the run's seed, which reproduces "
@@ -100,6 +112,34 @@ def _add_report(sub) -> None:
                                    "per-layer density over training, final density per layer; plots need matplotlib).")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by dnr train")
     p.set_defaults(func=cmd_report)
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare", formatter_class=_Formatter,
+        help="train and evaluate a grid of methods x modes x densities x seeds, one report",
+        description="Train every cell of a grid (methods x modes x densities x seeds) from one compare config, "
+                    "evaluate each with dnr.evaluation.robust_evaluation and write OUT/compare.md, "
+                    "OUT/compare.json and OUT/plots/. Rerunning reuses finished cells and resumes interrupted "
+                    "ones.\n\nConfig keys (YAML or JSON): preset, train (TrainConfig options shared by all cells), "
+                    "methods, modes, densities, seeds, eval (test_size, pgd_steps, restarts, fgsm, autoattack, "
+                    "autoattack_examples, sweep_eps, sweep_steps, sweep_examples, eps, alpha), title.",
+        epilog="example: dnr compare --config configs/compare-fashion-mnist.yaml --out runs/compare --jobs 2")
+    p.add_argument("report_dir", nargs="?", default=None, metavar="OUT",
+                   help="with --report-only: the output folder (same as --out)")
+    p.add_argument("--config", default=None, metavar="FILE", help="compare config (YAML needs pyyaml, or JSON)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (reused on a rerun)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="cells trained in parallel processes (default 1)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads per cell (default: torch's default with --jobs 1, else 1)")
+    p.add_argument("--methods", nargs="+", default=None, metavar="M", help="override the config's methods")
+    p.add_argument("--modes", nargs="+", default=None, metavar="MODE", help="override the config's modes")
+    p.add_argument("--densities", nargs="+", type=float, default=None, metavar="D",
+                   help="override the config's densities")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="S", help="override the config's seeds")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rebuild the report of OUT from its per-cell files (no training or evaluation)")
+    p.set_defaults(func=cmd_compare)
 
 
 def _add_info(sub) -> None:
@@ -121,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_report(sub)
+    _add_compare(sub)
     _add_info(sub)
     try:  # the export commands, when that module is installed
         from .export import cli as export_cli
@@ -222,7 +263,26 @@ def cmd_eval(args) -> int:
            "mode": cfg.mode, "n": res["n"], "clean": res["clean"], "fgsm": res["fgsm"], "pgd": res["pgd"],
            "autoattack": None, "eps": eps, "alpha": alpha, "pgd_steps": steps, "pgd_restarts": restarts,
            "seed": seed}
-    if args.autoattack:
+    if args.sanity:
+        from . import evaluation
+        pgd_steps = (steps, 50) if steps < 50 else (steps,)
+        sweep = sorted({0.0, eps / 2, eps, 2 * eps, 0.3, 0.5})
+        progress = None if args.quiet else True
+        try:
+            robust = evaluation.robust_evaluation(
+                model, loader, eps=eps, alpha=args.alpha, pgd_steps=pgd_steps, restarts=restarts,
+                fgsm=not args.no_fgsm, autoattack=args.autoattack, sweep_eps=sweep, seed=seed, device=device,
+                progress=progress)
+        except ImportError as err:
+            if not args.autoattack:
+                raise
+            raise hconfig.ConfigError(f"option --autoattack needs the torchattacks package: "
+                                      f"{evaluation.AUTOATTACK_INSTALL_HINT}") from err
+        print(evaluation.format_sanity(robust), file=sys.stderr, flush=True)
+        out["robust"] = robust
+        if args.autoattack:
+            out["autoattack"] = robust["autoattack"]
+    elif args.autoattack:
         out["autoattack"] = _autoattack(model, loader, eps, seed, device)
     report = hrun.density_report(model)
     out.update(density=report.density, compression=report.compression)
@@ -235,25 +295,12 @@ def cmd_eval(args) -> int:
 
 
 def _autoattack(model, loader, eps, seed, device) -> float:
+    from . import evaluation
     try:
-        import torchattacks
+        return evaluation.autoattack_accuracy(model, loader, eps=eps, seed=seed, device=device)["acc"]
     except ImportError:
-        raise hconfig.ConfigError("option --autoattack needs the torchattacks package: pip install torchattacks "
-                                  "(or pip install 'dnr[attacks]')") from None
-    num_classes = None
-    correct = n = 0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        if num_classes is None:
-            with torch.no_grad():
-                num_classes = model(x[:1]).shape[1]
-            attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard",
-                                             n_classes=num_classes, seed=seed)
-        x_adv = attack(x, y)
-        with torch.no_grad():
-            correct += int((model(x_adv).argmax(1) == y).sum())
-        n += int(y.numel())
-    return correct / max(1, n)
+        raise hconfig.ConfigError("option --autoattack needs the torchattacks package: "
+                                  f"{evaluation.AUTOATTACK_INSTALL_HINT}") from None
 
 
 def cmd_report(args) -> int:
@@ -264,6 +311,51 @@ def cmd_report(args) -> int:
     else:
         print(out["note"] or "no plots (the run has no metrics yet)")
     return 0
+
+
+def cmd_compare(args) -> int:
+    from .harness import compare as hcompare
+    if args.report_only:
+        out = args.report_dir or args.out
+        if out is None:
+            raise hconfig.ConfigError("dnr compare --report-only needs the output folder: "
+                                      "dnr compare --report-only OUT")
+        res = hcompare.write_compare_report(out)
+    else:
+        if args.report_dir is not None:
+            raise hconfig.ConfigError(f"dnr compare: unexpected argument {args.report_dir!r} (give the output folder "
+                                      "with --out, or add --report-only)")
+        if args.config is None or args.out is None:
+            raise hconfig.ConfigError("dnr compare needs --config FILE and --out DIR")
+        spec = hcompare.load_compare_config(args.config)
+        for key in ("methods", "modes", "densities", "seeds"):
+            if getattr(args, key) is not None:
+                spec[key] = getattr(args, key)
+        argv = getattr(args, "_argv", None)
+        argv = sys.argv[1:] if argv is None else argv
+        import shlex
+        command = "dnr " + shlex.join(str(a) for a in argv)
+        res = _interruptible_compare(lambda: hcompare.run_compare(spec, args.out, jobs=args.jobs,
+                                                                  threads=args.threads, command=command))
+        if res is None:
+            return 130
+        return 0
+    print(f"report: {res['report']}")
+    print(f"json: {res['json']}")
+    if res["plots"]:
+        print(f"plots: {res['plots_dir']} ({', '.join(os.path.basename(p) for p in res['plots'])})")
+    elif res["note"]:
+        print(res["note"])
+    return 0
+
+
+def _interruptible_compare(work):
+    try:
+        return work()
+    except KeyboardInterrupt:
+        print("dnr: interrupted; rerun the same command to continue (finished cells are reused, interrupted "
+              "ones resumed)", file=sys.stderr)
+        return None
 
 
 def cmd_info(args) -> int:
@@ -290,6 +382,7 @@ _EXPECTED = (hconfig.ConfigError, ckpt.CheckpointError, hrun.RunError, hrun.Trai
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = None if argv is None else list(argv)  # the command line, for reports that show it
     try:
         return args.func(args)
     except _EXPECTED as err:

@@ -14,7 +14,8 @@ import math
 import os
 from typing import Any
 
-__all__ = ["ConfigError", "TrainConfig", "PRESETS", "DEFAULT_PRESET", "METHODS", "PHASED_METHODS", "resolve_config",
+__all__ = ["ConfigError", "TrainConfig", "PRESETS", "PUBLISHED", "DEFAULT_PRESET", "METHODS", "PHASED_METHODS",
+           "resolve_config",
            "load_config_file", "add_config_arguments", "config_overrides_from_args"]
 
 METHODS = ("dense", "dense-at", "static", "dnr", "oneshot", "admm", "rsr")
@@ -275,6 +276,17 @@ PRESETS: dict[str, dict] = {
                                 lr_schedule="cosine", eps=0.1, alpha=0.025, attack_steps=5, eval_steps=20,
                                 eval_every=1, eval_size=200, train_size=None),
 }
+# The paper's published numbers for the paper-scale presets (for comparison; never used by a test or a run).
+PUBLISHED: dict[str, dict] = {
+    "cifar10-resnet18-irregular": dict(
+        clean=87.32, pgd=47.35, autoattack=40.41,
+        source="DNR (Kundu et al., ASP-DAC 2021), density 0.05, 200 epochs: clean and PGD from the authors "
+               "(eps 8/255, PGD-7, step 0.01); AutoAttack from RobustBench entry Kundu2020Tunable"),
+    "cifar10-vgg16-irregular": dict(
+        clean=86.74, pgd=None, autoattack=None,
+        source="DNR (Kundu et al., ASP-DAC 2021), density 0.05, 200 epochs: clean accuracy from the authors"),
+}
+
 for _data in ("cifar10", "cifar100", "tiny-imagenet"):
     for _model in (("vgg16",) if _data == "tiny-imagenet" else ("vgg16", "resnet18")):
         for _mode in ("irregular", "channel"):
