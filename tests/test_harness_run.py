@@ -107,3 +107,24 @@ def test_progress_bars_on_a_terminal(monkeypatch, capsys):
     res = final_evaluation(model, data, eps=0.1, alpha=0.05, steps=1, restarts=1, seed=0, log=log, desc="evalbar")
     assert res["n"] == 12
     assert "evalbar" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["dnr", "admm"])
+def test_sparse_runs_use_the_fused_masked_sgd_and_match_torch_sgd_bitwise(tmp_path, monkeypatch, method):
+    from dnr.harness import run as hrun
+    from dnr.optim import MaskedSGD
+
+    cfg = resolve_config(None, {}, {**TINY, "method": method, "density": 0.2, "deterministic": True})
+    model = build_model_for(cfg)
+    fused = hrun.use_kernel("masked_sgd_step_", torch.device("cpu"))
+    assert isinstance(hrun.make_optimizer(cfg, model, torch.device("cpu")), MaskedSGD) == fused
+    dense_cfg = resolve_config(None, {}, {**TINY, "method": "dense-at"})
+    assert type(hrun.make_optimizer(dense_cfg, build_model_for(dense_cfg), torch.device("cpu"))) is torch.optim.SGD
+    if not fused:
+        pytest.skip("the masked_sgd_step_ kernel is not compiled (DNR_DISABLE_EXT or no extension)")
+    a = fit(cfg, str(tmp_path / "fused"), quiet=True, progress=False)
+    monkeypatch.setattr(hrun, "use_kernel", lambda op, device: False)  # torch.optim.SGD + apply_masks
+    b = fit(cfg, str(tmp_path / "plain"), quiet=True, progress=False)
+    sa, sb = load_checkpoint(a["model_path"])["model"], load_checkpoint(b["model_path"])["model"]
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key

@@ -41,6 +41,8 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from .. import attacks
 from .._files import atomic_open
 from ..nn import apply_masks, density_report, masked_layers, sparsify
+from ..ops._registry import use_kernel
+from ..optim import MaskedSGD
 from ..rewiring import DNR
 from ..train import train_epoch
 from .checkpoint import (CheckpointError, load_checkpoint, load_model_state, rng_state, save_checkpoint,
@@ -49,6 +51,7 @@ from .config import ConfigError, TrainConfig
 from .methods import PhasedMethod
 
 __all__ = ["fit", "TrainingDiverged", "RunError", "build_model_for", "load_trained_model", "dataset_meta",
+           "make_optimizer",
            "make_test_loader", "final_evaluation", "lr_factor"]
 
 CHECKPOINT = os.path.join("checkpoints", "last.pt")
@@ -184,6 +187,16 @@ class EpochBatchSampler(Sampler):
         perm = torch.randperm(self.n, generator=g).tolist()
         for b in range(self.start, self.batches_per_epoch):
             yield perm[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.SGD:
+    """SGD with the config's momentum, Nesterov and weight decay. Sparse runs take the fused masked step
+    (``dnr.optim.MaskedSGD``: momentum, weight and mask update in one pass) where the extension's kernel
+    runs on ``device``; its updates are bitwise those of ``torch.optim.SGD`` followed by the mask."""
+    kwargs = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    if cfg.sparse and use_kernel("masked_sgd_step_", device):
+        return MaskedSGD(model.parameters(), model=model, **kwargs)
+    return torch.optim.SGD(model.parameters(), **kwargs)
 
 
 # ---------------------------------------------------------------------------------------- schedules
@@ -378,8 +391,7 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_mod
                         generator=loader_gen)
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, model, device)
     # before the scheduler: RSR adds its noise scales to the optimizer as a second parameter group
     method = PhasedMethod(cfg, model, optimizer, steps_per_epoch) if cfg.phased else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(
