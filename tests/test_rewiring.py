@@ -155,6 +155,39 @@ def test_regrown_weights_start_at_zero_and_survivors_keep_values():
     assert grown_any
 
 
+def test_channel_mode_regrown_channels_are_reinitialised_and_learn():
+    """A regrown channel starts from the default init, not zero: from zero weights a conv + BN + ReLU
+    channel outputs a constant 0 and gets exactly zero gradient forever (a dead channel)."""
+    torch.manual_seed(0)
+    model = _conv_stack([3, 8, 12, 16], 3)
+    dnr.sparsify(model, density=0.3, mode="channel")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ctl = dnr.DNR(model, opt, total_steps=20, prune_rate=0.4, schedule="constant",
+                  generator=torch.Generator().manual_seed(1))
+    x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 3, (8,))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    before = {n: (l.channel_mask.clone(), l.weight.detach().clone()) for n, l in dnr.masked_layers(model)}
+    ctl.rewire()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grown_any = False
+    for name, layer in dnr.masked_layers(model):
+        old_channels, old_w = before[name]
+        grown = layer.channel_mask & ~old_channels
+        kept = layer.channel_mask & old_channels
+        assert torch.equal(layer.weight[kept], old_w[kept])  # survivors keep their values
+        if not grown.any():
+            continue
+        grown_any = True
+        w = layer.weight[grown]
+        bound = 1 / math.sqrt(layer.weight[0].numel())
+        assert w.abs().max() <= bound and (w != 0).all()  # the default init's range, no zeros
+        assert layer.weight.grad[grown].abs().sum() > 0   # and it learns
+    assert grown_any
+
+
 def test_channel_mode_pruned_channels_output_exactly_zero():
     torch.manual_seed(0)
     model = _conv_stack([3, 8, 12, 16], 3)

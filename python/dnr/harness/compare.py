@@ -42,6 +42,7 @@ import numpy as np
 from .._files import atomic_open, sha256_file
 from . import config as hconfig
 from .config import ConfigError, TrainConfig, load_config_file, resolve_config
+from .report import plots_or_note
 from .run import CHECKPOINT, RESUME_MUTABLE, RunError
 
 __all__ = ["run_compare", "write_compare_report", "load_compare_config", "validate_compare_spec", "plan_cells",
@@ -580,12 +581,7 @@ def write_compare_report(out_dir: str) -> dict:
             "std": "sample std over seeds (numpy ddof=1)", "cells": records, "aggregate": _aggregate(records)}
     data["wins"] = _wins(data)
     plots_dir = os.path.join(out_dir, "plots")
-    note = None
-    try:
-        plots = _plots(data, plots_dir)
-    except ImportError:
-        plots = []
-        note = "plots skipped: matplotlib is not installed (pip install matplotlib, or pip install 'dnr[plots]')"
+    plots, note = plots_or_note(lambda: _plots(data, plots_dir))
     data["plots"] = [os.path.relpath(p, out_dir) for p in plots]
     data["plots_note"] = note
     json_path = os.path.join(out_dir, "compare.json")

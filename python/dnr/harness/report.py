@@ -13,7 +13,7 @@ import os
 
 from .._files import atomic_open
 
-__all__ = ["write_report", "format_summary", "read_run"]
+__all__ = ["write_report", "format_summary", "read_run", "plots_or_note"]
 
 
 def read_run(run_dir: str) -> dict:
@@ -166,6 +166,14 @@ def _markdown(run: dict, plots: list[str], run_dir: str, note: str | None) -> st
     return "\n".join(lines)
 
 
+def plots_or_note(make_plots) -> tuple[list, str | None]:
+    """``(make_plots(), None)``, or ``([], why)`` when matplotlib is not installed."""
+    try:
+        return make_plots(), None
+    except ImportError:
+        return [], "plots skipped: matplotlib is not installed (pip install matplotlib, or pip install 'dnr[plots]')"
+
+
 def write_report(run_dir: str) -> dict:
     """Write ``report.md`` and the plots of ``run_dir``.
 
@@ -178,12 +186,7 @@ def write_report(run_dir: str) -> dict:
     """
     run = read_run(run_dir)
     plots_dir = os.path.join(run_dir, "plots")
-    note = None
-    try:
-        plots = _plots(run, plots_dir)
-    except ImportError:
-        plots = []
-        note = "plots skipped: matplotlib is not installed (pip install matplotlib, or pip install 'dnr[plots]')"
+    plots, note = plots_or_note(lambda: _plots(run, plots_dir))
     report = os.path.join(run_dir, "report.md")
     with atomic_open(report, "w") as f:
         f.write(_markdown(run, plots, run_dir, note))

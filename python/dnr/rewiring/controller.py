@@ -186,6 +186,7 @@ class DNR:
                 after[torch.topk(score, regrown[i]).indices] = True
             layer.set_mask(expand_units(after, layer.weight, self.mode))
             if self.mode == "channel":
+                self._reinit_regrown_channels(layer, after & ~before)
                 self._reset_regrown_norm(name, layer, after & ~before)
             record_layers.append({
                 "name": name, "mu": mu[i], "mean_momentum": mean_momentum[i],
@@ -294,6 +295,18 @@ class DNR:
             # regrowing what it pruned is always exact
             log.warning("no exact channel redistribution within the caps; every layer regrows what it pruned")
             return list(pruned), [max(c, r) for c, r in zip(caps, pruned)]
+
+    def _reinit_regrown_channels(self, layer, grown: torch.Tensor) -> None:
+        """A regrown channel restarts from the layer's default init (uniform in +-1/sqrt(fan_in), as
+        nn.Conv2d / nn.Linear), not from zero: a zero filter outputs a constant 0, which its norm layer
+        (scale 1, shift 0) maps to exactly 0 and the ReLU's gradient at 0 is 0, so the channel would
+        never receive a gradient (its momentum while pruned was 0 for the same reason)."""
+        index = grown.nonzero().flatten()
+        if index.numel() == 0:
+            return
+        bound = 1.0 / math.sqrt(layer.weight[0].numel())
+        fresh = torch.rand((index.numel(),) + tuple(layer.weight.shape[1:]), generator=self.generator)
+        layer.weight[index] = (fresh * (2 * bound) - bound).to(layer.weight)
 
     def _reset_regrown_norm(self, name: str, layer, grown: torch.Tensor) -> None:
         """A regrown channel restarts its norm layer at the default init (scale 1, shift 0, fresh stats)."""
