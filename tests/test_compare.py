@@ -5,8 +5,6 @@ validation and the parallel path."""
 import json
 import os
 import shutil
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -26,44 +24,9 @@ SPEC = {"preset": "fashion-mnist-quick", "train": TRAIN, "methods": ["dense-at",
         "modes": ["irregular"], "densities": [0.1], "seeds": [0, 1], "eval": EVAL, "title": "tiny grid"}
 
 
-def _fake_evaluation():
-    """A stand-in with robust_evaluation's shape (only used while dnr.evaluation does not exist yet)."""
-    import torch
-    from dnr import attacks
-
-    def robust_evaluation(model, loader, *, eps, alpha=None, pgd_steps=(20, 50), restarts=1, fgsm=True,
-                          autoattack=False, autoattack_examples=None, sweep_eps=None, sweep_steps=20,
-                          sweep_examples=None, seed=0, device=None, clip=(0.0, 1.0), progress=None):
-        pgd, alphas = {}, {}
-        for k in pgd_steps:
-            a = alpha or 2.5 * eps / k
-            r = attacks.evaluate(model, loader, eps=eps, alpha=a, steps=k, restarts=restarts, fgsm=fgsm,
-                                 generator=torch.Generator().manual_seed(seed))
-            pgd[str(k)], alphas[str(k)] = r["pgd"], a
-        return {"n": r["n"], "eps": eps, "clean": r["clean"], "fgsm": r["fgsm"], "pgd": pgd, "pgd_alpha": alphas,
-                "restarts": restarts, "autoattack": None, "autoattack_n": None, "autoattack_pgd": None,
-                "sweep": [], "sweep_steps": sweep_steps,
-                "sanity": [{"check": "fake", "passed": True, "detail": "fake"}], "seconds": 0.0}
-
-    mod = types.ModuleType("dnr.evaluation")
-    mod.robust_evaluation = robust_evaluation
-    mod.format_sanity = lambda result: ""
-    return mod
-
-
-try:
-    import dnr.evaluation
-    REAL_EVALUATION = hasattr(dnr.evaluation, "robust_evaluation")
-except ImportError:
-    REAL_EVALUATION = False
-
-
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
     """One real `dnr compare` run through cli.main: (output folder, stdout, exit code)."""
-    mp = pytest.MonkeyPatch()
-    if not REAL_EVALUATION:
-        mp.setitem(sys.modules, "dnr.evaluation", _fake_evaluation())
     base = tmp_path_factory.mktemp("compare")
     cfg = base / "grid.json"
     cfg.write_text(json.dumps(SPEC))
@@ -73,8 +36,7 @@ def grid(tmp_path_factory):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         code = cli.main(["compare", "--config", str(cfg), "--out", out, "--threads", "1"])
-    yield out, buf.getvalue(), code, str(cfg)
-    mp.undo()
+    return out, buf.getvalue(), code, str(cfg)
 
 
 def _load(path):
@@ -195,13 +157,8 @@ def test_rerun_reuses_every_cell(grid, monkeypatch, capsys):
 
     import dnr.harness.run as hrun
     monkeypatch.setattr(hrun, "fit", no)
-    if REAL_EVALUATION:
-        import dnr.evaluation as ev
-        monkeypatch.setattr(ev, "robust_evaluation", no)
-    else:
-        fake = _fake_evaluation()
-        fake.robust_evaluation = no
-        monkeypatch.setitem(sys.modules, "dnr.evaluation", fake)
+    import dnr.evaluation as ev
+    monkeypatch.setattr(ev, "robust_evaluation", no)
     code = cli.main(["compare", "--config", cfg, "--out", out, "--threads", "1"])
     stdout = capsys.readouterr().out
     assert code == 0 and stdout.count(": reused") == 6 and "(reused)" in stdout
@@ -219,8 +176,6 @@ def test_rerun_reuses_every_cell(grid, monkeypatch, capsys):
 
 def test_resume_and_re_evaluation(grid, tmp_path, monkeypatch):
     """A cell with a checkpoint but no summary is resumed; changed eval settings re-evaluate."""
-    if not REAL_EVALUATION:
-        monkeypatch.setitem(sys.modules, "dnr.evaluation", _fake_evaluation())
     src = os.path.join(grid[0], "runs", "dnr-irregular-d0.1-s0")
     run_dir = str(tmp_path / "runs" / "dnr-irregular-d0.1-s0")
     shutil.copytree(src, run_dir)
@@ -299,7 +254,6 @@ def test_example_config_is_valid():
     assert all(c["config"]["data_root"] == "/usr/share/datasets/fashion-mnist" for c in cells)
 
 
-@pytest.mark.skipif(not REAL_EVALUATION, reason="spawned workers need the real dnr.evaluation")
 def test_parallel_jobs(grid, tmp_path, capsys):
     """--jobs 2: one cell reused, one trained in a spawned worker; the same numbers as in-process."""
     out = str(tmp_path / "out")

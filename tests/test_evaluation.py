@@ -244,10 +244,13 @@ def test_argument_errors_of_autoattack_accuracy_and_empty_loader(trained, data):
         format_sanity({"n": 3})
 
 
-def test_default_alpha_matches_the_harness_rule():
-    from dnr.harness.config import default_pgd_alpha
-    for eps, steps in [(0.0, 10), (8 / 255, 20), (0.3, 50)]:
-        assert evaluation.default_pgd_alpha(eps, steps) == default_pgd_alpha(eps, steps)
+def test_default_alpha_is_the_harness_rule():
+    from dnr.harness.config import TrainConfig, default_pgd_alpha
+    assert default_pgd_alpha is evaluation.default_pgd_alpha  # one rule, not a twin
+    for eps, steps, expected in [(0.0, 10, 1 / 255), (8 / 255, 20, 2.5 * (8 / 255) / 20), (0.3, 50, 0.015)]:
+        assert evaluation.default_pgd_alpha(eps, steps) == pytest.approx(expected)
+    cfg = TrainConfig(eps=0.1, eval_steps=20).validate()
+    assert cfg.resolved_eval_alpha == pytest.approx(0.0125)
 
 
 @pytest.mark.slow

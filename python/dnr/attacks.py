@@ -64,7 +64,8 @@ def _check_model_and_inputs(fn: str, model: nn.Module, x: Tensor, y: Tensor) -> 
             )
 
 
-def _check_clip(fn: str, clip: Tuple[float, float], x: Tensor) -> Tuple[float, float]:
+def _check_clip_range(fn: str, clip) -> Tuple[float, float]:
+    """``clip`` as floats (lo, hi) with lo < hi, or a TypeError / ValueError naming it."""
     try:
         lo, hi = clip
         lo, hi = float(lo), float(hi)
@@ -72,6 +73,11 @@ def _check_clip(fn: str, clip: Tuple[float, float], x: Tensor) -> Tuple[float, f
         raise TypeError(f"{fn}: clip must be a pair of floats (lo, hi), got clip={clip!r}") from exc
     if not (lo < hi):  # also rejects NaN
         raise ValueError(f"{fn}: clip must satisfy lo < hi, got clip=({lo}, {hi})")
+    return lo, hi
+
+
+def _check_clip(fn: str, clip: Tuple[float, float], x: Tensor) -> Tuple[float, float]:
+    lo, hi = _check_clip_range(fn, clip)
     # Tolerance: data stored in float16/bfloat16 or produced by a division can overshoot by an ulp.
     tol = max(1e-6, 4 * torch.finfo(x.dtype).eps) * max(1.0, abs(lo), abs(hi))
     xmin, xmax = float(x.detach().min()), float(x.detach().max())
@@ -384,6 +390,18 @@ _fgsm_attack = fgsm
 _pgd_attack = pgd
 
 
+def _check_device(fn: str, model: nn.Module, device) -> torch.device:
+    """``device`` (default: the model's) after checking that every parameter is on it."""
+    dev = torch.device(device) if device is not None else _model_device(model)
+    for name, p in model.named_parameters():
+        if p.device.type != dev.type or (dev.index is not None and p.device != dev):
+            raise ValueError(
+                f"{fn}: device={str(dev)!r} but model parameter {name!r} is on {p.device}; "
+                f"move the model first ({fn} does not move it)"
+            )
+    return dev
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -441,25 +459,12 @@ def evaluate(
     restarts = _check_int(fn, "restarts", restarts, 1)
     if max_batches is not None:
         max_batches = _check_int(fn, "max_batches", max_batches, 1)
-    try:
-        lo, hi = float(clip[0]), float(clip[1])
-    except (TypeError, ValueError, IndexError) as exc:
-        raise TypeError(f"{fn}: clip must be a pair of floats (lo, hi), got clip={clip!r}") from exc
-    if not lo < hi:
-        raise ValueError(f"{fn}: clip must satisfy lo < hi, got clip=({lo}, {hi})")
-    dev = torch.device(device) if device is not None else _model_device(model)
-    for name, p in model.named_parameters():
-        if p.device.type != dev.type or (dev.index is not None and p.device != dev):
-            raise ValueError(
-                f"{fn}: device={str(dev)!r} but model parameter {name!r} is on {p.device}; "
-                f"move the model first (evaluate does not move it)"
-            )
+    lo, hi = _check_clip_range(fn, clip)
+    dev = _check_device(fn, model, device)
 
     correct = {"clean": 0, "fgsm": 0, "pgd": 0}
     n = 0
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
+    with _attack_mode(model, "eval"):
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
@@ -485,9 +490,6 @@ def evaluate(
                 if pgd:
                     parts.append(f"pgd {correct['pgd'] / n:.4f}")
                 print(f"[dnr.evaluate] batch {i + 1}: n={n} " + " ".join(parts), file=sys.stderr, flush=True)
-    finally:
-        for m, flag in flags:
-            m.training = flag
     if n == 0:
         raise ValueError(f"{fn}: loader yielded no examples")
     return {

@@ -276,8 +276,7 @@ def cmd_eval(args) -> int:
         except ImportError as err:
             if not args.autoattack:
                 raise
-            raise hconfig.ConfigError(f"option --autoattack needs the torchattacks package: "
-                                      f"{evaluation.AUTOATTACK_INSTALL_HINT}") from err
+            raise _torchattacks_missing() from err
         print(evaluation.format_sanity(robust), file=sys.stderr, flush=True)
         out["robust"] = robust
         if args.autoattack:
@@ -299,8 +298,12 @@ def _autoattack(model, loader, eps, seed, device) -> float:
     try:
         return evaluation.autoattack_accuracy(model, loader, eps=eps, seed=seed, device=device)["acc"]
     except ImportError:
-        raise hconfig.ConfigError("option --autoattack needs the torchattacks package: "
-                                  f"{evaluation.AUTOATTACK_INSTALL_HINT}") from None
+        raise _torchattacks_missing() from None
+
+
+def _torchattacks_missing() -> hconfig.ConfigError:
+    from .evaluation import AUTOATTACK_INSTALL_HINT
+    return hconfig.ConfigError(f"option --autoattack needs the torchattacks package: {AUTOATTACK_INSTALL_HINT}")
 
 
 def cmd_report(args) -> int:

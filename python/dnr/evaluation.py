@@ -26,7 +26,6 @@ import math
 import numbers
 import sys
 import time
-from contextlib import contextmanager
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -46,7 +45,7 @@ LARGE_EPS_MAX_ACC = 0.05
 
 def default_pgd_alpha(eps: float, steps: int) -> float:
     """PGD step size used when none is given: ``2.5 * eps / steps`` (``1/255`` when eps = 0, where
-    the projection keeps x unchanged). Same rule as :func:`dnr.harness.config.default_pgd_alpha`."""
+    the projection keeps x unchanged). The harness's evaluation default (``dnr train``, ``dnr eval``)."""
     return 2.5 * eps / steps if eps > 0 else 1.0 / 255
 
 
@@ -74,26 +73,6 @@ def _int(fn: str, name: str, value, minimum: int = 1, *, allow_none: bool = Fals
     return int(value)
 
 
-def _clip(fn: str, clip) -> Tuple[float, float]:
-    try:
-        lo, hi = clip
-        lo, hi = float(lo), float(hi)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{fn}: clip must be a pair of floats (lo, hi), got clip={clip!r}") from exc
-    if not lo < hi:
-        raise ValueError(f"{fn}: clip must satisfy lo < hi, got clip=({lo}, {hi})")
-    return lo, hi
-
-
-def _device(fn: str, model: nn.Module, device) -> torch.device:
-    dev = torch.device(device) if device is not None else _attacks._model_device(model)
-    for name, p in model.named_parameters():
-        if p.device.type != dev.type or (dev.index is not None and p.device != dev):
-            raise ValueError(f"{fn}: device={str(dev)!r} but model parameter {name!r} is on {p.device}; "
-                             f"move the model first (the evaluation does not move it)")
-    return dev
-
-
 def _batches(fn: str, loader: Iterable, dev: torch.device, limit: Optional[int] = None) -> Iterator[Tuple[Tensor, Tensor]]:
     """(x, y) on ``dev``; stops after ``limit`` examples (the last batch cut to fit)."""
     seen = 0
@@ -108,18 +87,6 @@ def _batches(fn: str, loader: Iterable, dev: torch.device, limit: Optional[int] 
             yield x.to(dev), y.to(dev)
         if limit is not None and seen >= limit:
             return
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Whole model in eval mode; every submodule's ``training`` flag restored on exit."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def _correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -210,10 +177,10 @@ def autoattack_accuracy(model: nn.Module, loader: Iterable, *, eps: float, seed:
     seed = _int(fn, "seed", seed, 0)
     max_examples = _int(fn, "max_examples", max_examples, 1, allow_none=True)
     num_classes = _int(fn, "num_classes", num_classes, 2, allow_none=True)
-    dev = _device(fn, model, device)
+    dev = _attacks._check_device(fn, model, device)
     aa = _AutoAttack(fn, model, eps, seed, num_classes)
     parts: List[Tensor] = []
-    with _eval_mode(model):
+    with _attacks._attack_mode(model, "eval"):
         for x, y in _batches(fn, loader, dev, max_examples):
             parts.append(aa.correct(x, y))
     if not parts:
@@ -427,7 +394,7 @@ def robust_evaluation(model: nn.Module, loader: Iterable, *, eps: float, alpha: 
     sweep_steps = _int(fn, "sweep_steps", sweep_steps, 1)
     sweep_examples = _int(fn, "sweep_examples", sweep_examples, 1, allow_none=True)
     seed = _int(fn, "seed", seed, 0)
-    lo, hi = _clip(fn, clip)
+    lo, hi = _attacks._check_clip_range(fn, clip)
     sweep: Optional[List[float]] = None
     if sweep_eps is not None:
         try:
@@ -442,7 +409,7 @@ def robust_evaluation(model: nn.Module, loader: Iterable, *, eps: float, alpha: 
         raise TypeError(f"{fn}: progress must be None, a bool or a callable, got {type(progress).__name__}")
     if autoattack and (lo, hi) != (0.0, 1.0):
         raise ValueError(f"{fn}: AutoAttack (torchattacks) needs inputs in [0, 1], got clip=({lo}, {hi})")
-    dev = _device(fn, model, device)
+    dev = _attacks._check_device(fn, model, device)
     aa = _AutoAttack(fn, model, eps, seed, None) if autoattack else None
 
     alphas = {k: (alpha if alpha is not None else default_pgd_alpha(eps, k)) for k in steps_list}
@@ -458,7 +425,7 @@ def robust_evaluation(model: nn.Module, loader: Iterable, *, eps: float, alpha: 
 
     n = 0
     kmax = steps_list[-1]
-    with _eval_mode(model):
+    with _attacks._attack_mode(model, "eval"):
         for bi, (x, y) in enumerate(_batches(fn, loader, dev)):
             b = int(y.shape[0])
             parts["clean"].append(_correct(model, x, y))

@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import evaluation
 from .._files import atomic_open, sha256_file
 from . import config as hconfig
 from .config import ConfigError, TrainConfig, load_config_file, resolve_config
@@ -334,7 +335,6 @@ def run_cell(task: dict) -> dict:
             if old.get("settings") == json.loads(json.dumps(settings)):
                 return {"key": task["key"], "run_dir": run_dir, "status": status, "train_wall_seconds": train_wall,
                         "eval_wall_seconds": 0.0, "eval_reused": True}
-        evaluation = importlib.import_module("dnr.evaluation")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         t1 = time.perf_counter()
         model, cfg, _ = load_trained_model(model_path, device)
@@ -352,7 +352,7 @@ def run_cell(task: dict) -> dict:
             if not ev["autoattack"]:
                 raise
             raise ConfigError(f"compare config key 'eval.autoattack' is true but AutoAttack is unavailable ({err}): "
-                              "pip install torchattacks, or set eval.autoattack: false") from None
+                              f"{evaluation.AUTOATTACK_INSTALL_HINT}, or set eval.autoattack: false") from None
         stats = _model_stats(model.cpu(), cfg)
         eval_wall = time.perf_counter() - t1
         _write_json(eval_path, {"settings": settings, "device": device, "result": result, "model": stats,
@@ -401,7 +401,7 @@ def run_compare(spec: dict, out_dir: str, *, jobs: int = 1, threads: int | None 
             importlib.import_module("torchattacks")
         except ImportError:
             raise ConfigError("compare config key 'eval.autoattack' is true but the torchattacks package is not "
-                              "installed: pip install torchattacks, or set eval.autoattack: false") from None
+                              f"installed: {evaluation.AUTOATTACK_INSTALL_HINT}, or set eval.autoattack: false") from None
     say = log or (lambda _msg: None)
     out_dir = os.path.abspath(out_dir)
     runs = os.path.join(out_dir, "runs")

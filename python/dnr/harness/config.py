@@ -14,6 +14,8 @@ import math
 import os
 from typing import Any
 
+from ..evaluation import default_pgd_alpha  # the one rule for the evaluation's PGD step size
+
 __all__ = ["ConfigError", "TrainConfig", "PRESETS", "PUBLISHED", "DEFAULT_PRESET", "METHODS", "PHASED_METHODS",
            "resolve_config",
            "load_config_file", "add_config_arguments", "config_overrides_from_args"]
@@ -220,12 +222,6 @@ class TrainConfig:
         if self.method == "dense-at" and self.eps == 0:
             raise ConfigError("option --eps: got 0, but --method dense-at trains adversarially (eps > 0)")
         return self
-
-
-def default_pgd_alpha(eps: float, steps: int) -> float:
-    """The evaluation step size when none is given: 2.5 * eps / steps (any positive value when eps = 0,
-    where the projection keeps x unchanged)."""
-    return 2.5 * eps / steps if eps > 0 else 1.0 / 255
 
 
 def _flag(name: str) -> str:
