@@ -223,8 +223,8 @@ def test_rsr_noise_scales_are_trainable_per_channel_and_off_in_eval():
 def test_rsr_l1_penalty_and_final_global_prune():
     model = _no_bn_model()
     rsr = RSR(model, density=0.2, l1=1e-3)
-    expected = 1e-3 * sum(float(l.weight.abs().sum()) for _, l in masked_layers(model))
-    assert float(rsr.penalty()) == pytest.approx(expected, rel=1e-6)
+    expected = 1e-3 * sum(float(l.weight.detach().abs().sum()) for _, l in masked_layers(model))
+    assert float(rsr.penalty().detach()) == pytest.approx(expected, rel=1e-6)
     rec = rsr.finish()
     assert rec["scope"] == "global" and rec["active"] == _active(model) == _budget(model, 0.2)
     assert float(rsr.penalty()) == 0.0
