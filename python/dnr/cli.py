@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from . import distributed
 from .harness import checkpoint as ckpt
 from .harness import config as hconfig
 from .harness import report as hreport
@@ -175,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
     overrides = hconfig.config_overrides_from_args(args)
+    launched = distributed.launch_info()  # (rank, world size) set by torchrun, before any group exists
+    if launched[0] != 0:  # only rank 0 talks
+        args.quiet = True
     if args.resume:
         if args.preset or args.config or args.out:
             raise hconfig.ConfigError("--resume continues a run with its saved config: do not combine it with "
@@ -186,7 +190,10 @@ def cmd_train(args) -> int:
         file_values = hconfig.load_config_file(args.config) if args.config else {}
         cfg = hconfig.resolve_config(args.preset, file_values, overrides)
         preset = args.preset or file_values.get("preset") or hconfig.DEFAULT_PRESET
-        if not args.quiet or args.dry_run:
+        if launched[1] > 1 and not args.out and not args.dry_run:
+            raise hconfig.ConfigError(f"option --out: required with {launched[1]} processes (torchrun), so that "
+                                      "all of them write to one run directory")
+        if (not args.quiet or args.dry_run) and launched[0] == 0:
             print("resolved config (preset " + preset + "):")
             print("\n".join(f"  {k}: {v}" for k, v in cfg.to_dict().items()), flush=True)
         if args.dry_run:
@@ -196,6 +203,8 @@ def cmd_train(args) -> int:
         summary = _interruptible(out, lambda: hrun.fit(cfg, out, quiet=args.quiet, progress=not args.no_progress))
     if summary is None:
         return 130
+    if launched[0] != 0:
+        return 0
     print(hreport.format_summary(summary))
     print(f"run directory: {summary['run_dir']}")
     if summary.get("plots"):
@@ -394,7 +403,10 @@ def main(argv=None) -> int:
         msg = " ".join(str(err).split())
         if isinstance(err, FileNotFoundError) and err.filename and err.filename not in msg:
             msg = f"{msg}: {err.filename}"
-        print(f"dnr: error: {msg}", file=sys.stderr)
+        rank, world = distributed.launch_info()
+        # under torchrun a diverged loss and a bad option are the same on every process: rank 0 says it
+        if rank == 0 or not isinstance(err, (hconfig.ConfigError, hrun.TrainingDiverged)):
+            print(f"dnr: error: {msg}" if world == 1 else f"dnr: error (rank {rank}): {msg}", file=sys.stderr)
         return 2 if isinstance(err, hconfig.ConfigError) else 1
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

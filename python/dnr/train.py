@@ -29,6 +29,7 @@ def adversarial_step(
     attack_bn_mode: str = "eval",
     generator: torch.Generator | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
+    grad_sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
     """One hybrid adversarial training step.
 
@@ -37,6 +38,11 @@ def adversarial_step(
     controller attached to ``optimizer`` re-applies the masks right after the step. ``beta = 1`` with
     ``steps`` ignored gives clean training (no attack is run). ``penalty()``, when given, is a scalar
     regulariser (e.g. ADMM's or RSR's) added to the loss; the returned loss includes it.
+
+    Data-parallel training passes ``grad_sync(stats)`` (see :class:`dnr.distributed.GradientSync`): called
+    after ``backward()``, it averages the gradients over the ranks and returns ``stats`` (float32 [4]:
+    loss x n, clean correct, adversarial correct, n) summed over them, so the returned numbers are the
+    global batch's and a non-finite loss on any rank stops every rank before the step.
 
     Args:
         x: [B, C, H, W] inputs in [0, 1]; y: [B] int64 labels.
@@ -58,17 +64,28 @@ def adversarial_step(
         extra = penalty()
         if extra is not None:
             loss = loss + extra
-    if not math.isfinite(loss.item()):
-        raise FloatingPointError(f"loss is {loss.item()}: stopping before the optimizer step")
+    clean_correct = (clean_logits.argmax(1) == y).sum()
+    adv_correct = (adv_logits.argmax(1) == y).sum()
+    if grad_sync is None:
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()}: stopping before the optimizer step")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.item(), "clean_correct": int(clean_correct), "adv_correct": int(adv_correct),
+                "n": int(y.numel())}
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    n = y.numel()
+    stats = torch.stack([loss.detach().float() * n, clean_correct.float(), adv_correct.float(),
+                         torch.tensor(float(n), device=loss.device)])
+    total_loss, clean, adv, n_all = grad_sync(stats).tolist()
+    if not math.isfinite(total_loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"loss is {total_loss / n_all} (over all ranks): stopping before the optimizer step")
     optimizer.step()
-    return {
-        "loss": loss.item(),
-        "clean_correct": int((clean_logits.argmax(1) == y).sum()),
-        "adv_correct": int((adv_logits.argmax(1) == y).sum()),
-        "n": int(y.numel()),
-    }
+    return {"loss": total_loss / n_all, "clean_correct": int(round(clean)), "adv_correct": int(round(adv)),
+            "n": int(round(n_all))}
 
 
 def train_epoch(
@@ -88,6 +105,7 @@ def train_epoch(
     attack_bn_mode: str = "eval",
     totals: dict | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
+    grad_sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
     """Train ``model`` for one epoch of hybrid adversarial training; rewire at the end (unless last).
 
@@ -102,6 +120,8 @@ def train_epoch(
         totals: running sums {"loss", "clean_correct", "adv_correct", "n"} to continue (a resumed epoch);
             updated in place. None starts from zero.
         penalty: optional callable returning a scalar added to every step's loss (see adversarial_step).
+        grad_sync: data-parallel gradient averaging (see adversarial_step); the totals are then the
+            global batches'.
 
     Returns:
         dict: mean loss, clean and adversarial training accuracy, images/s, seconds, and the rewiring
@@ -117,7 +137,7 @@ def train_epoch(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         try:
             out = adversarial_step(model, x, y, optimizer, eps=eps, alpha=alpha, steps=steps, beta=beta,
-                                   attack_bn_mode=attack_bn_mode, penalty=penalty)
+                                   attack_bn_mode=attack_bn_mode, penalty=penalty, grad_sync=grad_sync)
         except FloatingPointError as err:
             step = controller.steps if controller is not None else i
             raise FloatingPointError(f"{err} (batch {i} of this epoch, optimizer step {step})") from None

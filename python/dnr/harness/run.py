@@ -20,6 +20,11 @@ so a resume at batch b of epoch e skips the first b batches of the same order; t
 generator are restored from the checkpoint, so (with ``deterministic``) the resumed run is bitwise the
 uninterrupted one.
 
+Under torchrun (``WORLD_SIZE`` > 1) every process runs ``fit`` as a data-parallel replica (see
+:mod:`dnr.distributed`): each trains on its slice of every global batch, rank 0 writes the run directory,
+and the checkpoint holds each rank's random streams, so the same exactness holds for the same number of
+processes.
+
 Environment (tests only): ``DNR_STEP_DELAY=SECONDS`` sleeps after every optimizer step, so a test can
 kill a run at a known point.
 """
@@ -38,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler, Subset
 
-from .. import attacks
+from .. import attacks, distributed
 from .._files import atomic_open
 from ..nn import apply_masks, density_report, masked_layers, sparsify
 from ..ops._registry import use_kernel
@@ -166,10 +171,16 @@ class EpochBatchSampler(Sampler):
     """Batches of a per-epoch permutation drawn from (seed, epoch); drops the last partial batch.
 
     ``set_epoch(e, start)`` selects epoch ``e`` and skips its first ``start`` batches (exact resume).
+    With ``world_size`` > 1, rank ``rank`` gets the ``rank``-th contiguous slice (``batch_size //
+    world_size`` indices) of every global batch, so the global batches do not depend on the world size.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ConfigError(f"option --batch-size: got {batch_size}, which {world_size} processes cannot split "
+                              f"evenly; give a multiple of {world_size} (the global batch size)")
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -185,8 +196,10 @@ class EpochBatchSampler(Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         perm = torch.randperm(self.n, generator=g).tolist()
+        local = self.batch_size // self.world_size
         for b in range(self.start, self.batches_per_epoch):
-            yield perm[b * self.batch_size:(b + 1) * self.batch_size]
+            first = b * self.batch_size + self.rank * local
+            yield perm[first:first + local]
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.SGD:
@@ -272,7 +285,15 @@ def _write_metrics(run_dir: str, rows: list[dict], history: list[dict], pruning:
 # ---------------------------------------------------------------------------------------- evaluation
 def final_evaluation(model, loader, *, eps, alpha, steps, restarts, seed, log: _Log | None = None,
                      fgsm=True, pgd=True, desc="eval") -> dict:
-    """Clean / FGSM / PGD accuracy with a seeded PGD generator (does not touch the global RNG)."""
+    """Clean / FGSM / PGD accuracy with a seeded PGD generator (does not touch the global RNG).
+
+    With several processes each rank evaluates every ``world_size``-th batch (its PGD starts drawn from
+    its own seed) and the correct counts are summed over the ranks.
+    """
+    world = distributed.world_size()
+    if world > 1:
+        return _sharded_evaluation(model, loader, eps=eps, alpha=alpha, steps=steps, restarts=restarts, seed=seed,
+                                   log=log, fgsm=fgsm, pgd=pgd, desc=desc)
     bar = log.bar(total=len(loader), desc=desc) if log is not None else None
     wrapped = loader
     if bar is not None:
@@ -289,27 +310,50 @@ def final_evaluation(model, loader, *, eps, alpha, steps, restarts, seed, log: _
             bar.close()
 
 
+def _sharded_evaluation(model, loader, *, eps, alpha, steps, restarts, seed, log, fgsm, pgd, desc) -> dict:
+    """final_evaluation over several processes: rank r takes batches r, r + world, ...; counts are summed."""
+    rank, world = distributed.rank(), distributed.world_size()
+    size, n_data = loader.batch_size, len(loader.dataset)
+    batches = [list(range(i * size, min(n_data, (i + 1) * size))) for i in range(rank, len(loader), world)]
+    res = None
+    if batches:
+        res = attacks.evaluate(model, DataLoader(loader.dataset, batch_sampler=batches), eps=eps, alpha=alpha,
+                               steps=steps, restarts=restarts, fgsm=fgsm, pgd=pgd,
+                               generator=torch.Generator().manual_seed(distributed.rank_seed(seed, rank)))
+    keys = [k for k, on in (("clean", True), ("fgsm", fgsm), ("pgd", pgd)) if on]
+    n = res["n"] if res else 0
+    # each accuracy is a count divided by n: round back to the count before summing
+    total = distributed.all_reduce_sum([n] + [round(res[k] * n) if res else 0 for k in keys])
+    n_all = int(round(total[0]))
+    out = dict(res) if res else {}
+    out.update(clean=None, fgsm=None, pgd=None, n=n_all)
+    out.update({k: total[1 + i] / n_all for i, k in enumerate(keys)})
+    return out
+
+
 # ---------------------------------------------------------------------------------------- the driver
-def _setup_runtime(cfg: TrainConfig) -> torch.device:
-    """Threads, determinism and device of ``cfg`` (process-wide settings; ``fit`` restores them)."""
+def _setup_runtime(cfg: TrainConfig) -> distributed.Context:
+    """Threads, determinism, device and process group of ``cfg`` (process-wide settings; ``fit`` restores
+    them and leaves the process group it joined)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"option --device: got {cfg.device!r}, but CUDA is not available here")
-    return torch.device(device)
+    try:
+        return distributed.setup(cfg.device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def fit(cfg: TrainConfig | None, out_dir: str | None, *, resume: str | None = None, quiet: bool = False,
         progress: bool = True, overrides_on_resume: dict | None = None, model: torch.nn.Module | None = None,
         train_data=None, test_data=None) -> dict:
     """Train (or resume) a run and evaluate it; returns the summary dict (see ``summary.json``).
+
+    Launched by torchrun, each process calls ``fit`` with the same arguments and trains its share of
+    every batch (see :mod:`dnr.distributed`); every rank returns the summary, rank 0 writes the files.
 
     Any user model and data work too: pass ``model`` (a plain model is sparsified as ``cfg`` says for
     the static and dnr methods; an already sparsified one keeps its masks) and/or ``train_data`` /
@@ -364,7 +408,19 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_mod
         if os.path.exists(os.path.join(run_dir, "config.json")) or os.path.exists(os.path.join(run_dir, CHECKPOINT)):
             raise RunError(f"run directory {out_dir!r} already holds a run: continue it with "
                            f"--resume {out_dir}, or choose another --out")
-    device = _setup_runtime(cfg)
+    ctx = _setup_runtime(cfg)
+    try:
+        return _train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data) -> dict:
+    """The training loop of ``fit`` on this process (rank ``ctx.rank`` of ``ctx.world_size``)."""
+    device, rank, world = ctx.device, ctx.rank, ctx.world_size
+    main = rank == 0  # rank 0 prints and writes the run directory
+    if not main:
+        log = _Log(True, False)
     if cfg.tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -372,7 +428,7 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_mod
             raise ConfigError("option --tensorboard needs the tensorboard package: pip install tensorboard") from None
 
     # Everything that can fail on bad input happens before the run directory is touched.
-    data_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    data_gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed + 1, rank))
     train_set = train_data if train_data is not None else _build_dataset(cfg, "train", data_gen)
     test_loader = make_test_loader(cfg, dataset=test_data)
     eval_loader = make_test_loader(cfg, cfg.eval_size, dataset=test_data)
@@ -384,9 +440,13 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_mod
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     model = (_prepare_user_model(user_model, cfg) if user_model is not None else build_model_for(cfg)).to(device)
-    sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed)
+    sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed, rank, world)
+    if world > 1:
+        distributed.broadcast_module(model)  # a user's model may be initialised differently on each rank
+        # each rank's own stream for PGD starts and noise (rank 0 keeps the one-process stream)
+        torch.manual_seed(distributed.rank_seed(cfg.seed, rank))
     # the loader's own generator: creating its iterator every epoch must not draw from the global RNG
-    loader_gen = torch.Generator().manual_seed(cfg.seed + 4)
+    loader_gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed + 4, rank))
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=0, pin_memory=device.type == "cuda",
                         generator=loader_gen)
     steps_per_epoch = sampler.batches_per_epoch
@@ -404,8 +464,28 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_mod
     elif cfg.method == "static":  # a fixed mask still has to be re-applied after every step
         optimizer.register_step_post_hook(lambda *_: apply_masks(model))
 
+    grad_sync = distributed.GradientSync(optimizer) if world > 1 else None
+    # the model parameters are compared by check_replicas via the model's state dict
+    model_params = {id(p) for p in model.parameters()}
+
+    def replica_state() -> dict:
+        """Optimizer tensors outside the model's state dict that every rank must hold bitwise alike."""
+        out = {}
+        for gi, group in enumerate(optimizer.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if id(p) not in model_params:
+                    out[f"optimizer.group{gi}.param{pi}"] = p
+                for key, value in optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(value) and value.numel() > 1:
+                        out[f"optimizer.group{gi}.param{pi}.{key}"] = value
+        return out
+
     epoch, batch, step, rows, totals, elapsed = 0, 0, 0, [], None, 0.0
     if state is not None:
+        if state.get("world_size", 1) != world:
+            raise CheckpointError(f"checkpoint {state['path']!r} was written by {state.get('world_size', 1)} "
+                                  f"processes; resume it with as many (this is {world}): each one's random "
+                                  "streams are part of the exact resume")
         if state.get("steps_per_epoch") != steps_per_epoch:
             raise CheckpointError(f"checkpoint {state['path']!r} was written with {state.get('steps_per_epoch')} "
                                   f"steps per epoch but the data now gives {steps_per_epoch}: the training set changed")
@@ -419,29 +499,40 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_mod
                 method.load_state_dict(state["method"])
         except (KeyError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"checkpoint {state['path']!r}: cannot restore the training state ({err})") from None
-        data_gen.set_state(state["data_generator"])
-        loader_gen.set_state(state["loader_generator"])
-        set_rng_state(state["rng"])
+        streams = state["ranks"][rank] if world > 1 else state
+        data_gen.set_state(streams["data_generator"])
+        loader_gen.set_state(streams["loader_generator"])
+        set_rng_state(streams["rng"])
         epoch, batch, step = state["epoch"], state["batch"], state["step"]
         rows, totals, elapsed = list(state["metrics"]), state["epoch_totals"], state["elapsed"]
         log(f"resuming {run_dir} at epoch {epoch + 1}, batch {batch}/{steps_per_epoch} (optimizer step {step})")
-    else:
+    # every rank has passed the checks above on an untouched run directory before rank 0 writes to it
+    distributed.barrier()
+    if state is None and main:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         _write_text_atomic(os.path.join(run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2) + "\n")
         initial = {name: layer.density for name, layer in masked_layers(model)}
         _write_text_atomic(os.path.join(run_dir, "initial_density.json"), json.dumps(initial, indent=2) + "\n")
-    writer = SummaryWriter(os.path.join(run_dir, "tensorboard")) if cfg.tensorboard else None
+    writer = SummaryWriter(os.path.join(run_dir, "tensorboard")) if cfg.tensorboard and main else None
     ckpt_path = os.path.join(run_dir, CHECKPOINT)
     delay = float(os.environ.get("DNR_STEP_DELAY", "0") or 0)
 
     def save(epoch_: int, batch_: int, totals_: dict | None) -> None:
-        save_checkpoint(ckpt_path, {
+        """Write the training state (rank 0; a collective: every rank calls it at the same step)."""
+        streams = {"rng": rng_state(), "data_generator": data_gen.get_state(),
+                   "loader_generator": loader_gen.get_state()}
+        extra = {}
+        if world > 1:
+            distributed.average_buffers(model)
+            extra = {"world_size": world, "ranks": distributed.all_gather_objects(streams)}
+        if not main:
+            return
+        save_checkpoint(ckpt_path, {**extra,
             "kind": "train", "config": cfg.to_dict(), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "controller": controller.state_dict() if controller is not None else None,
             "method": method.state_dict() if method is not None else None,
-            "rng": rng_state(), "data_generator": data_gen.get_state(),
-            "loader_generator": loader_gen.get_state(), "epoch": epoch_, "batch": batch_,
+            **streams, "epoch": epoch_, "batch": batch_,
             "step": step, "epoch_totals": dict(totals_) if totals_ is not None else None, "metrics": rows,
             "elapsed": elapsed + time.perf_counter() - t0, "steps_per_epoch": steps_per_epoch,
         })
@@ -476,7 +567,8 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_mod
         try:
             stats = train_epoch(model, loader, optimizer, controller=controller, last_epoch=epoch == cfg.epochs - 1,
                                 device=device, lr_scheduler=scheduler, progress=on_batch, totals=epoch_totals,
-                                penalty=method.penalty if method is not None else None, **attack)
+                                penalty=method.penalty if method is not None else None, grad_sync=grad_sync,
+                                **attack)
         except FloatingPointError as err:
             b = done[0] + 1
             last = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
@@ -487,6 +579,9 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_mod
             if bar is not None:
                 bar.close()
         pruned = method.end_epoch(epoch) if method is not None else None
+        if world > 1:  # evaluate and save one model: the ranks' BatchNorm statistics averaged, all else equal
+            distributed.average_buffers(model)
+            distributed.check_replicas(model, replica_state())
         row = _epoch_row(cfg, model, controller, lr_at_start, stats, epoch, step)
         if pruned is not None:
             log(f"epoch {epoch + 1}: {cfg.method} pruned to density {pruned['density']:.4f} "
@@ -500,8 +595,9 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_mod
         rows.append(row)
         epoch, batch, totals = epoch + 1, 0, None
         save(epoch, 0, None)
-        _write_metrics(run_dir, rows, controller.history if controller is not None else [],
-                       method.log if method is not None else None)
+        if main:
+            _write_metrics(run_dir, rows, controller.history if controller is not None else [],
+                           method.log if method is not None else None)
         if writer is not None:
             for key in CSV_COLUMNS[2:]:
                 if isinstance(row.get(key), (int, float)):
@@ -510,7 +606,7 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_mod
         log(_epoch_line(cfg, row))
     train_seconds = elapsed + time.perf_counter() - t0
     return _finish(cfg, model, run_dir, test_loader, train_seconds, log, writer, input_shape,
-                   user_model is not None)
+                   user_model is not None, world)
 
 
 def _epoch_row(cfg, model, controller, lr, stats, epoch, step) -> dict:
@@ -543,8 +639,9 @@ def _epoch_line(cfg, r) -> str:
             f"density {r['density']:.4f}  lr {r['lr']:.4g}  {r['seconds']:.1f} s  {r['images_per_s']:.0f} img/s")
 
 
-def _finish(cfg, model, run_dir, test_loader, train_seconds, log, writer, input_shape, user_model) -> dict:
-    """Final evaluation on the test set, model.pt, summary.json and the report."""
+def _finish(cfg, model, run_dir, test_loader, train_seconds, log, writer, input_shape, user_model,
+            world: int = 1) -> dict:
+    """Final evaluation on the test set, model.pt, summary.json and the report (written by rank 0 only)."""
     log(f"final evaluation on {len(test_loader.dataset)} test examples (clean, FGSM, PGD-{cfg.eval_steps})")
     res = final_evaluation(model, test_loader, eps=cfg.resolved_eval_eps, alpha=cfg.resolved_eval_alpha,
                            steps=cfg.eval_steps, restarts=cfg.eval_restarts, seed=cfg.seed, log=log)
@@ -558,11 +655,13 @@ def _finish(cfg, model, run_dir, test_loader, train_seconds, log, writer, input_
         "alpha": cfg.resolved_eval_alpha, "clean": res["clean"], "fgsm": res["fgsm"], "pgd": res["pgd"],
         "pgd_steps": cfg.eval_steps, "pgd_restarts": cfg.eval_restarts, "test_examples": res["n"],
         "flops_dense": report.flops_dense, "flops_effective": report.flops_effective,
-        "train_seconds": train_seconds, "seed": cfg.seed, "run_dir": run_dir,
+        "train_seconds": train_seconds, "seed": cfg.seed, "processes": world, "run_dir": run_dir,
         "model_path": os.path.join(run_dir, "model.pt"),
         "layers": [{"name": l.name, "density": l.density, "active": l.active, "prunable": l.prunable,
                     "masked": l.masked} for l in report.layers],
     }
+    if not distributed.is_main():
+        return summary
     save_checkpoint(summary["model_path"], {"kind": "model", "config": cfg.to_dict(), "model": model.state_dict(),
                                             "summary": {k: v for k, v in summary.items() if k != "layers"}})
     if writer is not None:
