@@ -274,3 +274,39 @@ def test_masked_conv2d_kernel_errors(change, message):
     x, w, k = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.ones(4, 3, 3, 3, dtype=torch.bool)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.dnr.masked_conv2d(*change(x, w, k), None, [1, 1], [0, 0], [1, 1], 1, True)
+
+
+def _autocast_dtype(device):
+    return torch.bfloat16 if device == "cpu" else torch.float16
+
+
+@pytest.mark.parametrize("input_dtype", ["float32", "autocast"], ids=["fp32-input", "lowp-input"])
+@pytest.mark.parametrize("pattern", ["irregular", "channel"])
+def test_masked_conv2d_under_autocast_casts_like_conv2d(pattern, input_dtype, device):
+    """Under autocast the op (kernel or reference) computes in the autocast dtype like F.conv2d does, takes
+    a low-precision input (the previous layer's output) and returns the weight gradient in float32."""
+    low = _autocast_dtype(device)
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 9, device=device)
+    x = x.to(low) if input_dtype == "autocast" else x
+    weight = torch.randn(6, 4, 3, 3, device=device, requires_grad=True)
+    bias = torch.randn(6, device=device, requires_grad=True)
+    mask = torch.rand(weight.shape, device=device) < 0.5
+    if pattern == "channel":  # on CPU the compiled kernel runs only when whole output channels are pruned
+        mask = mask.clone()
+        mask[::2] = False
+    # the oracle's leaf is the effective weight: its gradient is the dense one the op returns
+    ref_w = (weight.detach() * mask).requires_grad_(True)
+    ref_b = bias.detach().clone().requires_grad_(True)
+    with torch.autocast(device, dtype=low):
+        out = dnr.ops.masked_conv2d(x, weight, mask, bias, padding=1)
+        ref = F.conv2d(x, ref_w, ref_b, padding=1)
+    assert out.dtype == ref.dtype == low
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    g = torch.randn(out.shape, device=device)
+    out.float().backward(g)
+    ref.float().backward(g)
+    assert weight.grad.dtype == bias.grad.dtype == torch.float32
+    torch.testing.assert_close(weight.grad, ref_w.grad, atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(bias.grad, ref_b.grad, atol=5e-2, rtol=2e-2)
+    assert weight.grad[~mask].abs().sum() > 0  # still the dense gradient DNR's momentum needs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Callable, Iterable
@@ -30,6 +31,7 @@ def adversarial_step(
     generator: torch.Generator | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
     grad_sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict:
     """One hybrid adversarial training step.
 
@@ -38,6 +40,9 @@ def adversarial_step(
     controller attached to ``optimizer`` re-applies the masks right after the step. ``beta = 1`` with
     ``steps`` ignored gives clean training (no attack is run). ``penalty()``, when given, is a scalar
     regulariser (e.g. ADMM's or RSR's) added to the loss; the returned loss includes it.
+
+    ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the attack's and the training's forward passes under
+    ``torch.autocast``; the backward pass, the optimizer and the masks stay in the parameters' dtype.
 
     Data-parallel training passes ``grad_sync(stats)`` (see :class:`dnr.distributed.GradientSync`): called
     after ``backward()``, it averages the gradients over the ranks and returns ``stats`` (float32 [4]:
@@ -54,16 +59,19 @@ def adversarial_step(
         FloatingPointError: if the loss is NaN or infinite (the optimizer step is not taken).
     """
     was_training = model.training
-    if beta < 1.0:
-        x_adv = attacks.pgd(model, x, y, eps, alpha, steps, bn_mode=attack_bn_mode, generator=generator)
-    model.train(was_training)
-    clean_logits = model(x)
-    adv_logits = model(x_adv) if beta < 1.0 else clean_logits.detach()
-    loss = hybrid_loss(clean_logits, adv_logits, y, beta=beta)
-    if penalty is not None:
-        extra = penalty()
-        if extra is not None:
-            loss = loss + extra
+    amp = (torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with amp:
+        if beta < 1.0:
+            x_adv = attacks.pgd(model, x, y, eps, alpha, steps, bn_mode=attack_bn_mode, generator=generator)
+        model.train(was_training)
+        clean_logits = model(x)
+        adv_logits = model(x_adv) if beta < 1.0 else clean_logits.detach()
+        loss = hybrid_loss(clean_logits, adv_logits, y, beta=beta)
+        if penalty is not None:
+            extra = penalty()
+            if extra is not None:
+                loss = loss + extra
     clean_correct = (clean_logits.argmax(1) == y).sum()
     adv_correct = (adv_logits.argmax(1) == y).sum()
     if grad_sync is None:
@@ -106,6 +114,8 @@ def train_epoch(
     totals: dict | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
     grad_sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> dict:
     """Train ``model`` for one epoch of hybrid adversarial training; rewire at the end (unless last).
 
@@ -122,6 +132,9 @@ def train_epoch(
         penalty: optional callable returning a scalar added to every step's loss (see adversarial_step).
         grad_sync: data-parallel gradient averaging (see adversarial_step); the totals are then the
             global batches'.
+        autocast_dtype: forward passes under ``torch.autocast`` in this dtype (see adversarial_step).
+        channels_last: move the input batches to the channels-last memory format (for a model converted
+            with ``model.to(memory_format=torch.channels_last)``).
 
     Returns:
         dict: mean loss, clean and adversarial training accuracy, images/s, seconds, and the rewiring
@@ -135,9 +148,12 @@ def train_epoch(
     start = time.perf_counter()
     for i, (x, y) in enumerate(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         try:
             out = adversarial_step(model, x, y, optimizer, eps=eps, alpha=alpha, steps=steps, beta=beta,
-                                   attack_bn_mode=attack_bn_mode, penalty=penalty, grad_sync=grad_sync)
+                                   attack_bn_mode=attack_bn_mode, penalty=penalty, grad_sync=grad_sync,
+                                   autocast_dtype=autocast_dtype)
         except FloatingPointError as err:
             step = controller.steps if controller is not None else i
             raise FloatingPointError(f"{err} (batch {i} of this epoch, optimizer step {step})") from None

@@ -24,6 +24,7 @@ METHODS = ("dense", "dense-at", "static", "dnr", "oneshot", "admm", "rsr")
 # prune once after a dense or regularised first phase, then fine-tune with the mask fixed
 PHASED_METHODS = ("oneshot", "admm", "rsr")
 LR_SCHEDULES = ("cosine", "step", "constant")
+PRECISIONS = ("fp32", "bf16")  # fp16 would need loss scaling in the attack's input gradients too
 DEFAULT_PRESET = "fashion-mnist-quick"
 
 
@@ -119,6 +120,11 @@ class TrainConfig:
     deterministic: bool = _f(False, "deterministic algorithms (bitwise reproducible runs and resumes)", type=bool)
     device: str = _f("auto", "cpu, cuda, cuda:N or auto", type=str)
     threads: int | None = _f(None, "torch CPU threads", type=int, optional=True)
+    precision: str = _f("fp32", "training precision: fp32, or bf16 autocast for every training forward pass "
+                        "(the PGD attack's too; weights, momentum and the evaluation stay float32)", type=str,
+                        choices=PRECISIONS)
+    channels_last: bool = _f(False, "channels-last memory format for the model and the input batches (faster "
+                             "convolutions on GPUs, with bf16 most of all)", type=bool)
     checkpoint_every: int | None = _f(None, "also checkpoint every N optimizer steps (always at epoch ends)",
                                       type=int, optional=True)
     tensorboard: bool = _f(False, "write TensorBoard logs to RUN_DIR/tensorboard (needs tensorboard)", type=bool)

@@ -440,6 +440,8 @@ def _train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data) -> 
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     model = (_prepare_user_model(user_model, cfg) if user_model is not None else build_model_for(cfg)).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed, rank, world)
     if world > 1:
         distributed.broadcast_module(model)  # a user's model may be initialised differently on each rank
@@ -539,7 +541,8 @@ def _train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data) -> 
 
     t0 = time.perf_counter()
     attack = dict(eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps, beta=cfg.beta if cfg.adversarial else 1.0,
-                  attack_bn_mode=cfg.attack_bn_mode)
+                  attack_bn_mode=cfg.attack_bn_mode, channels_last=cfg.channels_last,
+                  autocast_dtype=torch.bfloat16 if cfg.precision == "bf16" else None)
     while epoch < cfg.epochs:
         sampler.set_epoch(epoch, batch)
         epoch_totals = totals if totals is not None else {"loss": 0.0, "clean_correct": 0, "adv_correct": 0, "n": 0}

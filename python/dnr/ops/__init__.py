@@ -168,11 +168,16 @@ def masked_conv2d(
 
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    args = (x, weight, mask, bias, stride, padding, dilation, groups, dense_weight_grad)
     if use_kernel("masked_conv2d", x.device) and _conv_kernel_pays(x, mask, groups):
-        out = torch.ops.dnr.masked_conv2d(*args)
+        if torch.is_autocast_enabled(x.device.type):
+            # the op has no autocast kernel: cast its inputs as autocast casts conv2d (the casts are
+            # differentiable, so the weight gradient still arrives in the weight's dtype)
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        out = torch.ops.dnr.masked_conv2d(x, weight, mask, bias, stride, padding, dilation, groups, dense_weight_grad)
     else:
-        out = reference.masked_conv2d(*args)
+        out = reference.masked_conv2d(x, weight, mask, bias, stride, padding, dilation, groups, dense_weight_grad)
     return out.squeeze(0) if unbatched else out
 
 
