@@ -13,6 +13,7 @@ SCRIPTS = [
     pytest.param("masked_conv", "masked_conv", id="masked_conv", marks=pytest.mark.slow),
     pytest.param("momentum_stats", "momentum_stats", id="momentum_stats", marks=pytest.mark.slow),
     pytest.param("masked_sgd", "masked_sgd", id="masked_sgd", marks=pytest.mark.slow),
+    pytest.param("train_step", "train_step", id="train_step", marks=pytest.mark.slow),
 ]
 
 
