@@ -35,7 +35,7 @@ DNR_REQUIRE_EXT=1 run 240 tests python -m pytest -q -p no:cacheprovider -x --jun
     tests/test_ops*.py tests/test_optim*.py
 
 phase "benchmarks (--device cuda)"
-for bench in pgd_step momentum_stats masked_sgd masked_conv train_step; do
+for bench in pgd_step momentum_stats masked_sgd masked_conv train_step batch_loader; do
     run 120 "bench_$bench" python "benchmarks/bench_$bench.py" --device cuda --out "$OUT"
 done
 

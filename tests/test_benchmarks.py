@@ -14,6 +14,7 @@ SCRIPTS = [
     pytest.param("momentum_stats", "momentum_stats", id="momentum_stats", marks=pytest.mark.slow),
     pytest.param("masked_sgd", "masked_sgd", id="masked_sgd", marks=pytest.mark.slow),
     pytest.param("train_step", "train_step", id="train_step", marks=pytest.mark.slow),
+    pytest.param("batch_loader", "batch_loader", id="batch_loader"),
 ]
 
 

@@ -50,14 +50,16 @@ def _metrics(run_dir):
 @pytest.mark.slow
 # admm and rsr: the kill lands in their first phase (ADMM Z/U/rho, RSR noise scales and RNG), the prune
 # happens after the resume (end of epoch 2)
-@pytest.mark.parametrize("method", ["dnr", "admm", "rsr"])
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, method):
+# dnr also augments its batches (the batched loader's draws come from the checkpointed data generator)
+@pytest.mark.parametrize("method, extra", [("dnr", ["--augment"]), ("admm", []), ("rsr", [])],
+                         ids=["dnr", "admm", "rsr"])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, method, extra):
     ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
-    _train(*TINY, "--method", method, "--out", ref)
+    _train(*TINY, *extra, "--method", method, "--out", ref)
 
     # the run sleeps 0.4 s after every step so the kill lands right after the marker of step 8
     # (epoch 2, batch 3 of 5), i.e. in the middle of epoch 2, before the next checkpoint
-    proc = subprocess.Popen([sys.executable, "-m", "dnr", "train", *TINY, "--method", method, "--out", killed],
+    proc = subprocess.Popen([sys.executable, "-m", "dnr", "train", *TINY, *extra, "--method", method, "--out", killed],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env(DNR_STEP_DELAY=0.4))
     marker = "checkpoint step 8 "

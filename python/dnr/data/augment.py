@@ -52,21 +52,17 @@ def random_crop(x: Tensor, padding: int, generator: torch.Generator | None = Non
     b, c, h, w = xb.shape
     dy = _draw(2 * padding + 1, b, generator, xb.device)
     dx = _draw(2 * padding + 1, b, generator, xb.device)
-    padded = xb.new_zeros(b, c, h + 2 * padding, w + 2 * padding)  # zero padding
-    padded[:, :, padding:padding + h, padding:padding + w] = xb
-    if b == 1:  # one image (the per-item path of a Dataset): plain slicing
+    padded = torch.nn.functional.pad(xb, (padding, padding, padding, padding))  # zero padding
+    if b == 1:  # one image (the per-item path of a Dataset): plain slicing is twice as fast
         y0, x0 = int(dy[0]), int(dx[0])
         out = padded[:, :, y0:y0 + h, x0:x0 + w].clone()
         return out[0] if single else out
-    # One slice copy per distinct offset: at most (2p+1)^2 cheap ops, instead of a per-pixel gather.
-    side = 2 * padding + 1
-    key = dy * side + dx
-    out = torch.empty_like(xb)
-    for k in key.unique().tolist():
-        sel = (key == k).nonzero().squeeze(1)
-        y0, x0 = divmod(k, side)
-        out.index_copy_(0, sel, padded.index_select(0, sel)[:, :, y0:y0 + h, x0:x0 + w])
-    return out
+    # two gathers (rows, then columns) crop every example at its own offset: a few kernels for the
+    # whole batch on any device, as fast on the CPU as slicing one offset at a time
+    rows = (dy[:, None] + torch.arange(h, device=xb.device))[:, None, :, None].expand(b, c, h, w + 2 * padding)
+    cols = (dx[:, None] + torch.arange(w, device=xb.device))[:, None, None, :].expand(b, c, h, w)
+    out = padded.gather(2, rows).gather(3, cols)
+    return out[0] if single else out
 
 
 def random_hflip(x: Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> Tensor:

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 
 from .. import attacks, distributed
 from .._files import atomic_open
+from ..data.loader import BatchLoader
 from ..nn import apply_masks, density_report, masked_layers, sparsify
 from ..ops._registry import use_kernel
 from ..optim import MaskedSGD
@@ -449,8 +450,11 @@ def _train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data) -> 
         torch.manual_seed(distributed.rank_seed(cfg.seed, rank))
     # the loader's own generator: creating its iterator every epoch must not draw from the global RNG
     loader_gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed + 4, rank))
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=0, pin_memory=device.type == "cuda",
-                        generator=loader_gen)
+    if BatchLoader.supports(train_set):  # in-memory images: one gather (and augmentation) per batch
+        loader = BatchLoader(train_set, sampler, device)
+    else:
+        loader = DataLoader(train_set, batch_sampler=sampler, num_workers=0, pin_memory=device.type == "cuda",
+                            generator=loader_gen)
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = make_optimizer(cfg, model, device)
