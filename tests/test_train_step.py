@@ -110,3 +110,21 @@ def test_bf16_run_trains_and_records_its_precision(tmp_path):
 def test_precision_option_names_its_choices():
     with pytest.raises(ConfigError, match=r"--precision.*'fp16'.*fp32.*bf16"):
         resolve_config(None, {}, {**TINY, "precision": "fp16"})
+
+
+@pytest.mark.slow  # inductor compiles the training and attack graphs (about a minute on 2 CPU cores)
+def test_compiled_training_follows_the_eager_run(tmp_path):
+    runs = {}
+    for mode in ("off", "default"):
+        cfg = resolve_config(None, {}, {**TINY, "compile": mode, "epochs": 2, "deterministic": False})
+        s = fit(cfg, str(tmp_path / mode), quiet=True, progress=False)
+        with open(os.path.join(s["run_dir"], "metrics.jsonl")) as f:
+            runs[mode] = ([json.loads(line) for line in f], load_checkpoint(s["model_path"])["model"])
+    (rows_e, eager), (rows_c, compiled) = runs["off"], runs["default"]
+    for a, b in zip(rows_e, rows_c):  # inductor's fused kernels round differently; the run is the same
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
+        assert b["rewired_weights"] == a["rewired_weights"]
+    assert eager.keys() == compiled.keys()  # the saved state dict is the model's, not the compiled wrapper's
+    for key in eager:
+        if eager[key].is_floating_point():
+            torch.testing.assert_close(compiled[key], eager[key], atol=1e-3, rtol=1e-3, msg=key)

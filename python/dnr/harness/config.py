@@ -24,6 +24,7 @@ METHODS = ("dense", "dense-at", "static", "dnr", "oneshot", "admm", "rsr")
 # prune once after a dense or regularised first phase, then fine-tune with the mask fixed
 PHASED_METHODS = ("oneshot", "admm", "rsr")
 LR_SCHEDULES = ("cosine", "step", "constant")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRECISIONS = ("fp32", "bf16")  # fp16 would need loss scaling in the attack's input gradients too
 DEFAULT_PRESET = "fashion-mnist-quick"
 
@@ -123,6 +124,9 @@ class TrainConfig:
     precision: str = _f("fp32", "training precision: fp32, or bf16 autocast for every training forward pass "
                         "(the PGD attack's too; weights, momentum and the evaluation stay float32)", type=str,
                         choices=PRECISIONS)
+    compile: str = _f("off", "torch.compile the model for training: off, default, reduce-overhead (CUDA graphs), "
+                      "max-autotune or max-autotune-no-cudagraphs (torch.compile's modes; the evaluation runs eager)",
+                      type=str, choices=COMPILE_MODES)
     channels_last: bool = _f(False, "channels-last memory format for the model and the input batches (faster "
                              "convolutions on GPUs, with bf16 most of all)", type=bool)
     checkpoint_every: int | None = _f(None, "also checkpoint every N optimizer steps (always at epoch ends)",

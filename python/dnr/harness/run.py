@@ -471,6 +471,9 @@ def _train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data) -> 
         optimizer.register_step_post_hook(lambda *_: apply_masks(model))
 
     grad_sync = distributed.GradientSync(optimizer) if world > 1 else None
+    # the training steps run the compiled module (same parameters and buffers); evaluation, checkpoints and
+    # the rewiring use the model itself
+    train_model = model if cfg.compile == "off" else torch.compile(model, mode=cfg.compile)
     # the model parameters are compared by check_replicas via the model's state dict
     model_params = {id(p) for p in model.parameters()}
 
@@ -572,7 +575,7 @@ def _train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data) -> 
                 log(f"checkpoint step {step} (epoch {epoch + 1}, batch {b}/{steps_per_epoch}): {ckpt_path}")
 
         try:
-            stats = train_epoch(model, loader, optimizer, controller=controller, last_epoch=epoch == cfg.epochs - 1,
+            stats = train_epoch(train_model, loader, optimizer, controller=controller, last_epoch=epoch == cfg.epochs - 1,
                                 device=device, lr_scheduler=scheduler, progress=on_batch, totals=epoch_totals,
                                 penalty=method.penalty if method is not None else None, grad_sync=grad_sync,
                                 **attack)
