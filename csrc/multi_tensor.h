@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <string>
@@ -18,6 +19,31 @@ inline void check_device(
   TORCH_CHECK(
       t.device() == device, "dnr::", op, ": ", name, " is on ", t.device(),
       " but the first tensor is on ", device, "; all must be on one device");
+}
+
+// Whether a and b (same sizes) lay their elements out in one memory order: equal
+// strides in every dimension longer than 1 (a size-1 dimension's stride is free, so
+// e.g. a [O, C, 1, 1] weight is both contiguous and channels_last).
+inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes()) {
+    return false;
+  }
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// t in the memory order of the dense tensor p (t itself when it already is): the
+// elementwise kernels walk p, its gradient, buffer and mask as one linear range, so a
+// channels_last weight works as well as a contiguous one.
+inline at::Tensor with_layout_of(const at::Tensor& t, const at::Tensor& p) {
+  if (same_layout(t, p)) {
+    return t;
+  }
+  return at::empty_like(p, t.options()).copy_(t);
 }
 
 inline void check_momentum_stats(at::TensorList momenta, at::TensorList masks) {
@@ -75,10 +101,12 @@ inline void check_masked_sgd_step(
     TORCH_CHECK(
         at::isFloatingType(p.scalar_type()), "dnr::masked_sgd_step_: params", idx,
         " must be floating point, got ", p.scalar_type());
-    // Written through raw pointers: params and buffers must be dense.
+    // Written through raw pointers as one linear range: params must be dense (any
+    // memory order, e.g. contiguous or channels_last) and buffers in the same order.
     TORCH_CHECK(
-        p.is_contiguous(), "dnr::masked_sgd_step_: params", idx,
-        " must be contiguous (it is written in place), got strides ", p.strides());
+        p.is_non_overlapping_and_dense(), "dnr::masked_sgd_step_: params", idx,
+        " must be dense, e.g. contiguous or channels_last (it is written in place), got sizes ",
+        p.sizes(), " and strides ", p.strides());
     const std::pair<const char*, const at::Tensor*> same[] = {
         {"grads", &grads[i]}, {"momentum_buffers", &bufs[i]}, {"masks", &masks[i]}};
     for (const auto& [name, t] : same) {
@@ -93,9 +121,9 @@ inline void check_masked_sgd_step(
     }
     check_device("masked_sgd_step_", p, "params" + idx, params[0].device());
     TORCH_CHECK(
-        bufs[i].is_contiguous(), "dnr::masked_sgd_step_: momentum_buffers", idx,
-        " must be contiguous (it is written in place), got strides ",
-        bufs[i].strides());
+        same_layout(bufs[i], p), "dnr::masked_sgd_step_: momentum_buffers", idx,
+        " must have the memory layout of params", idx, " (strides ", p.strides(),
+        "; it is written in place), got strides ", bufs[i].strides());
   }
 }
 

@@ -213,13 +213,54 @@ def test_masked_sgd_step_kernel_errors():
     op = torch.ops.dnr.masked_sgd_step_
     with pytest.raises(RuntimeError, match=r"must have one length, got 1, 1, 1 and 0"):
         op(p, [torch.randn(3, 4)], [torch.zeros(3, 4)], [], 0.1, 0.9, 0.0, 0.0, False, True)
-    with pytest.raises(RuntimeError, match=r"params\[0\] must be contiguous"):
-        op([torch.randn(4, 3).t()], [torch.randn(3, 4)], [torch.zeros(3, 4)], [torch.ones(3, 4, dtype=torch.bool)],
+    with pytest.raises(RuntimeError, match=r"params\[0\] must be dense, e\.g\. contiguous or channels_last \(it is "
+                                           r"written in place\), got sizes \[3, 4\] and strides \[8, 2\]"):
+        op([torch.randn(3, 8)[:, ::2]], [torch.randn(3, 4)], [torch.zeros(3, 4)], [torch.ones(3, 4, dtype=torch.bool)],
+           0.1, 0.9, 0.0, 0.0, False, True)
+    cl = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match=r"momentum_buffers\[0\] must have the memory layout of params\[0\] "
+                                           r"\(strides \[60, 1, 15, 3\]; it is written in place\), got strides "
+                                           r"\[60, 20, 5, 1\]"):
+        op([cl], [torch.randn(2, 3, 4, 5)], [torch.zeros(2, 3, 4, 5)], [torch.ones(2, 3, 4, 5, dtype=torch.bool)],
            0.1, 0.9, 0.0, 0.0, False, True)
     with pytest.raises(RuntimeError, match=r"masks\[0\] has dtype Float but must have Bool"):
         op(p, [torch.randn(3, 4)], [torch.zeros(3, 4)], [torch.ones(3, 4)], 0.1, 0.9, 0.0, 0.0, False, True)
     with pytest.raises(RuntimeError, match=r"nesterov needs momentum > 0 and dampening == 0, got momentum=0"):
         op(p, [torch.randn(3, 4)], [torch.zeros(3, 4)], [torch.ones(3, 4, dtype=torch.bool)], 0.1, 0.0, 0.0, 0.0, True, True)
+
+
+@pytest.mark.parametrize("impl", ["ops", "kernel"])
+def test_masked_sgd_step_exact_for_channels_last_params(impl, device, monkeypatch):
+    """float32, bit for bit against SGD + mask for channels_last weights (what --channels-last trains), with
+    contiguous gradients and masks; through the wrapper the compiled kernel runs (no reference fallback)."""
+    from dnr import _ext
+
+    if impl == "kernel" and not _ext.has_kernel("masked_sgd_step_", torch.device(device).type):
+        pytest.skip("no compiled masked_sgd_step_")
+    if impl == "ops" and _ext.has_kernel("masked_sgd_step_", torch.device(device).type):
+        monkeypatch.setattr(reference, "masked_sgd_step_", lambda *a, **k: pytest.fail("fell back to the reference"))
+    layout = torch.channels_last
+    shapes = [(8, 3, 3, 3), (16, 8, 1, 1), (5, 7)]
+    params = [torch.randn(s, device=device) for s in shapes]
+    params = [p.contiguous(memory_format=layout) if p.dim() == 4 else p for p in params]
+    masks = [torch.rand(s, device=device) < 0.4 for s in shapes]
+    refs = [torch.nn.Parameter(p.clone()) for p in params]
+    sgd = torch.optim.SGD(refs, lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True, foreach=False)
+    bufs = [torch.zeros_like(p) for p in params]  # p's memory order
+    assert bufs[0].is_contiguous(memory_format=layout) and not bufs[0].is_contiguous()
+    op = dnr.ops.masked_sgd_step_ if impl == "ops" else torch.ops.dnr.masked_sgd_step_
+    for step in range(3):
+        grads = [torch.randn(s, device=device) for s in shapes]  # contiguous: the op reorders them
+        for r, g in zip(refs, grads):
+            r.grad = g.clone()
+        sgd.step()
+        with torch.no_grad():
+            for r, k in zip(refs, masks):
+                r.mul_(k)
+        op(params, grads, bufs, masks, 0.1, 0.9, 0.0, 1e-3, True, step == 0)
+    for p, r, b in zip(params, refs, bufs):
+        assert torch.equal(p, r.detach()) and torch.equal(b, sgd.state[r]["momentum_buffer"])
+    assert params[0].is_contiguous(memory_format=layout)
 
 
 def test_masked_sgd_step_falls_back_for_non_contiguous_params(device):

@@ -206,3 +206,34 @@ def test_mask_error_in_step_modifies_nothing():
     with pytest.raises(TypeError, match=r"must be a bool tensor"):
         opt.step()
     assert torch.equal(p, before[0]) and torch.equal(q, before[1])
+
+
+def test_channels_last_model_keeps_the_fused_step_and_matches_sgd(monkeypatch):
+    """A model in channels_last (--channels-last) still takes the fused kernel, bit for bit SGD + masks."""
+    from dnr import _ext, reference
+    from dnr.models import build_model
+    from dnr.nn import apply_masks, sparsify
+
+    if not _ext.has_kernel("masked_sgd_step_", "cpu"):
+        pytest.skip("no compiled masked_sgd_step_")
+    monkeypatch.setattr(reference, "masked_sgd_step_", lambda *a, **k: pytest.fail("fell back to the reference"))
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, 1, 28, (0.5,), (0.25,))
+    sparsify(model, density=0.2, generator=torch.Generator().manual_seed(0))
+    model = model.to(memory_format=torch.channels_last)
+    twin = copy.deepcopy(model)
+    opt = MaskedSGD(model.parameters(), model=model, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    sgd = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, foreach=False)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in model.parameters()]
+        for p, q, gr in zip(model.parameters(), twin.parameters(), grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        opt.step()
+        sgd.step()
+        apply_masks(twin)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), name
+    conv = model.features[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert opt.state[conv]["momentum_buffer"].stride() == conv.stride()

@@ -87,8 +87,8 @@ void masked_sgd_step_cpu(
     if (p.numel() == 0) {
       continue;
     }
-    const at::Tensor g = grads[i].contiguous();
-    const at::Tensor k = masks[i].contiguous();
+    const at::Tensor g = with_layout_of(grads[i], p);
+    const at::Tensor k = with_layout_of(masks[i], p);
     at::Tensor buf = bufs[i];
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, p.scalar_type(), "dnr::masked_sgd_step_", [&] {

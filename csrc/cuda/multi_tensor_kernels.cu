@@ -294,8 +294,8 @@ void masked_sgd_step_cuda(
   std::vector<int64_t> table;
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
-    const at::Tensor g = grads[i].contiguous();
-    const at::Tensor k = masks[i].contiguous();
+    const at::Tensor g = with_layout_of(grads[i], p);
+    const at::Tensor k = with_layout_of(masks[i], p);
     keep_alive.push_back(g);
     keep_alive.push_back(k);
     const int64_t n = p.numel();

@@ -119,14 +119,15 @@ class MaskedSGD(torch.optim.SGD):
                     continue
                 first = buf is None
                 if first:
-                    buf = torch.empty_like(p, memory_format=torch.contiguous_format)
+                    buf = torch.empty_like(p)  # p's memory order (e.g. channels_last): what the kernel walks
                     self.state[p]["momentum_buffer"] = buf
                 for lst, t in zip(fused[first], (p, p.grad, buf, mask)):
                     lst.append(t)
             for first, (params, grads, bufs, ms) in fused.items():
                 if not params:
                     continue
-                if use_kernel("masked_sgd_step_", params[0].device) and all(p.is_contiguous() for p in params):
+                if use_kernel("masked_sgd_step_", params[0].device) and all(
+                        ops._dense_layout(p) and ops._same_layout(b, p) for p, b in zip(params, bufs)):
                     # Everything the wrapper checks holds by construction here (the kernel checks
                     # again in C++): skipping its per-tensor Python checks saves ~L x 10 us per step.
                     torch.ops.dnr.masked_sgd_step_(params, grads, bufs, ms, hyper["lr"], hyper["momentum"],

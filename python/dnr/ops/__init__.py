@@ -439,9 +439,10 @@ def masked_sgd_step_(
     if not params:
         return
     args = (params, grads, momentum_buffers, masks, lr, momentum, dampening, weight_decay, nesterov, first_step)
-    # The kernel writes through raw pointers: params and buffers must be contiguous.
+    # The kernel walks each param, grad, buffer and mask as one linear range: params must be dense
+    # (contiguous or channels_last) and buffers in their memory order (grads and masks it reorders).
     fused = use_kernel("masked_sgd_step_", params[0].device) and all(
-        p.device == params[0].device and p.is_contiguous() and b.is_contiguous()
+        p.device == params[0].device and _dense_layout(p) and _same_layout(b, p)
         for p, b in zip(params, momentum_buffers)
     )
     with torch.no_grad():
