@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a GPU machine (no network): build dnr with its CUDA kernels, run the op/optimizer
-# tests (CUDA cases included), every benchmark and one short harness epoch on the GPU. Logs, JUnit XML and the
+# tests (CUDA cases included), every benchmark and a short harness run on the GPU. Logs, JUnit XML and the
 # benchmark JSON go to $OUT (default benchmarks/results). Each phase runs under a time
 # limit and a failing phase does not stop the next; the exit code is that of the worst.
 #
@@ -39,10 +39,10 @@ for bench in pgd_step momentum_stats masked_sgd masked_conv train_step batch_loa
     run 120 "bench_$bench" python "benchmarks/bench_$bench.py" --device cuda --out "$OUT"
 done
 
-phase "the harness on the GPU: one epoch of sparse ResNet-18 (synthetic data, PGD-7, bf16 + channels-last)"
+phase "the harness on the GPU: sparse ResNet-18, 3 epochs of 4 steps (synthetic data, PGD-7, bf16 + channels-last)"
 rm -rf /tmp/dnr-harness-run
-run 180 harness python -m dnr train --dataset synthetic --model resnet18 --epochs 1 --train-size 8192 \
-    --batch-size 256 --test-size 512 --eval-size 512 --attack-steps 7 --alpha 0.00784 --eps 0.03137 \
+run 180 harness python -m dnr train --dataset synthetic --model resnet18 --epochs 3 --train-size 1024 \
+    --batch-size 256 --test-size 256 --eval-size 256 --attack-steps 7 --alpha 0.00784 --eps 0.03137 \
     --precision bf16 --channels-last --no-plots --no-progress --out /tmp/dnr-harness-run \
     --json "$OUT/harness-summary.json"
 cp /tmp/dnr-harness-run/metrics.jsonl "$OUT/harness-metrics.jsonl" 2>/dev/null || true
