@@ -128,3 +128,21 @@ def test_sparse_runs_use_the_fused_masked_sgd_and_match_torch_sgd_bitwise(tmp_pa
     sa, sb = load_checkpoint(a["model_path"])["model"], load_checkpoint(b["model_path"])["model"]
     for key in sa:
         assert torch.equal(sa[key], sb[key]), key
+
+
+def test_min_active_keeps_channel_layers_from_collapsing(tmp_path):
+    """Channel-mode DNR moves channels to the layers with the largest mean momentum; --min-active bounds
+    how far the others shrink (the default 1 lets the head's hidden layer fall to 2 channels here)."""
+    ends = {}
+    for floor in (1, 4):
+        cfg, s = _fit(tmp_path / str(floor), method="dnr", mode="channel", density=0.05, epochs=4, train_size=256,
+                      min_active=floor)
+        final = load_checkpoint(s["model_path"])["model"]
+        start = {n: int(layer.channel_mask.sum()) for n, layer in masked_layers(build_model_for(cfg))}
+        end = {n: int(final[n + ".mask"].reshape(final[n + ".mask"].shape[0], -1).any(dim=1).sum()) for n in start}
+        ends[floor] = (start, end)
+        assert sum(int(final[n + ".mask"].sum()) for n in start) == sum(
+            int(layer.mask.sum()) for _, layer in masked_layers(build_model_for(cfg)))  # the budget holds
+    start, end = ends[4]
+    assert all(end[n] >= min(4, start[n]) for n in start), end
+    assert min(ends[1][1].values()) < 4  # without the floor a layer does shrink below it

@@ -73,6 +73,8 @@ class TrainConfig:
                              choices=("cosine", "linear", "constant"))
     rewire_every: int | None = _f(None, "rewire every K optimizer steps instead of at epoch ends", type=int,
                                   optional=True)
+    min_active: int = _f(1, "DNR: units (weights, or channels in channel mode) every layer keeps when pruning; "
+                         "in channel mode a few more keep a layer from shrinking to one channel", type=int)
     # baselines (oneshot, admm, rsr): a first phase, one exact-budget prune, masked fine-tuning
     phase_split: float = _f(0.5, "oneshot/admm/rsr: fraction of the epochs before the prune (dense AT, ADMM or "
                             "RSR training); the rest is masked AT fine-tuning with the lr schedule restarted",
@@ -198,6 +200,7 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 need(name, getattr(self, name) >= 1, "an integer >= 1 (or none)")
         need("eval_every", self.eval_every >= 0, "an integer >= 0")
+        need("min_active", self.min_active >= 0, "an integer >= 0")
         need("lr", self.lr > 0, "a number > 0")
         need("momentum", 0.0 < self.momentum < 1.0, "a number in (0, 1)")
         need("weight_decay", self.weight_decay >= 0, "a number >= 0")

@@ -466,7 +466,8 @@ def _train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data) -> 
     if cfg.method == "dnr":
         controller = DNR(model, optimizer, total_steps=total_steps, prune_rate=cfg.prune_rate,
                          prune_rate_min=cfg.prune_rate_min, schedule=cfg.prune_schedule,
-                         rewire_every=cfg.rewire_every, generator=torch.Generator().manual_seed(cfg.seed + 2))
+                         rewire_every=cfg.rewire_every, min_active=cfg.min_active,
+                         generator=torch.Generator().manual_seed(cfg.seed + 2))
     elif cfg.method == "static":  # a fixed mask still has to be re-applied after every step
         optimizer.register_step_post_hook(lambda *_: apply_masks(model))
 
