@@ -170,6 +170,19 @@ def _buckets(tensors: Sequence[Tensor]) -> list[list[Tensor]]:
     return [b for bl in groups.values() for b in bl]
 
 
+def _all_reduce_bucket(bucket: Sequence[Tensor], divisor: int, tail: Tensor | None = None) -> None:
+    """Sum ``bucket`` (same dtype and device) and ``tail`` over the ranks with one all-reduce, in place;
+    the bucket's tensors are then divided by ``divisor``, the tail is left a sum."""
+    flat = torch.cat([t.reshape(-1) for t in bucket] + ([tail.reshape(-1)] if tail is not None else []))
+    dist.all_reduce(flat)
+    offset = 0
+    for t in bucket:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t).div_(divisor))
+        offset += t.numel()
+    if tail is not None:
+        tail.copy_(flat[offset:])
+
+
 def sync_gradients(params: Iterable[Tensor], stats: Tensor | None = None) -> Tensor | None:
     """Average the ``.grad`` of ``params`` over all ranks and sum ``stats`` (float32 [k]); in place.
 
@@ -182,25 +195,14 @@ def sync_gradients(params: Iterable[Tensor], stats: Tensor | None = None) -> Ten
     """
     if not _active():
         return stats
-    grads = [p.grad for p in params if p.grad is not None]
-    if stats is not None:
-        if stats.dtype != torch.float32 or stats.dim() != 1:
-            raise ValueError(f"sync_gradients: stats must be a float32 vector, got {stats.dtype} {list(stats.shape)}")
+    if stats is not None and (stats.dtype != torch.float32 or stats.dim() != 1):
+        raise ValueError(f"sync_gradients: stats must be a float32 vector, got {stats.dtype} {list(stats.shape)}")
     world = dist.get_world_size()
-    buckets = _buckets(grads)
     placed = stats is None
-    for bucket in buckets:
+    for bucket in _buckets([p.grad for p in params if p.grad is not None]):
         with_stats = not placed and bucket[0].dtype == torch.float32 and bucket[0].device == stats.device
-        parts = bucket + ([stats] if with_stats else [])
-        flat = torch.cat([t.reshape(-1) for t in parts])
-        dist.all_reduce(flat)
-        offset = 0
-        for t in bucket:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t).div_(world))
-            offset += t.numel()
-        if with_stats:
-            stats.copy_(flat[offset:])
-            placed = True
+        _all_reduce_bucket(bucket, world, stats if with_stats else None)
+        placed = placed or with_stats
     if not placed:  # no float32 gradient on the stats' device: reduce the stats alone
         dist.all_reduce(stats)
     return stats
@@ -224,17 +226,10 @@ def average_buffers(module: nn.Module) -> None:
     """
     if not _active():
         return
-    bufs = [b for b in module.buffers() if b.is_floating_point()]
     world = dist.get_world_size()
     with torch.no_grad():
-        for bucket in _buckets(bufs):
-            flat = torch.cat([b.reshape(-1) for b in bucket])
-            dist.all_reduce(flat)
-            flat.div_(world)
-            offset = 0
-            for b in bucket:
-                b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                offset += b.numel()
+        for bucket in _buckets([b for b in module.buffers() if b.is_floating_point()]):
+            _all_reduce_bucket(bucket, world)
 
 
 def check_replicas(module: nn.Module, extra: dict[str, Tensor] | None = None) -> None:
