@@ -30,9 +30,10 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16
 run 420 build python -m pip install --no-build-isolation --no-deps --no-index -e .
 python -c "import json, dnr.ops; print(json.dumps(dnr.ops.backend()))" | tee "$OUT/backend.json"
 
-phase "tests: ops and optimizer, CPU and CUDA"
-DNR_REQUIRE_EXT=1 run 240 tests python -m pytest -q -p no:cacheprovider -x --junitxml="$OUT/tests.xml" \
-    tests/test_ops*.py tests/test_optim*.py
+phase "tests: ops, optimizer, training step and batch loader, CPU and CUDA"
+DNR_REQUIRE_EXT=1 run 240 tests python -m pytest -q -p no:cacheprovider -x -m "not slow" \
+    --junitxml="$OUT/tests.xml" tests/test_ops*.py tests/test_optim*.py tests/test_train_step.py \
+    tests/test_data_loader.py
 
 phase "benchmarks (--device cuda)"
 for bench in pgd_step momentum_stats masked_sgd masked_conv train_step batch_loader; do
