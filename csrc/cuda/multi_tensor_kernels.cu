@@ -19,7 +19,9 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
+#include <initializer_list>
 #include <vector>
 
 #include "../multi_tensor.h"
@@ -42,6 +44,20 @@ DType dtype_code(at::ScalarType t) {
 
 int64_t address(const at::Tensor& t) {
   return reinterpret_cast<int64_t>(t.data_ptr());
+}
+
+// Appends one table row per chunk of `chunk` elements of the same-sized tensors:
+// each tensor's address at the chunk's first element, the chunk's length, `dtype`.
+void append_chunks(std::vector<int64_t>& table, std::initializer_list<const at::Tensor*> tensors,
+                   int64_t chunk, int64_t dtype) {
+  const int64_t n = (*tensors.begin())->numel();
+  for (int64_t start = 0; start < n; start += chunk) {
+    for (const at::Tensor* t : tensors) {
+      table.push_back(address(*t) + start * t->element_size());
+    }
+    table.push_back(std::min(chunk, n - start));
+    table.push_back(dtype);
+  }
 }
 
 // The host table as a device tensor: one pinned buffer (from torch's caching
@@ -142,12 +158,7 @@ at::Tensor momentum_stats_cuda(at::TensorList momenta, at::TensorList masks) {
     const at::Tensor k = masks[l].contiguous();
     keep_alive.push_back(v);
     keep_alive.push_back(k);
-    const int64_t n = v.numel();
-    const int64_t elem = v.element_size();
-    for (int64_t start = 0; start < n; start += kStatsChunk) {
-      table.insert(table.end(), {address(v) + start * elem, address(k) + start,
-                                 std::min(kStatsChunk, n - start), dtype_code(v.scalar_type())});
-    }
+    append_chunks(table, {&v, &k}, kStatsChunk, dtype_code(v.scalar_type()));
     first_chunk.push_back(static_cast<int64_t>(table.size()) / kStatsCols);
   }
   const int64_t chunks = first_chunk.back();
@@ -298,13 +309,7 @@ void masked_sgd_step_cuda(
     const at::Tensor k = with_layout_of(masks[i], p);
     keep_alive.push_back(g);
     keep_alive.push_back(k);
-    const int64_t n = p.numel();
-    const int64_t elem = p.element_size();
-    for (int64_t start = 0; start < n; start += kSgdChunk) {
-      table.insert(table.end(), {address(p) + start * elem, address(g) + start * elem,
-                                 address(bufs[i]) + start * elem, address(k) + start,
-                                 std::min(kSgdChunk, n - start), dtype_code(p.scalar_type())});
-    }
+    append_chunks(table, {&p, &g, &bufs[i], &k}, kSgdChunk, dtype_code(p.scalar_type()));
   }
   const int64_t chunks = static_cast<int64_t>(table.size()) / kSgdCols;
   if (chunks == 0) {
