@@ -119,6 +119,42 @@ def test_single_process_helpers_are_identities():
     assert distributed.rank_seed(7, 0) == 7 and distributed.rank_seed(7, 1) != 7
 
 
+def _check_ddp_user_loop(rank, world, mode):
+    """The README's pattern: the user's own DistributedDataParallel loop with dnr.DNR (no generator given)."""
+    import dnr
+    from dnr import attacks
+    from dnr.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, 1, 28, (0.5,), (0.25,))
+    dnr.sparsify(model, density=0.1, mode=mode, generator=torch.Generator().manual_seed(0))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    torch.manual_seed(10 + rank)  # the ranks' global RNGs differ, as in any real data-parallel job
+    controller = dnr.DNR(model, opt, total_steps=12, regrowth="random" if mode == "irregular" else "momentum")
+    g = torch.Generator().manual_seed(100 + rank)
+    before = [layer.mask.clone() for _, layer in dnr.masked_layers(model)]
+    for step in range(6):
+        x, y = torch.rand(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
+        x_adv = attacks.pgd(model, x, y, 0.1, 0.025, 2)  # the inner module: no DDP hooks in the attack
+        loss = dnr.hybrid_loss(ddp(x), ddp(x_adv), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step in (2, 4):
+            controller.rewire()
+    after = [layer.mask for _, layer in dnr.masked_layers(model)]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))  # it rewired
+    distributed.average_buffers(model)  # DDP leaves each rank its own BatchNorm statistics
+    distributed.check_replicas(model)  # weights (regrown channels' re-init included) and masks agree
+
+
+@pytest.mark.parametrize("mode", ["irregular", "channel"])
+def test_dnr_in_a_user_ddp_loop_keeps_the_replicas_equal(mode):
+    """Random regrowth and regrown channels' re-initialisation draw from a generator seeded from rank 0."""
+    _spawn(_check_ddp_user_loop, 2, mode)
+
+
 # ---------------------------------------------------------------------------------------- data sharding
 @pytest.mark.parametrize("world", [2, 4])
 def test_rank_slices_make_up_the_one_process_batches(world):

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = ["Context", "ReplicaMismatch", "GradientSync", "launch_info", "setup", "teardown", "rank", "world_size", "is_main", "barrier",
-           "rank_seed", "broadcast_module", "sync_gradients", "average_buffers", "check_replicas",
+           "rank_seed", "shared_seed", "broadcast_module", "sync_gradients", "average_buffers", "check_replicas",
            "all_gather_objects", "all_reduce_sum"]
 
 # one bucket per dtype up to this many elements (bounds the extra memory of the flattened copy)
@@ -142,6 +142,16 @@ def rank_seed(seed: int, rank_: int) -> int:
     """The seed of rank ``rank_``'s own random streams (PGD starts, augmentation); rank 0 keeps ``seed``
     so a one-process run is unchanged."""
     return seed if rank_ == 0 else (seed + 1_000_003 * rank_) % (2 ** 63)
+
+
+def shared_seed() -> int:
+    """A random seed drawn on rank 0 (from torch's global RNG) and broadcast, so every rank gets the same;
+    in one process just the draw."""
+    seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64)
+    if _active():
+        seed = seed.to(_float_tensor_device())
+        dist.broadcast(seed, 0)
+    return int(seed.item())
 
 
 def _float_tensor_device() -> torch.device:

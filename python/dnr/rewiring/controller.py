@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .. import ops
+from .. import distributed, ops
 from ..nn.sparsify import NORM_TYPES, _resolve, apply_masks, masked_layers
 from ..nn.units import active_units, expand_units, num_units, unit_scores, unit_size
 from ..allocation import AllocationError, round_exact, water_fill
@@ -45,7 +45,10 @@ class DNR:
         regrow_cap: a layer regrows at most this fraction of its free slots (0.99).
         dense_threshold: layers denser than this with mu_l > 1/L prune at most their free fraction (0.8).
         min_active: units every layer keeps when pruning (1).
-        generator: torch.Generator for random regrowth.
+        generator: torch.Generator for random regrowth and for re-initialising regrown channels. Under
+            torch.distributed (e.g. DistributedDataParallel) every rank must draw the same numbers: None
+            there means a generator seeded from a seed that rank 0 draws and broadcasts (at construction,
+            a collective: build the controller on every rank).
     """
 
     def __init__(
@@ -111,6 +114,9 @@ class DNR:
         self.regrow_cap = float(regrow_cap)
         self.dense_threshold = float(dense_threshold)
         self.min_active = int(min_active)
+        if generator is None and distributed.world_size() > 1:
+            # the global RNGs of the ranks differ: a per-rank draw would give the replicas different masks
+            generator = torch.Generator().manual_seed(distributed.shared_seed())
         self.generator = generator
         self.steps = 0
         self.epochs = 0
