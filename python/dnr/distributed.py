@@ -87,7 +87,9 @@ def setup(device: str = "auto", *, timeout_minutes: float = 60.0) -> Context:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"option --device: got {device!r}, but CUDA is not available here")
     if dist.is_available() and dist.is_initialized():  # the caller set the group up: use it as it is
-        world, rank_, local = dist.get_world_size(), dist.get_rank(), _env_int("LOCAL_RANK", 0)
+        # without torchrun's LOCAL_RANK, the GPU the caller made current
+        current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        world, rank_, local = dist.get_world_size(), dist.get_rank(), _env_int("LOCAL_RANK", current)
         owns = False
     else:
         (rank_, world), local = launch_info(), _env_int("LOCAL_RANK", 0)
