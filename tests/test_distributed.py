@@ -155,6 +155,22 @@ def test_dnr_in_a_user_ddp_loop_keeps_the_replicas_equal(mode):
     _spawn(_check_ddp_user_loop, 2, mode)
 
 
+def _check_fit_in_callers_group(rank, world, out):
+    from dnr.harness import TrainConfig, fit
+
+    cfg = TrainConfig(data_root="embedded", train_size=128, test_size=32, eval_size=32, batch_size=32, epochs=1,
+                      attack_steps=1, eval_steps=1, threads=1, plots=False).validate()
+    summary = fit(cfg, out, quiet=True, progress=False)
+    assert summary["processes"] == 2 and summary["test_examples"] == 32
+    assert dist.is_initialized()  # fit leaves a group it did not create alone
+
+
+def test_fit_joins_a_process_group_the_caller_created(tmp_path):
+    _spawn(_check_fit_in_callers_group, 2, str(tmp_path / "run"))
+    state = load_checkpoint(str(tmp_path / "run"), kind="train")
+    assert state["world_size"] == 2 and os.path.isfile(tmp_path / "run" / "model.pt")
+
+
 # ---------------------------------------------------------------------------------------- data sharding
 @pytest.mark.parametrize("world", [2, 4])
 def test_rank_slices_make_up_the_one_process_batches(world):
