@@ -446,9 +446,34 @@ def test_state_restored_when_forward_raises(bn_mode, attack):
             pgd(model, x, y, 0.05, 0.02, 3, restarts=1 if attack == "pgd" else 2, bn_mode=bn_mode)
     assert len(probe.seen) == fail_at
     _check_grads(grads)
+    assert all(p.requires_grad for p in model.parameters())  # unfrozen again
     assert [(m, m.training) for m in model.modules()] == flags
     for k, v in _bn_state(model).items():
         assert torch.equal(v, bn[k]), k
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "pgd", "evaluate"])
+def test_attacks_run_with_parameters_out_of_the_graph(attack):
+    """Only the input gradient is taken: every parameter stops requiring grad during the attack (so the
+    compiled masked conv skips its weight gradient) and gets its own flag back afterwards."""
+    import dnr
+
+    torch.manual_seed(0)
+    model = dnr.sparsify(_bn_cnn(), density=0.3, generator=torch.Generator().manual_seed(0))
+    params = list(model.parameters())
+    params[1].requires_grad_(False)  # the user's own frozen parameter stays frozen
+    during = []
+    model.register_forward_pre_hook(lambda m, a: during.append([p.requires_grad for p in params]))
+    x, y = _images(8)
+    if attack == "fgsm":
+        fgsm(model, x, y, 0.05)
+    elif attack == "pgd":
+        pgd(model, x, y, 0.05, 0.02, 2)
+    else:
+        evaluate(model, DataLoader(TensorDataset(x, y), batch_size=4), steps=2)
+    assert during and not any(any(flags) for flags in during)
+    assert [p.requires_grad for p in params] == [i != 1 for i in range(len(params))]
+    assert all(p.grad is None for p in params)
 
 
 def test_bn_train_mode_uses_batch_statistics():

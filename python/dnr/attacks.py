@@ -146,8 +146,14 @@ _NormBase = nn.modules.batchnorm._NormBase  # BatchNorm1d/2d/3d, SyncBatchNorm, 
 
 @contextmanager
 def _attack_mode(model: nn.Module, bn_mode: str) -> Iterator[None]:
-    """Put ``model`` in the mode the attack needs; restore flags (and BN buffers) on exit."""
+    """Put ``model`` in the mode the attack needs; restore flags (and BN buffers) on exit.
+
+    The parameters stop requiring gradients meanwhile: an attack needs only the input gradient, and a
+    custom op's backward (the compiled masked convolution) cannot see that ``autograd.grad`` asks for
+    the input alone, so it would also compute the weight gradient of every layer.
+    """
     flags: List[Tuple[nn.Module, bool]] = [(m, m.training) for m in model.modules()]
+    frozen = [p for p in model.parameters() if p.requires_grad]
     saved: List[Tuple[Tensor, Tensor]] = []
     if bn_mode == "train":
         # Snapshot every running statistic: exact restore, independent of momentum (None,
@@ -158,9 +164,13 @@ def _attack_mode(model: nn.Module, bn_mode: str) -> Iterator[None]:
                     if buf is not None:
                         saved.append((buf, buf.detach().clone()))
     try:
+        for p in frozen:
+            p.requires_grad_(False)
         model.train(bn_mode == "train")
         yield
     finally:
+        for p in frozen:
+            p.requires_grad_(True)
         with torch.no_grad():
             for buf, copy in saved:
                 buf.copy_(copy)
