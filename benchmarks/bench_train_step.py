@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import _common
-from dnr import train
+from dnr import attacks, train
 from dnr.harness.config import TrainConfig
 from dnr.harness.run import make_optimizer
 from dnr.models import build_model
@@ -98,7 +98,7 @@ def check(name, device, density, in_channels, size, batch):
     for k, v in plain.state_dict().items():
         if v.is_floating_point():
             torch.testing.assert_close(ours[k], v, atol=1e-5, rtol=1e-4, msg=f"{name}: {k} differs after one step")
-    x_adv = train.attacks.pgd(sparse, x, y, EPS, ALPHA, 3)
+    x_adv = attacks.pgd(sparse, x, y, EPS, ALPHA, 3)
     assert float((x_adv - x).abs().max()) <= EPS + 1e-6 and 0 <= float(x_adv.min()) and float(x_adv.max()) <= 1
 
 

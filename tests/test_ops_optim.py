@@ -20,6 +20,16 @@ def _layers(device, dtype, shapes=((8, 3, 3, 3), (40000,), (5, 7), (0, 4), (6,))
     return momenta, masks
 
 
+def sgd_then_mask(sgd, params, grads, masks):
+    """The oracle step: torch.optim.SGD with ``grads`` set on ``params``, then the mask multiply."""
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    sgd.step()
+    with torch.no_grad():
+        for p, k in zip(params, masks):
+            p.mul_(k)
+
+
 def stats_oracle(momenta, masks):
     rows = []
     for m, k in zip(momenta, masks):
@@ -90,12 +100,7 @@ def test_masked_sgd_step_matches_sgd(momentum, dampening, weight_decay, nesterov
     buffers = [torch.zeros_like(p) for p in params]
     for step in range(4):
         grads = [torch.randn_like(p) for p in params]
-        for p, g in zip(oracle_params, grads):
-            p.grad = g.clone()
-        sgd.step()
-        with torch.no_grad():
-            for p, k in zip(oracle_params, masks):
-                p.mul_(k)
+        sgd_then_mask(sgd, oracle_params, grads, masks)
         IMPLS[impl].masked_sgd_step_(params, grads, buffers, masks, 0.1, momentum, dampening, weight_decay,
                                      nesterov, step == 0)
         for p, want in zip(params, oracle_params):
@@ -183,10 +188,7 @@ def test_masked_sgd_step_exact_with_non_contiguous_grads(device):
     sgd = torch.optim.SGD([ref], lr=0.1, momentum=0.9, weight_decay=1e-3, foreach=False)
     buf = torch.zeros_like(p)
     for step in range(3):
-        ref.grad = grad.clone()
-        sgd.step()
-        with torch.no_grad():
-            ref.mul_(mask)
+        sgd_then_mask(sgd, [ref], [grad], [mask])
         dnr.ops.masked_sgd_step_([p], [grad], [buf], [mask], 0.1, 0.9, 0.0, 1e-3, False, step == 0)
     assert torch.equal(p, ref.detach())
     assert torch.equal(buf, sgd.state[ref]["momentum_buffer"])
@@ -251,12 +253,7 @@ def test_masked_sgd_step_exact_for_channels_last_params(impl, device, monkeypatc
     op = dnr.ops.masked_sgd_step_ if impl == "ops" else torch.ops.dnr.masked_sgd_step_
     for step in range(3):
         grads = [torch.randn(s, device=device) for s in shapes]  # contiguous: the op reorders them
-        for r, g in zip(refs, grads):
-            r.grad = g.clone()
-        sgd.step()
-        with torch.no_grad():
-            for r, k in zip(refs, masks):
-                r.mul_(k)
+        sgd_then_mask(sgd, refs, grads, masks)
         op(params, grads, bufs, masks, 0.1, 0.9, 0.0, 1e-3, True, step == 0)
     for p, r, b in zip(params, refs, bufs):
         assert torch.equal(p, r.detach()) and torch.equal(b, sgd.state[r]["momentum_buffer"])

@@ -161,24 +161,27 @@ def _float_tensor_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def broadcast_module(module: nn.Module, extra: Iterable[Tensor] = (), src: int = 0) -> None:
-    """Copy rank ``src``'s parameters, buffers (masks included) and ``extra`` tensors to every rank."""
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers (masks included) to every rank."""
     if not _active():
         return
     with torch.no_grad():
-        for t in list(module.state_dict(keep_vars=True).values()) + list(extra):
+        for t in module.state_dict(keep_vars=True).values():
             dist.broadcast(t.data, src)
 
 
 def _buckets(tensors: Sequence[Tensor]) -> list[list[Tensor]]:
     """Group ``tensors`` by (dtype, device) into buckets of at most ``_BUCKET_ELEMENTS`` elements."""
     groups: dict[tuple, list[list[Tensor]]] = {}
+    filled: dict[tuple, int] = {}  # elements in each key's last bucket
     for t in tensors:
         key = (t.dtype, t.device)
         bucket_list = groups.setdefault(key, [[]])
-        if bucket_list[-1] and sum(x.numel() for x in bucket_list[-1]) + t.numel() > _BUCKET_ELEMENTS:
+        if bucket_list[-1] and filled[key] + t.numel() > _BUCKET_ELEMENTS:
             bucket_list.append([])
+            filled[key] = 0
         bucket_list[-1].append(t)
+        filled[key] = filled.get(key, 0) + t.numel()
     return [b for bl in groups.values() for b in bl]
 
 

@@ -75,12 +75,13 @@ def adversarial_step(
     clean_correct = (clean_logits.argmax(1) == y).sum()
     adv_correct = (adv_logits.argmax(1) == y).sum()
     if grad_sync is None:
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()}: stopping before the optimizer step")
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss is {value}: stopping before the optimizer step")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return {"loss": loss.item(), "clean_correct": int(clean_correct), "adv_correct": int(adv_correct),
+        return {"loss": value, "clean_correct": int(clean_correct), "adv_correct": int(adv_correct),
                 "n": int(y.numel())}
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -294,7 +294,7 @@ def final_evaluation(model, loader, *, eps, alpha, steps, restarts, seed, log: _
     world = distributed.world_size()
     if world > 1:
         return _sharded_evaluation(model, loader, eps=eps, alpha=alpha, steps=steps, restarts=restarts, seed=seed,
-                                   log=log, fgsm=fgsm, pgd=pgd, desc=desc)
+                                   fgsm=fgsm, pgd=pgd)
     bar = log.bar(total=len(loader), desc=desc) if log is not None else None
     wrapped = loader
     if bar is not None:
@@ -311,7 +311,7 @@ def final_evaluation(model, loader, *, eps, alpha, steps, restarts, seed, log: _
             bar.close()
 
 
-def _sharded_evaluation(model, loader, *, eps, alpha, steps, restarts, seed, log, fgsm, pgd, desc) -> dict:
+def _sharded_evaluation(model, loader, *, eps, alpha, steps, restarts, seed, fgsm, pgd) -> dict:
     """final_evaluation over several processes: rank r takes batches r, r + world, ...; counts are summed."""
     rank, world = distributed.rank(), distributed.world_size()
     size, n_data = loader.batch_size, len(loader.dataset)

@@ -243,6 +243,16 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(s == 1 or sa == sb for s, sa, sb in zip(a.shape, a.stride(), b.stride()))
 
 
+def _sgd_kernel_fits(params: Sequence[torch.Tensor], momentum_buffers: Sequence[torch.Tensor]) -> bool:
+    """Whether the compiled masked_sgd_step_ can take these lists. It walks each param, grad, buffer and
+    mask as one linear range: params dense (contiguous or channels_last) on one device, buffers in their
+    memory order (grads and masks it reorders itself)."""
+    return use_kernel("masked_sgd_step_", params[0].device) and all(
+        p.device == params[0].device and _dense_layout(p) and _same_layout(b, p)
+        for p, b in zip(params, momentum_buffers)
+    )
+
+
 def _per_sample(name: str, value, delta: torch.Tensor) -> torch.Tensor:
     """eps/alpha as a tensor of shape () or (B,) on delta's device."""
     compute = torch.float64 if delta.dtype == torch.float64 else torch.float32
@@ -439,14 +449,8 @@ def masked_sgd_step_(
     if not params:
         return
     args = (params, grads, momentum_buffers, masks, lr, momentum, dampening, weight_decay, nesterov, first_step)
-    # The kernel walks each param, grad, buffer and mask as one linear range: params must be dense
-    # (contiguous or channels_last) and buffers in their memory order (grads and masks it reorders).
-    fused = use_kernel("masked_sgd_step_", params[0].device) and all(
-        p.device == params[0].device and _dense_layout(p) and _same_layout(b, p)
-        for p, b in zip(params, momentum_buffers)
-    )
     with torch.no_grad():
-        if fused:
+        if _sgd_kernel_fits(params, momentum_buffers):
             torch.ops.dnr.masked_sgd_step_(*args)
         else:
             reference.masked_sgd_step_(*args)
