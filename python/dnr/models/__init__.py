@@ -1,4 +1,4 @@
-"""Models of the field: SmallCNN (28x28), VGG16-BN and CIFAR ResNet-18 (32x32 and 64x64).
+"""Models of the field: SmallCNN and its wider variant (28x28), VGG16-BN and CIFAR ResNet-18 (32x32 and 64x64).
 
 Every model takes an optional input normalisation as its first layer (``model.normalize``), so
 attacks operate on [0, 1] pixels. ``build_model(name, ...)`` builds any of them by name.
@@ -6,8 +6,8 @@ attacks operate on [0, 1] pixels. ``build_model(name, ...)`` builds any of them 
 
 from .registry import MODEL_NAMES, build_model
 from .resnet import BasicBlock, ResNet, resnet18
-from .small_cnn import SmallCNN, small_cnn
+from .small_cnn import SmallCNN, small_cnn, wide_cnn
 from .vgg import VGG, VGG16_CONFIG, vgg16
 
-__all__ = ["MODEL_NAMES", "build_model", "BasicBlock", "ResNet", "resnet18", "SmallCNN", "small_cnn",
+__all__ = ["MODEL_NAMES", "build_model", "BasicBlock", "ResNet", "resnet18", "SmallCNN", "small_cnn", "wide_cnn",
            "VGG", "VGG16_CONFIG", "vgg16"]

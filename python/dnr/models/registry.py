@@ -6,19 +6,19 @@ from torch import nn
 
 from ._common import check_positive_int, input_normalization
 from .resnet import resnet18
-from .small_cnn import small_cnn
+from .small_cnn import small_cnn, wide_cnn
 from .vgg import vgg16
 
 __all__ = ["MODEL_NAMES", "build_model"]
 
-MODEL_NAMES = ("small_cnn", "vgg16", "resnet18")
+MODEL_NAMES = ("small_cnn", "wide_cnn", "vgg16", "resnet18")
 
 
 def build_model(name: str, num_classes: int, in_channels: int, input_size: int, mean=None, std=None) -> nn.Module:
     """Build the model called ``name`` for inputs [B, in_channels, input_size, input_size] in [0, 1].
 
     Args:
-        name: one of MODEL_NAMES: "small_cnn" (input_size must be 28), "vgg16" (a multiple of 32),
+        name: one of MODEL_NAMES: "small_cnn" and "wide_cnn" (input_size must be 28), "vgg16" (a multiple of 32),
             "resnet18" (>= 8).
         num_classes: logits per example.
         in_channels: input channels.
@@ -35,10 +35,11 @@ def build_model(name: str, num_classes: int, in_channels: int, input_size: int, 
     if name not in MODEL_NAMES:
         raise ValueError(f"build_model: unknown model name {name!r}; expected one of {', '.join(MODEL_NAMES)}")
     check_positive_int(input_size, "input_size", name)
-    if name == "small_cnn":
+    if name in ("small_cnn", "wide_cnn"):
         if input_size != 28:
-            raise ValueError(f"small_cnn: input_size must be 28, got {input_size}")
+            raise ValueError(f"{name}: input_size must be 28, got {input_size}")
         input_normalization(mean, std, in_channels, name)  # same checks as the other models
-        return small_cnn(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
+        builder = small_cnn if name == "small_cnn" else wide_cnn
+        return builder(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
     builder = vgg16 if name == "vgg16" else resnet18
     return builder(num_classes=num_classes, in_channels=in_channels, input_size=input_size, mean=mean, std=std)

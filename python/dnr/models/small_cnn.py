@@ -9,7 +9,7 @@ from torch import nn
 from ..data.stats import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from ..nn.normalize import Normalize
 
-__all__ = ["SmallCNN", "small_cnn", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD"]
+__all__ = ["SmallCNN", "small_cnn", "wide_cnn", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD"]
 
 
 class SmallCNN(nn.Module):
@@ -47,4 +47,17 @@ class SmallCNN(nn.Module):
 
 def small_cnn(num_classes: int = 10, **kwargs) -> SmallCNN:
     """Build a ``SmallCNN`` (see its docstring for the arguments)."""
+    return SmallCNN(num_classes=num_classes, **kwargs)
+
+
+#: ``wide_cnn``'s stage widths and hidden width: 465,066 parameters (464,288 prunable), so that 20x sparsity
+#: still keeps ~23,000 weights (``small_cnn`` keeps ~4,900 of its 98,192), at ~4x ``small_cnn``'s FLOPs.
+WIDE_CNN_WIDTHS = (32, 64, 128)
+WIDE_CNN_HIDDEN = 320
+
+
+def wide_cnn(num_classes: int = 10, **kwargs) -> SmallCNN:
+    """``SmallCNN`` with stages of 32 / 64 / 128 channels and a 320-unit hidden layer (see ``WIDE_CNN_WIDTHS``)."""
+    kwargs.setdefault("widths", WIDE_CNN_WIDTHS)
+    kwargs.setdefault("hidden", WIDE_CNN_HIDDEN)
     return SmallCNN(num_classes=num_classes, **kwargs)

@@ -13,7 +13,10 @@ from .. import distributed, ops
 from ..nn.sparsify import NORM_TYPES, _resolve, apply_masks, masked_layers
 from ..nn.units import active_units, expand_units, num_units, unit_scores, unit_size
 from ..allocation import AllocationError, round_exact, water_fill
-from .schedule import PRUNE_SCHEDULES, prune_rate_at
+from .channel_signal import OutputGradientMeter, find_channel_consumers
+from .schedule import PRUNE_SCHEDULES, auto_rewire_interval, prune_rate_at
+
+REGROWTH = ("auto", "momentum", "gradient", "output_gradient", "random")
 
 __all__ = ["DNR"]
 
@@ -60,12 +63,13 @@ class DNR:
         prune_rate: float = 0.5,
         prune_rate_min: float = 0.005,
         schedule: str = "cosine",
-        rewire_every: int | None = None,
+        rewire_every: int | str | None = None,
+        rewire_until: float = 1.0,
         redistribution: str = "momentum",
         regrowth: str = "momentum",
         regrow_cap: float = 0.99,
         dense_threshold: float = 0.8,
-        min_active: int = 1,
+        min_active: int | float = 1,
         generator: torch.Generator | None = None,
     ):
         _check_int("total_steps", total_steps, 1)
@@ -74,15 +78,19 @@ class DNR:
             raise ValueError(f"prune_rate_min must be in [0, prune_rate={prune_rate}], got {prune_rate_min!r}")
         if schedule not in PRUNE_SCHEDULES:
             raise ValueError(f"schedule must be one of {PRUNE_SCHEDULES}, got {schedule!r}")
-        if rewire_every is not None:
+        if rewire_every is not None and rewire_every != "auto":
             _check_int("rewire_every", rewire_every, 1)
+        _check_fraction("rewire_until", rewire_until, lo_open=True, hi_open=False)
         if redistribution not in ("momentum", "none"):
             raise ValueError(f"redistribution must be 'momentum' or 'none', got {redistribution!r}")
-        if regrowth not in ("momentum", "random"):
-            raise ValueError(f"regrowth must be 'momentum' or 'random', got {regrowth!r}")
+        if regrowth not in REGROWTH:
+            raise ValueError(f"regrowth must be one of {REGROWTH}, got {regrowth!r}")
         _check_fraction("regrow_cap", regrow_cap, lo_open=True, hi_open=False)
         _check_fraction("dense_threshold", dense_threshold, lo_open=False, hi_open=False)
-        _check_int("min_active", min_active, 0)
+        if isinstance(min_active, float):
+            _check_fraction("min_active", min_active, lo_open=False, hi_open=False)
+        else:
+            _check_int("min_active", min_active, 0)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
 
@@ -108,12 +116,21 @@ class DNR:
         self.prune_rate_initial = float(prune_rate)
         self.prune_rate_min = float(prune_rate_min)
         self.schedule = schedule
-        self.rewire_every = rewire_every
+        self.rewire_every = auto_rewire_interval(total_steps, rewire_until) if rewire_every == "auto" else rewire_every
+        self.rewire_until = float(rewire_until)
         self.redistribution = redistribution
         self.regrowth = regrowth
+        self._meter = None
+        if self.mode == "channel" and regrowth in ("auto", "output_gradient"):
+            producers = {name: getattr(layer, "norm_name", None) for name, layer in layers}
+            self._meter = OutputGradientMeter(model, find_channel_consumers(model, producers))
         self.regrow_cap = float(regrow_cap)
         self.dense_threshold = float(dense_threshold)
-        self.min_active = int(min_active)
+        self.min_active = min_active
+        # the floor in units per layer: an int is a count, a float a fraction of the layer's initial units
+        initial = [int(active_units(layer.mask, self.mode).sum()) for _, layer in layers]
+        self.floors = [min_active if isinstance(min_active, int) else max(1, math.ceil(min_active * n))
+                       for n in initial]
         if generator is None and distributed.world_size() > 1:
             # the global RNGs of the ranks differ: a per-rank draw would give the replicas different masks
             generator = torch.Generator().manual_seed(distributed.shared_seed())
@@ -128,8 +145,8 @@ class DNR:
     @property
     def prune_rate(self) -> float:
         """p(t) at the current optimizer step."""
-        return prune_rate_at(self.schedule, self.steps, self.total_steps, self.prune_rate_initial,
-                             self.prune_rate_min)
+        horizon = max(1, round(self.rewire_until * self.total_steps))
+        return prune_rate_at(self.schedule, self.steps, horizon, self.prune_rate_initial, self.prune_rate_min)
 
     def active_weights(self) -> int:
         """sum_l nnz(M_l): active weights over all masked layers."""
@@ -144,8 +161,10 @@ class DNR:
         return self.rewire()
 
     def remove(self) -> None:
-        """Detach from the optimizer (masks are no longer re-applied after steps)."""
+        """Detach from the optimizer (masks are no longer re-applied after steps) and from the model."""
         self._hook.remove()
+        if self._meter is not None:
+            self._meter.remove()
 
     @torch.no_grad()
     def rewire(self) -> dict:
@@ -154,6 +173,8 @@ class DNR:
         momenta = [self._momentum(name, layer.weight) for name, layer in layers]
         masks = [layer.mask for _, layer in layers]
         stats = ops.momentum_stats(momenta, masks).cpu().tolist()  # [L, 2]: sum |v| active, active count
+        if self._meter is not None:
+            self._meter.all_reduce()
         mean_momentum = [s / c if c > 0 else 0.0 for s, c in stats]
         total_m = sum(mean_momentum)
         count = len(layers)
@@ -170,7 +191,7 @@ class DNR:
             rate = p
             if density > self.dense_threshold and mu[i] > 1.0 / count:
                 rate = min(p, 1.0 - density)  # a dense, growing layer prunes at most its free fraction
-            pruned.append(max(0, min(math.ceil(rate * n_active[i]), n_active[i] - self.min_active)))
+            pruned.append(max(0, min(math.ceil(rate * n_active[i]), n_active[i] - self.floors[i])))
         freed = sum(r * c for r, c in zip(pruned, sizes))
         free = [t - n + r for t, n, r in zip(totals, n_active, pruned)]
         regrown, caps, relaxed = self._regrowth_counts(mu, pruned, sizes, free, freed)
@@ -185,6 +206,12 @@ class DNR:
                 after[torch.topk(score, pruned[i], largest=False).indices] = False
             if regrown[i]:
                 if self.regrowth == "momentum":
+                    score = unit_scores(momenta[i], self.mode)
+                elif self.regrowth == "gradient":
+                    score = unit_scores(self._gradient(name, layer), self.mode)
+                elif self._meter is not None and self._meter.scores(name) is not None:
+                    score = self._meter.scores(name).float().to(after.device)
+                elif self.regrowth in ("auto", "output_gradient"):
                     score = unit_scores(momenta[i], self.mode)
                 else:
                     score = torch.rand(after.numel(), generator=self.generator).to(after.device)
@@ -202,6 +229,8 @@ class DNR:
                 "regrow_cap_units": caps[i],
             })
         apply_masks(self.model)
+        if self._meter is not None:
+            self._meter.reset()
         active = self.active_weights()
         if active != self.budget:  # the allocation guarantees this; a mismatch is a bug, not bad input
             raise RuntimeError(f"rewiring broke the weight budget: {active} active weights, expected {self.budget}")
@@ -218,15 +247,16 @@ class DNR:
         """All controller state (the masks themselves live in the model's state dict)."""
         return {
             "steps": self.steps, "epochs": self.epochs, "budget": self.budget, "mode": self.mode,
-            "history": self.history,
+            "history": self.history, "floors": self.floors,
             "config": {
                 "total_steps": self.total_steps, "prune_rate": self.prune_rate_initial,
                 "prune_rate_min": self.prune_rate_min, "schedule": self.schedule,
-                "rewire_every": self.rewire_every, "redistribution": self.redistribution,
+                "rewire_every": self.rewire_every, "rewire_until": self.rewire_until, "redistribution": self.redistribution,
                 "regrowth": self.regrowth, "regrow_cap": self.regrow_cap,
                 "dense_threshold": self.dense_threshold, "min_active": self.min_active,
             },
             "generator": self.generator.get_state() if self.generator is not None else None,
+            "output_gradient": self._meter.state_dict() if self._meter is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -248,15 +278,19 @@ class DNR:
         self.prune_rate_min = cfg["prune_rate_min"]
         self.schedule = cfg["schedule"]
         self.rewire_every = cfg["rewire_every"]
+        self.rewire_until = cfg.get("rewire_until", 1.0)
         self.redistribution = cfg["redistribution"]
         self.regrowth = cfg["regrowth"]
         self.regrow_cap = cfg["regrow_cap"]
         self.dense_threshold = cfg["dense_threshold"]
         self.min_active = cfg["min_active"]
+        self.floors = list(state.get("floors", self.floors))
         self.steps = int(state["steps"])
         self.epochs = int(state["epochs"])
         self.budget = int(state["budget"])
         self.history = list(state["history"])
+        if state.get("output_gradient") is not None and self._meter is not None:
+            self._meter.load_state_dict(state["output_gradient"])
         if state.get("generator") is not None and self.generator is not None:
             self.generator.set_state(state["generator"])
 
@@ -264,8 +298,16 @@ class DNR:
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         apply_masks(self.model)
         self.steps += 1
-        if self.rewire_every is not None and self.steps % self.rewire_every == 0 and self.steps < self.total_steps:
+        if (self.rewire_every is not None and self.steps % self.rewire_every == 0
+                and self.steps < self.rewire_until * self.total_steps):
             self.rewire()
+
+    def _gradient(self, name: str, layer) -> torch.Tensor:
+        grad = layer.weight.grad
+        if grad is None:
+            raise RuntimeError(f"regrowth='gradient' needs layer {name!r}'s dense weight gradient: rewire after "
+                               "backward() and before zero_grad()")
+        return grad
 
     def _momentum(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         buf = self.optimizer.state.get(weight, {}).get(self._momentum_key)

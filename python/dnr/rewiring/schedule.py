@@ -25,3 +25,8 @@ def prune_rate_at(schedule: str, step: int, total_steps: int, initial: float, fi
     if schedule == "constant":
         return initial
     raise ValueError(f"prune schedule must be one of {PRUNE_SCHEDULES}, got {schedule!r}")
+
+
+def auto_rewire_interval(total_steps: int, until: float = 1.0, rewirings: int = 20, longest: int = 100) -> int:
+    """Steps between rewirings for a run of ``total_steps`` steps (EXPERIMENTAL: being tuned)."""
+    return max(1, min(longest, round(until * total_steps / rewirings)))
