@@ -13,7 +13,7 @@ import torch
 import dnr.ops
 from dnr import _ext
 
-OPS = ["masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "channel_norms", "masked_sgd_step_"]
+OPS = ["masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_"]
 
 
 def test_backend_reports_every_op():
@@ -62,7 +62,7 @@ def test_disabled_extension_runs_reference():
 def test_extension_is_built():
     """CI sets DNR_REQUIRE_EXT=1: a broken build must fail, not fall back silently."""
     assert _ext.loaded(), _ext.reason()
-    for op in ("pgd_step_", "momentum_stats", "channel_norms", "masked_sgd_step_", "masked_conv2d"):
+    for op in ("pgd_step_", "momentum_stats", "masked_sgd_step_", "masked_conv2d"):
         assert dnr.ops.backend()[op]["cpu"] == "extension"
 
 
@@ -81,17 +81,17 @@ def _samples(op: str, device: str) -> list[tuple]:
         ]
     if op == "momentum_stats":
         return [([r(3, 4), r(10)], [m(3, 4), m(10)]), ([r(2, 2, dtype=torch.float64)], [m(2, 2)])]
-    if op == "channel_norms":
-        return [([r(3, 4), r(5, 2, 3, 3), r(0, 2)],), ([r(2, 7, dtype=torch.float64), r(4, dtype=torch.float64)],)]
     if op == "masked_conv2d":
         dead = m(6, 4, 3, 3)
         dead[1:4] = False  # whole output channels pruned: the gather path
         return [(r(2, 4, 6, 6, grad=True), r(6, 2, 3, 3, grad=True), m(6, 2, 3, 3), r(6, grad=True), [1, 1], [1, 1], [1, 1], 2, True),
-                (r(2, 4, 6, 6, grad=True), r(6, 4, 3, 3, grad=True), dead, r(6, grad=True), [2, 1], [1, 0], [1, 1], 1, False)]
+                (r(2, 4, 6, 6, grad=True), r(6, 4, 3, 3, grad=True), dead, r(6, grad=True), [2, 1], [1, 0], [1, 1], 1, False),
+                (r(2, 4, 6, 6, grad=True), r(6, 4, 3, 3, grad=True), m(6, 4, 3, 3), None, [1, 1], [1, 1], [1, 1], 1, True)]
     if op == "masked_conv2d_backward":
         dead = m(6, 4, 3, 3)
         dead[1:4] = False
-        return [(r(2, 6, 6, 6), r(2, 4, 6, 6), r(6, 4, 3, 3), mask, [1, 1], [1, 1], [1, 1], 1, dense, need)
+        return [(r(2, 6, 6, 6, grad=True), r(2, 4, 6, 6, grad=True), r(6, 4, 3, 3, grad=True), mask, [1, 1], [1, 1], [1, 1], 1,
+                 dense, need)
                 for mask, dense, need in ((m(6, 4, 3, 3), True, [True, True, True]), (dead, False, [True, True, True]),
                                           (dead, True, [False, True, False]), (m(6, 4, 3, 3), False, [True, False, True]))]
     if op == "masked_sgd_step_":
@@ -100,13 +100,57 @@ def _samples(op: str, device: str) -> list[tuple]:
     raise AssertionError(op)
 
 
-@pytest.mark.parametrize("op", ["pgd_step_", "momentum_stats", "channel_norms", "masked_conv2d", "masked_conv2d_backward",
-                                "masked_sgd_step_"])
-def test_opcheck(op, device):
+def _channels_last(args: tuple) -> tuple:
+    """The conv samples with their 4-D tensors (masks included) in channels_last."""
+    return tuple(a.detach().to(memory_format=torch.channels_last).requires_grad_(a.requires_grad)
+                 if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("op", ["pgd_step_", "momentum_stats", "masked_conv2d", "masked_conv2d_backward", "masked_sgd_step_"])
+def test_opcheck(op, layout, device):
+    """Schema, fake kernel (shapes and strides), autograd registration (double backward of the conv
+    included) and torch.compile, on every path: irregular and channel masks, contiguous and channels_last."""
     if not _ext.has_kernel(op, device):
         pytest.skip(f"no {device} kernel of dnr::{op} ({_ext.reason() or 'not implemented yet'})")
-    for args in _samples(op, device):
+    samples = _samples(op, device)
+    if layout == "channels_last":
+        if not op.startswith("masked_conv2d"):
+            pytest.skip("channels_last samples are for the convolution (the list ops take any layout, tests/test_ops_optim.py)")
+        samples = [_channels_last(args) for args in samples]
+    for args in samples:
         torch.library.opcheck(getattr(torch.ops.dnr, op).default, args)
+
+
+@pytest.mark.parametrize("x_layout, w_layout", [("contiguous", "channels_last"), ("channels_last", "contiguous")])
+@pytest.mark.parametrize("channel_mask", [False, True], ids=["irregular", "channel"])
+def test_masked_conv2d_layout_follows_conv(x_layout, w_layout, channel_mask, device):
+    """The output (and the input/weight gradients) are channels_last when input or weight is, whatever
+    the mask's values: the gathered path (channel mask) used to return NCHW for channels_last inputs."""
+    if not _ext.has_kernel("masked_conv2d", device):
+        pytest.skip(f"no {device} kernel of dnr::masked_conv2d")
+    fmt = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    x = torch.randn(2, 4, 6, 6, device=device).contiguous(memory_format=fmt[x_layout])
+    weight = torch.randn(6, 4, 3, 3, device=device).contiguous(memory_format=fmt[w_layout])
+    mask = torch.rand(weight.shape, device=device) < 0.5
+    if channel_mask:
+        mask[1:4] = False
+    out = torch.ops.dnr.masked_conv2d(x, weight, mask, None, [1, 1], [1, 1], [1, 1], 1, True)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    grads = torch.ops.dnr.masked_conv2d_backward(torch.randn_like(out), x, weight, mask, [1, 1], [1, 1], [1, 1], 1, True,
+                                                 [True, True, True])
+    for g in grads[:2]:
+        assert g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous()
+
+
+def test_cudagraph_unsafe_tags():
+    """Ops that read device data on the host (the conv's live channels) or upload a pointer table
+    at every call must not be captured in a CUDA graph: inductor keeps tagged ops out of its graphs."""
+    if not _ext.loaded():
+        pytest.skip(_ext.reason())
+    for op in ("masked_conv2d", "masked_conv2d_backward", "momentum_stats", "masked_sgd_step_"):
+        assert torch.Tag.cudagraph_unsafe in getattr(torch.ops.dnr, op).default.tags, op
+    assert torch.Tag.cudagraph_unsafe not in torch.ops.dnr.pgd_step_.default.tags  # one kernel on device tensors
 
 
 def test_compile_pgd_step(device):
@@ -132,14 +176,14 @@ def test_compile_momentum_stats(device):
     torch.testing.assert_close(compiled(momenta, masks), dnr.ops.momentum_stats(momenta, masks))
 
 
-def test_compile_masked_sgd_and_channel_norms(device):
+def test_compile_masked_sgd_and_momentum_stats(device):
     params = [torch.randn(3, 4, device=device), torch.randn(5, device=device)]
     grads = [torch.randn_like(p) for p in params]
     masks = [torch.rand(p.shape, device=device) < 0.5 for p in params]
 
     def step(params, bufs):
         dnr.ops.masked_sgd_step_(params, grads, bufs, masks, 0.1, 0.9, 0.0, 1e-3, True, False)
-        return dnr.ops.channel_norms(params)
+        return [dnr.ops.momentum_stats(params, masks)]
 
     eager = ([p.clone() for p in params], [torch.ones_like(p) for p in params])
     compiled = ([p.clone() for p in params], [torch.ones_like(p) for p in params])

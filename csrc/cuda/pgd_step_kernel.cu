@@ -41,7 +41,8 @@ __global__ void pgd_step_cuda_kernel(
                 : i / per_sample;
     const opmath_t e = eps[b * eps_stride];
     const opmath_t g = static_cast<opmath_t>(grad[i]);
-    const opmath_t s = g > opmath_t(0) ? opmath_t(1) : (g < opmath_t(0) ? opmath_t(-1) : opmath_t(0));
+    // sign(g) as torch.sign: NaN stays NaN (and makes this element's x_adv and delta NaN).
+    const opmath_t s = g > opmath_t(0) ? opmath_t(1) : (g < opmath_t(0) ? opmath_t(-1) : (g == opmath_t(0) ? opmath_t(0) : g));
     const opmath_t xi = static_cast<opmath_t>(x[i]);
     const opmath_t d = clamp_to(static_cast<opmath_t>(delta[i]) + alpha[b * alpha_stride] * s, -e, e);
     const scalar_t xa = static_cast<scalar_t>(clamp_to(xi + d, lo, hi));
@@ -58,6 +59,8 @@ void pgd_step_cuda(
   TORCH_CHECK(delta.is_cuda(), "dnr::pgd_step_ (CUDA kernel): delta is on ", delta.device());
   const c10::cuda::CUDAGuard guard(delta.device());
   const PgdStepInputs in = prepare_pgd_step(delta, x_adv, x, grad, eps, alpha);
+  mark_written(delta);
+  mark_written(x_adv);
   const int64_t numel = delta.numel();
   if (numel == 0) {
     return;
