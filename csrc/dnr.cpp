@@ -65,7 +65,7 @@ TORCH_LIBRARY(dnr, m) {
       {at::Tag::pt2_compliant_tag, at::Tag::cudagraph_unsafe});
   // One PGD step, in place: d = clamp(delta + alpha*sign(grad), -eps, eps);
   // x_adv = clamp(x + d, lo, hi); delta = x_adv - x. eps, alpha: [] or [B].
-  // sign is torch.sign: a NaN gradient element makes that x_adv and delta NaN.
+  // sign(NaN) = 0: an element whose gradient is NaN does not move.
   m.def(
       "pgd_step_(Tensor(a!) delta, Tensor(b!) x_adv, Tensor x, Tensor grad, "
       "Tensor eps, Tensor alpha, float lo, float hi) -> ()",

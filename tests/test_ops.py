@@ -206,3 +206,103 @@ def test_compile_masked_conv2d_backward(device):
     got = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(x, weight), (x, weight))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------- GPU architectures
+
+
+@pytest.mark.parametrize("capability, arch_list, has_image", [
+    ((9, 0), "8.0;9.0;10.0+PTX", True),     # H100/H200: machine code
+    ((8, 6), "8.0;9.0;10.0+PTX", True),     # RTX 30: sm_80 code runs on 8.x
+    ((8, 9), "8.0;9.0;10.0+PTX", True),     # L4
+    ((12, 0), "8.0;9.0;10.0+PTX", True),    # RTX 50: PTX of 10.0, compiled by the driver
+    ((7, 5), "8.0;9.0;10.0+PTX", False),    # T4: older than every entry
+    ((8, 0), "9.0", False),                 # the old default on an A100
+    ((10, 0), "9.0", False),                # ... and on a B200 (no PTX)
+    ((10, 0), "9.0+PTX", True),
+    ((9, 0), "8.0 9.0", True),              # spaces separate too
+    ((10, 0), "9.0a;10.0a", True),
+    ((10, 3), "10.0a", False),              # arch-specific code runs on that GPU only
+    ((10, 3), "10.0f", True),               # family code runs on the family
+    ((9, 0), "Hopper", True),               # a named architecture cannot be judged: kernels kept
+    ((9, 0), "", False),
+])
+def test_has_kernel_image(capability, arch_list, has_image):
+    assert _ext.has_kernel_image(capability, arch_list) is has_image
+
+
+def test_gpu_without_kernel_image_falls_back_with_one_warning(monkeypatch, caplog):
+    """The load-time check, simulated: a T4 (7.5) with a binary built for 9.0 only. The CUDA kernels are
+    not used there (dnr.ops runs the reference, backend() says so) and one warning is logged."""
+    from dnr.ops import _registry
+
+    monkeypatch.setattr(_ext, "_RUNS_ON", {})
+    monkeypatch.setattr(_ext, "_WARNED", False)
+    monkeypatch.setattr(_ext, "cuda_arch_list", lambda: "9.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setitem(_registry._USABLE, ("pgd_step_", "cuda"), True)  # as in a CUDA build
+    with caplog.at_level("WARNING", logger="dnr.ops"):
+        assert not _registry.use_kernel("pgd_step_", torch.device("cuda", 0))
+        assert not _registry.use_kernel("pgd_step_", torch.device("cuda", 1))
+        assert dnr.ops.backend()["pgd_step_"]["cuda"] == "reference"
+    warnings = [r for r in caplog.records if r.name == "dnr.ops"]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "no kernel image for Tesla T4 (compute capability 7.5)" in warnings[0].getMessage()
+    assert "TORCH_CUDA_ARCH_LIST='9.0'" in warnings[0].getMessage()
+    assert "PyTorch reference" in warnings[0].getMessage()
+    # a GPU that has an image keeps the kernels, without a warning
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    caplog.clear()
+    assert _registry.use_kernel("pgd_step_", torch.device("cuda", 2))
+    assert not caplog.records
+
+
+def _fatbin_archs(path: Path) -> tuple[set[int], set[int]]:
+    """(SASS archs, PTX archs) of every CUDA fat binary embedded in the shared library at path, read from
+    the fatbin headers (magic 0xBA55ED50; entries: u16 kind 1=PTX 2=ELF, u16, u32 header size,
+    u64 payload size, ..., u32 arch at offset 28), so the test reads the binary itself, not a record."""
+    import struct
+
+    data = path.read_bytes()
+    sass, ptx = set(), set()
+    start = data.find(b"\x50\xed\x55\xba")
+    while start != -1:
+        version, header_size, fat_size = struct.unpack_from("<HHQ", data, start + 4)
+        if (version, header_size) != (1, 16):  # the magic's bytes by chance, not a fat binary
+            start = data.find(b"\x50\xed\x55\xba", start + 4)
+            continue
+        entry, end = start + header_size, start + header_size + fat_size
+        while entry < end:
+            kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, entry)
+            arch = struct.unpack_from("<I", data, entry + 28)[0]
+            (ptx if kind == 1 else sass).add(arch)
+            entry += entry_header + payload
+        start = data.find(b"\x50\xed\x55\xba", end)
+    return sass, ptx
+
+
+def _cuda_build() -> bool:
+    return _ext.loaded() and _ext.has_kernel("pgd_step_", "cuda")
+
+
+@pytest.mark.skipif(not _cuda_build(), reason="not a CUDA build of the extension")
+def test_binary_carries_the_recorded_architectures():
+    """The arch list recorded in the binary (what the load-time check trusts) is what its fat binaries hold."""
+    recorded = _ext.cuda_arch_list()
+    entries = [e for e in recorded.replace(" ", ";").split(";") if e]
+    want_sass = {int(e.split("+")[0].replace(".", "").rstrip("af")) for e in entries}
+    want_ptx = {int(e.split("+")[0].replace(".", "").rstrip("af")) for e in entries if e.endswith("+PTX")}
+    sass, ptx = _fatbin_archs(Path(sys.modules["dnr._C"].__file__))
+    assert (sass, ptx) == (want_sass, want_ptx), recorded
+
+
+@pytest.mark.skipif(os.environ.get("DNR_REQUIRE_EXT") != "1" or not _cuda_build(),
+                    reason="set DNR_REQUIRE_EXT=1 where the CUDA build must be portable (CI, benchmarks/run_gpu.sh)")
+def test_binary_covers_several_gpu_generations():
+    """A shipped binary runs on more than one GPU generation (one arch per build made every other GPU fail)."""
+    sass, ptx = _fatbin_archs(Path(sys.modules["dnr._C"].__file__))
+    assert len({arch // 10 for arch in sass}) >= 2, f"machine code only for {sorted(sass)}"
+    assert ptx, "no PTX for GPUs newer than the list"

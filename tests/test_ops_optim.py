@@ -269,3 +269,27 @@ def test_masked_sgd_step_falls_back_for_non_contiguous_params(device):
     dnr.ops.masked_sgd_step_([p], [grad], [buf], [mask], 0.1, 0.9, 0.0, 0.0, False, True)
     torch.testing.assert_close(p, want)
     assert torch.equal(base.t(), p)
+
+
+@pytest.mark.parametrize("impl", ["ops", "reference"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_masked_sgd_step_bumps_version_counters(momentum, impl, device):
+    """params (and the buffers when momentum is used) are written in place: their version counters move
+    as torch.optim.SGD's do, so autograd raises for a graph that saved a parameter's old value."""
+    params = [torch.randn(3, 4, device=device, requires_grad=True), torch.randn(5, device=device, requires_grad=True)]
+    grads = [torch.randn_like(p) for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    masks = [torch.rand(p.shape, device=device) < 0.5 for p in params]
+    saved = sum((p * p).sum() for p in params)  # mul saves each parameter
+    before = [t._version for t in params + bufs]
+    args = (params, grads, bufs, masks, 0.1, momentum, 0.0, 1e-4, False, True)
+    with torch.no_grad():
+        if impl == "ops":
+            dnr.ops.masked_sgd_step_(*args)
+        else:
+            reference.masked_sgd_step_(*args)
+    after = [t._version for t in params + bufs]
+    assert all(a > b for a, b in zip(after[:2], before[:2]))
+    assert all((a > b) is (momentum != 0) for a, b in zip(after[2:], before[2:]))  # untouched without momentum
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()

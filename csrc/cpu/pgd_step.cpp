@@ -21,9 +21,8 @@ __attribute__((always_inline)) inline void pgd_block(
     opmath_t a, opmath_t lo, opmath_t hi, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const opmath_t g = static_cast<opmath_t>(grad[i]);
-    // sign(g) as torch.sign: NaN stays NaN (and makes this element's x_adv and delta NaN).
-    const opmath_t s0 = static_cast<opmath_t>(g > opmath_t(0)) - static_cast<opmath_t>(g < opmath_t(0));
-    const opmath_t s = g != g ? g : s0;
+    // sign(g), 0 for NaN (no step), as torch.sign and the reference compute it.
+    const opmath_t s = static_cast<opmath_t>(g > opmath_t(0)) - static_cast<opmath_t>(g < opmath_t(0));
     const opmath_t xi = static_cast<opmath_t>(x[i]);
     opmath_t d = static_cast<opmath_t>(delta[i]) + a * s;
     d = d < -e ? -e : d;  // min(max(., -e), e) with NaN passed through

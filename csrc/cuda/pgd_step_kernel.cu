@@ -41,8 +41,8 @@ __global__ void pgd_step_cuda_kernel(
                 : i / per_sample;
     const opmath_t e = eps[b * eps_stride];
     const opmath_t g = static_cast<opmath_t>(grad[i]);
-    // sign(g) as torch.sign: NaN stays NaN (and makes this element's x_adv and delta NaN).
-    const opmath_t s = g > opmath_t(0) ? opmath_t(1) : (g < opmath_t(0) ? opmath_t(-1) : (g == opmath_t(0) ? opmath_t(0) : g));
+    // sign(g), 0 for NaN (no step), as torch.sign and the reference compute it.
+    const opmath_t s = g > opmath_t(0) ? opmath_t(1) : (g < opmath_t(0) ? opmath_t(-1) : opmath_t(0));
     const opmath_t xi = static_cast<opmath_t>(x[i]);
     const opmath_t d = clamp_to(static_cast<opmath_t>(delta[i]) + alpha[b * alpha_stride] * s, -e, e);
     const scalar_t xa = static_cast<scalar_t>(clamp_to(xi + d, lo, hi));

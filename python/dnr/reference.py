@@ -83,8 +83,8 @@ def pgd_step_(
         x_adv[:] = clamp(x + d, lo, hi)
         delta[:] = x_adv - x
     Arithmetic in float32 for float16/bfloat16 data (in the data's dtype otherwise);
-    delta is computed from x_adv after rounding, so x + delta == x_adv. sign is
-    torch.sign: a NaN gradient element makes that x_adv and delta NaN.
+    delta is computed from x_adv after rounding, so x + delta == x_adv. sign(NaN) is
+    0 (an element with a NaN gradient does not move), as in the kernels.
     """
     compute = torch.promote_types(delta.dtype, torch.float32)
     view = (-1,) + (1,) * (delta.dim() - 1)  # [B] -> [B, 1, ...]; [] stays []
@@ -95,7 +95,11 @@ def pgd_step_(
     if a.dim() == 1:
         a = a.view(view)
     xc = x.to(compute)
-    step = delta.to(compute) + a * torch.sign(grad.to(compute))
+    g = grad.to(compute)
+    # sign with sign(NaN) = 0 written out, as the kernels compute it: torch.sign's NaN
+    # result is not part of its documented contract.
+    sign = (g > 0).to(compute) - (g < 0).to(compute)
+    step = delta.to(compute) + a * sign
     d = torch.minimum(torch.maximum(step, -e), e)
     x_adv.copy_(torch.clamp(xc + d, lo, hi))
     delta.copy_(x_adv.to(compute) - xc)

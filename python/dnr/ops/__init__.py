@@ -294,10 +294,9 @@ def pgd_step_(
         eps, alpha: tensors of shape () or (B,) (per sample), or numbers. A negative
             alpha steps against the gradient (targeted attacks).
         lo, hi: valid pixel range.
-    Arithmetic is float32 for float16/bfloat16 data. ``sign`` is ``torch.sign``: an
-    element whose gradient is NaN gets a NaN x_adv and delta (a broken gradient shows
-    up in the loss instead of silently freezing that pixel); +-inf steps like +-1.
-    Kernel and reference agree on this (tests/test_ops_pgd.py).
+    Arithmetic is float32 for float16/bfloat16 data. ``sign(NaN) = 0``: an element
+    whose gradient is NaN does not move (as with ``grad.sign()`` in torch's PGD code),
+    +-inf steps like +-1; kernels and reference agree (tests/test_ops_pgd.py).
     """
     for name, t in (("delta", delta), ("x_adv", x_adv), ("x", x), ("grad", grad)):
         _tensor(name, t)
