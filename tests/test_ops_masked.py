@@ -411,3 +411,25 @@ def test_compiled_channel_masked_model_in_channels_last_matches_eager():
     torch.testing.assert_close(got_loss, want_loss)
     for got, want in zip(got_grads, want_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("write", ["copy_", "data"])
+def test_reduce_overhead_sees_a_rewired_mask(write):
+    """torch.compile(mode="reduce-overhead") graphs the model around the masked convolution (tagged
+    cudagraph_unsafe): after a mask changes in place, the compiled model still equals eager."""
+    import dnr
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1)).cuda()
+    dnr.sparsify(model, density=0.5, mode="channel", generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(model, mode="reduce-overhead")
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    for step in range(3):
+        torch.testing.assert_close(compiled(x.clone()), model(x))
+        conv = model[2]
+        new = torch.roll(conv.mask, shifts=step + 1, dims=0)  # other live channels, same address
+        if write == "copy_":
+            conv.mask.copy_(new)
+        else:
+            conv.mask.data[:] = new
