@@ -1,4 +1,4 @@
-"""dnr.ops.momentum_stats (and channel_norms) vs plain PyTorch, ResNet-18 weight shapes.
+"""dnr.ops.momentum_stats vs plain PyTorch, ResNet-18 weight shapes.
 
 Baselines: a Python loop over layers (as research code does) and torch._foreach ops.
 Target (GPU): <= 0.1 ms for all ResNet-18 layers.
@@ -21,10 +21,6 @@ def foreach_stats(momenta, masks):
     return torch.stack([torch.stack(sums).double(), torch.stack(counts).double()], dim=1)
 
 
-def loop_norms(tensors):
-    return [t.reshape(t.shape[0], -1).float().norm(dim=1) for t in tensors]
-
-
 def main():
     args = _common.parser(__doc__).parse_args()
     device = _common.setup(args)
@@ -36,8 +32,6 @@ def main():
     got = dnr.ops.momentum_stats(momenta, masks)
     torch.testing.assert_close(got, exact, rtol=1e-10, atol=0)
     torch.testing.assert_close(foreach_stats(momenta, masks), exact, rtol=1e-4, atol=0)
-    for a, b in zip(dnr.ops.channel_norms(momenta), loop_norms(momenta)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
     rows = []
     t_loop = _common.time_fn(lambda: loop_stats(momenta, masks), device, args.repeats)
@@ -46,10 +40,6 @@ def main():
     rows.append({"op": "momentum_stats", "layers": len(shapes), "numel": sum(m.numel() for m in momenta),
                  "loop_ms": t_loop, "foreach_ms": t_foreach, "dnr_ms": t_op,
                  "speedup_vs_loop": t_loop / t_op, "speedup_vs_foreach": t_op and t_foreach / t_op})
-    t_loop = _common.time_fn(lambda: loop_norms(momenta), device, args.repeats)
-    t_op = _common.time_fn(lambda: dnr.ops.channel_norms(momenta), device, args.repeats)
-    rows.append({"op": "channel_norms", "layers": len(shapes), "numel": sum(m.numel() for m in momenta),
-                 "loop_ms": t_loop, "dnr_ms": t_op, "speedup_vs_loop": t_loop / t_op})
     _common.write("momentum_stats", device, rows, args, {"shapes": [list(s) for s in shapes]})
 
 

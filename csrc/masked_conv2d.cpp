@@ -7,55 +7,40 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include <mutex>
 #include <optional>
-#include <unordered_map>
 
 namespace dnr {
 namespace {
 
-// Live output channels of a mask: (indices int64 [K], K). Finding them needs
-// the mask's values, a device sync on CUDA; masks change rarely (rewiring), so
-// the answer is kept per mask tensor and version (a strong reference pins the
-// tensor, so a cached key is never reused by another tensor).
-struct LiveChannels {
-  at::Tensor mask;  // keeps the key alive
-  int64_t version;
-  at::Tensor index;
-  int64_t count;
-};
-
-std::mutex cache_mutex;
-std::unordered_map<const c10::TensorImpl*, LiveChannels> cache;
-constexpr size_t kCacheSize = 512;
-
-std::pair<at::Tensor, int64_t> compute_live(const at::Tensor& mask) {
+// Live output channels of a mask: (indices int64 [K], K). On CUDA, K is a device
+// sync (nonzero). It is recomputed at every call, not cached: no cache key sees
+// every write of a mask (writes through `.data`, e.g. a broadcast, leave the
+// version counter alone); the sync waits once per layer for work already queued,
+// small next to a training batch's convolutions; and the ops are cudagraph_unsafe
+// anyway (csrc/dnr.cpp).
+std::pair<at::Tensor, int64_t> live_channels(const at::Tensor& mask) {
   const at::Tensor alive = mask.reshape({mask.size(0), -1}).any(1);
   const at::Tensor index = alive.nonzero().squeeze(1);
   return {index, index.size(0)};
 }
 
-std::pair<at::Tensor, int64_t> live_channels(const at::Tensor& mask) {
-  if (mask.is_inference() || !mask.device().is_cuda()) {
-    return compute_live(mask);  // CPU: no sync to save; inference tensors have no version
-  }
-  const int64_t version = mask._version();
-  std::lock_guard<std::mutex> lock(cache_mutex);
-  auto found = cache.find(mask.unsafeGetTensorImpl());
-  if (found != cache.end() && found->second.version == version) {
-    return {found->second.index, found->second.count};
-  }
-  auto [index, count] = compute_live(mask);
-  if (cache.size() >= kCacheSize) {
-    cache.clear();
-  }
-  cache[mask.unsafeGetTensorImpl()] = LiveChannels{mask, version, index, count};
-  return {index, count};
+// Strictly channels_last: a tensor whose strides are both (e.g. [B, 1, H, W]) counts
+// as contiguous. python/dnr/ops/_registry.py's fakes apply the same rule.
+bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+// The layout of every output and gradient: channels_last when input or weight is,
+// as cuDNN and oneDNN choose, but decided here so that it does not depend on the
+// backend, the dtype or the mask's values (the gathered path builds its own output).
+at::MemoryFormat conv_layout(const at::Tensor& input, const at::Tensor& weight) {
+  return is_channels_last(input) || is_channels_last(weight) ? at::MemoryFormat::ChannelsLast
+                                                              : at::MemoryFormat::Contiguous;
 }
 
 void check_conv_args(
@@ -96,6 +81,7 @@ at::Tensor masked_conv2d(
   check_conv_args(input, weight, mask, groups);
   const at::Tensor w = weight * mask;
   const std::vector<int64_t> no_output_padding{0, 0};
+  const at::MemoryFormat layout = conv_layout(input, weight);
   if (groups == 1) {
     auto [index, live] = live_channels(mask);
     if (gather_channels(weight, groups, live)) {
@@ -108,14 +94,17 @@ at::Tensor masked_conv2d(
       std::vector<int64_t> shape = part.sizes().vec();
       shape[1] = weight.size(0);
       // A pruned channel's output is its bias (zero without one).
-      at::Tensor out = at::zeros(shape, part.options().memory_format(part.suggest_memory_format()));
+      at::Tensor out = at::empty(shape, part.options().memory_format(layout));
       if (bias.has_value() && bias->defined()) {
-        out.add_(bias->view({1, -1, 1, 1}));
+        out.copy_(bias->view({1, -1, 1, 1}).expand(shape));
+      } else {
+        out.zero_();
       }
       return out.index_copy_(1, index, part);
     }
   }
-  return at::convolution(input, w, bias, stride, padding, dilation, false, no_output_padding, groups);
+  return at::convolution(input, w, bias, stride, padding, dilation, false, no_output_padding, groups)
+      .contiguous(layout);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward(
@@ -163,9 +152,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward(
       grad_weight.mul_(mask);
     }
   }
-  // Only what was asked for: some backends fill unrequested entries anyway.
+  // Only what was asked for (some backends fill unrequested entries anyway), in the
+  // forward's layout (a no-op where the backend already chose it).
+  const at::MemoryFormat layout = conv_layout(input, weight);
   return {
-      output_mask[0] ? grad_input : at::Tensor(), output_mask[1] ? grad_weight : at::Tensor(),
+      output_mask[0] ? grad_input.contiguous(layout) : at::Tensor(),
+      output_mask[1] ? grad_weight.contiguous(layout) : at::Tensor(),
       output_mask[2] ? grad_bias : at::Tensor()};
 }
 

@@ -1,14 +1,14 @@
-// Argument checks of the list ops (momentum_stats, channel_norms,
-// masked_sgd_step_), shared by their CPU and CUDA kernels so that both reject
-// the same inputs with the same messages. The Python wrappers in dnr.ops check
+// Argument checks of the list ops (momentum_stats, masked_sgd_step_), shared by
+// their CPU and CUDA kernels so that both reject the same inputs with the same messages. The Python wrappers in dnr.ops check
 // first (with Python exception types); these guard direct torch.ops calls.
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <string>
+
+#include "layout.h"
 
 namespace dnr {
 
@@ -19,31 +19,6 @@ inline void check_device(
   TORCH_CHECK(
       t.device() == device, "dnr::", op, ": ", name, " is on ", t.device(),
       " but the first tensor is on ", device, "; all must be on one device");
-}
-
-// Whether a and b (same sizes) lay their elements out in one memory order: equal
-// strides in every dimension longer than 1 (a size-1 dimension's stride is free, so
-// e.g. a [O, C, 1, 1] weight is both contiguous and channels_last).
-inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-  if (a.sizes() != b.sizes()) {
-    return false;
-  }
-  for (int64_t d = 0; d < a.dim(); ++d) {
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) {
-      return false;
-    }
-  }
-  return true;
-}
-
-// t in the memory order of the dense tensor p (t itself when it already is): the
-// elementwise kernels walk p, its gradient, buffer and mask as one linear range, so a
-// channels_last weight works as well as a contiguous one.
-inline at::Tensor with_layout_of(const at::Tensor& t, const at::Tensor& p) {
-  if (same_layout(t, p)) {
-    return t;
-  }
-  return at::empty_like(p, t.options()).copy_(t);
 }
 
 inline void check_momentum_stats(at::TensorList momenta, at::TensorList masks) {
@@ -65,20 +40,6 @@ inline void check_momentum_stats(at::TensorList momenta, at::TensorList masks) {
     TORCH_CHECK(
         k.sizes() == m.sizes(), "dnr::momentum_stats: masks", idx, " has shape ",
         k.sizes(), " but momenta", idx, " has shape ", m.sizes());
-  }
-}
-
-inline void check_channel_norms(at::TensorList tensors) {
-  for (size_t l = 0; l < tensors.size(); ++l) {
-    const at::Tensor& t = tensors[l];
-    const std::string idx = "[" + std::to_string(l) + "]";
-    check_device("channel_norms", t, "tensors" + idx, tensors[0].device());
-    TORCH_CHECK(
-        at::isFloatingType(t.scalar_type()), "dnr::channel_norms: tensors", idx,
-        " must be floating point, got ", t.scalar_type());
-    TORCH_CHECK(
-        t.dim() >= 1, "dnr::channel_norms: tensors", idx,
-        " must have an output-channel dimension, got shape ", t.sizes());
   }
 }
 

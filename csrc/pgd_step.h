@@ -7,6 +7,8 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
+#include "layout.h"
+
 namespace dnr {
 
 // Everything a pgd_step_ kernel reads, laid out like `delta`: element i of
@@ -20,16 +22,6 @@ struct PgdStepInputs {
   int64_t batch = 0;
   int64_t per_sample = 0;
 };
-
-// Strides of dimensions of size 1 do not change any element's offset.
-inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-  for (int64_t d = 0; d < a.dim(); ++d) {
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) {
-      return false;
-    }
-  }
-  return true;
-}
 
 inline at::Tensor per_sample_scalar(
     const at::Tensor& t, const char* name, const at::Tensor& delta) {

@@ -13,7 +13,7 @@ import torch
 import dnr.ops
 from dnr import _ext
 
-OPS = ["masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "channel_norms", "masked_sgd_step_"]
+OPS = ["masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_"]
 
 
 def test_backend_reports_every_op():
@@ -62,7 +62,7 @@ def test_disabled_extension_runs_reference():
 def test_extension_is_built():
     """CI sets DNR_REQUIRE_EXT=1: a broken build must fail, not fall back silently."""
     assert _ext.loaded(), _ext.reason()
-    for op in ("pgd_step_", "momentum_stats", "channel_norms", "masked_sgd_step_", "masked_conv2d"):
+    for op in ("pgd_step_", "momentum_stats", "masked_sgd_step_", "masked_conv2d"):
         assert dnr.ops.backend()[op]["cpu"] == "extension"
 
 
@@ -81,17 +81,17 @@ def _samples(op: str, device: str) -> list[tuple]:
         ]
     if op == "momentum_stats":
         return [([r(3, 4), r(10)], [m(3, 4), m(10)]), ([r(2, 2, dtype=torch.float64)], [m(2, 2)])]
-    if op == "channel_norms":
-        return [([r(3, 4), r(5, 2, 3, 3), r(0, 2)],), ([r(2, 7, dtype=torch.float64), r(4, dtype=torch.float64)],)]
     if op == "masked_conv2d":
         dead = m(6, 4, 3, 3)
         dead[1:4] = False  # whole output channels pruned: the gather path
         return [(r(2, 4, 6, 6, grad=True), r(6, 2, 3, 3, grad=True), m(6, 2, 3, 3), r(6, grad=True), [1, 1], [1, 1], [1, 1], 2, True),
-                (r(2, 4, 6, 6, grad=True), r(6, 4, 3, 3, grad=True), dead, r(6, grad=True), [2, 1], [1, 0], [1, 1], 1, False)]
+                (r(2, 4, 6, 6, grad=True), r(6, 4, 3, 3, grad=True), dead, r(6, grad=True), [2, 1], [1, 0], [1, 1], 1, False),
+                (r(2, 4, 6, 6, grad=True), r(6, 4, 3, 3, grad=True), m(6, 4, 3, 3), None, [1, 1], [1, 1], [1, 1], 1, True)]
     if op == "masked_conv2d_backward":
         dead = m(6, 4, 3, 3)
         dead[1:4] = False
-        return [(r(2, 6, 6, 6), r(2, 4, 6, 6), r(6, 4, 3, 3), mask, [1, 1], [1, 1], [1, 1], 1, dense, need)
+        return [(r(2, 6, 6, 6, grad=True), r(2, 4, 6, 6, grad=True), r(6, 4, 3, 3, grad=True), mask, [1, 1], [1, 1], [1, 1], 1,
+                 dense, need)
                 for mask, dense, need in ((m(6, 4, 3, 3), True, [True, True, True]), (dead, False, [True, True, True]),
                                           (dead, True, [False, True, False]), (m(6, 4, 3, 3), False, [True, False, True]))]
     if op == "masked_sgd_step_":
@@ -100,13 +100,57 @@ def _samples(op: str, device: str) -> list[tuple]:
     raise AssertionError(op)
 
 
-@pytest.mark.parametrize("op", ["pgd_step_", "momentum_stats", "channel_norms", "masked_conv2d", "masked_conv2d_backward",
-                                "masked_sgd_step_"])
-def test_opcheck(op, device):
+def _channels_last(args: tuple) -> tuple:
+    """The conv samples with their 4-D tensors (masks included) in channels_last."""
+    return tuple(a.detach().to(memory_format=torch.channels_last).requires_grad_(a.requires_grad)
+                 if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("op", ["pgd_step_", "momentum_stats", "masked_conv2d", "masked_conv2d_backward", "masked_sgd_step_"])
+def test_opcheck(op, layout, device):
+    """Schema, fake kernel (shapes and strides), autograd registration (double backward of the conv
+    included) and torch.compile, on every path: irregular and channel masks, contiguous and channels_last."""
     if not _ext.has_kernel(op, device):
         pytest.skip(f"no {device} kernel of dnr::{op} ({_ext.reason() or 'not implemented yet'})")
-    for args in _samples(op, device):
+    samples = _samples(op, device)
+    if layout == "channels_last":
+        if not op.startswith("masked_conv2d"):
+            pytest.skip("channels_last samples are for the convolution (the list ops take any layout, tests/test_ops_optim.py)")
+        samples = [_channels_last(args) for args in samples]
+    for args in samples:
         torch.library.opcheck(getattr(torch.ops.dnr, op).default, args)
+
+
+@pytest.mark.parametrize("x_layout, w_layout", [("contiguous", "channels_last"), ("channels_last", "contiguous")])
+@pytest.mark.parametrize("channel_mask", [False, True], ids=["irregular", "channel"])
+def test_masked_conv2d_layout_follows_conv(x_layout, w_layout, channel_mask, device):
+    """The output (and the input/weight gradients) are channels_last when input or weight is, whatever
+    the mask's values: the gathered path (channel mask) used to return NCHW for channels_last inputs."""
+    if not _ext.has_kernel("masked_conv2d", device):
+        pytest.skip(f"no {device} kernel of dnr::masked_conv2d")
+    fmt = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    x = torch.randn(2, 4, 6, 6, device=device).contiguous(memory_format=fmt[x_layout])
+    weight = torch.randn(6, 4, 3, 3, device=device).contiguous(memory_format=fmt[w_layout])
+    mask = torch.rand(weight.shape, device=device) < 0.5
+    if channel_mask:
+        mask[1:4] = False
+    out = torch.ops.dnr.masked_conv2d(x, weight, mask, None, [1, 1], [1, 1], [1, 1], 1, True)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    grads = torch.ops.dnr.masked_conv2d_backward(torch.randn_like(out), x, weight, mask, [1, 1], [1, 1], [1, 1], 1, True,
+                                                 [True, True, True])
+    for g in grads[:2]:
+        assert g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous()
+
+
+def test_cudagraph_unsafe_tags():
+    """Ops that read device data on the host (the conv's live channels) or upload a pointer table
+    at every call must not be captured in a CUDA graph: inductor keeps tagged ops out of its graphs."""
+    if not _ext.loaded():
+        pytest.skip(_ext.reason())
+    for op in ("masked_conv2d", "masked_conv2d_backward", "momentum_stats", "masked_sgd_step_"):
+        assert torch.Tag.cudagraph_unsafe in getattr(torch.ops.dnr, op).default.tags, op
+    assert torch.Tag.cudagraph_unsafe not in torch.ops.dnr.pgd_step_.default.tags  # one kernel on device tensors
 
 
 def test_compile_pgd_step(device):
@@ -132,14 +176,14 @@ def test_compile_momentum_stats(device):
     torch.testing.assert_close(compiled(momenta, masks), dnr.ops.momentum_stats(momenta, masks))
 
 
-def test_compile_masked_sgd_and_channel_norms(device):
+def test_compile_masked_sgd_and_momentum_stats(device):
     params = [torch.randn(3, 4, device=device), torch.randn(5, device=device)]
     grads = [torch.randn_like(p) for p in params]
     masks = [torch.rand(p.shape, device=device) < 0.5 for p in params]
 
     def step(params, bufs):
         dnr.ops.masked_sgd_step_(params, grads, bufs, masks, 0.1, 0.9, 0.0, 1e-3, True, False)
-        return dnr.ops.channel_norms(params)
+        return [dnr.ops.momentum_stats(params, masks)]
 
     eager = ([p.clone() for p in params], [torch.ones_like(p) for p in params])
     compiled = ([p.clone() for p in params], [torch.ones_like(p) for p in params])
@@ -162,3 +206,103 @@ def test_compile_masked_conv2d_backward(device):
     got = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(x, weight), (x, weight))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------- GPU architectures
+
+
+@pytest.mark.parametrize("capability, arch_list, has_image", [
+    ((9, 0), "8.0;9.0;10.0+PTX", True),     # H100/H200: machine code
+    ((8, 6), "8.0;9.0;10.0+PTX", True),     # RTX 30: sm_80 code runs on 8.x
+    ((8, 9), "8.0;9.0;10.0+PTX", True),     # L4
+    ((12, 0), "8.0;9.0;10.0+PTX", True),    # RTX 50: PTX of 10.0, compiled by the driver
+    ((7, 5), "8.0;9.0;10.0+PTX", False),    # T4: older than every entry
+    ((8, 0), "9.0", False),                 # the old default on an A100
+    ((10, 0), "9.0", False),                # ... and on a B200 (no PTX)
+    ((10, 0), "9.0+PTX", True),
+    ((9, 0), "8.0 9.0", True),              # spaces separate too
+    ((10, 0), "9.0a;10.0a", True),
+    ((10, 3), "10.0a", False),              # arch-specific code runs on that GPU only
+    ((10, 3), "10.0f", True),               # family code runs on the family
+    ((9, 0), "Hopper", True),               # a named architecture cannot be judged: kernels kept
+    ((9, 0), "", False),
+])
+def test_has_kernel_image(capability, arch_list, has_image):
+    assert _ext.has_kernel_image(capability, arch_list) is has_image
+
+
+def test_gpu_without_kernel_image_falls_back_with_one_warning(monkeypatch, caplog):
+    """The load-time check, simulated: a T4 (7.5) with a binary built for 9.0 only. The CUDA kernels are
+    not used there (dnr.ops runs the reference, backend() says so) and one warning is logged."""
+    from dnr.ops import _registry
+
+    monkeypatch.setattr(_ext, "_RUNS_ON", {})
+    monkeypatch.setattr(_ext, "_WARNED", False)
+    monkeypatch.setattr(_ext, "cuda_arch_list", lambda: "9.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setitem(_registry._USABLE, ("pgd_step_", "cuda"), True)  # as in a CUDA build
+    with caplog.at_level("WARNING", logger="dnr.ops"):
+        assert not _registry.use_kernel("pgd_step_", torch.device("cuda", 0))
+        assert not _registry.use_kernel("pgd_step_", torch.device("cuda", 1))
+        assert dnr.ops.backend()["pgd_step_"]["cuda"] == "reference"
+    warnings = [r for r in caplog.records if r.name == "dnr.ops"]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "no kernel image for Tesla T4 (compute capability 7.5)" in warnings[0].getMessage()
+    assert "TORCH_CUDA_ARCH_LIST='9.0'" in warnings[0].getMessage()
+    assert "PyTorch reference" in warnings[0].getMessage()
+    # a GPU that has an image keeps the kernels, without a warning
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    caplog.clear()
+    assert _registry.use_kernel("pgd_step_", torch.device("cuda", 2))
+    assert not caplog.records
+
+
+def _fatbin_archs(path: Path) -> tuple[set[int], set[int]]:
+    """(SASS archs, PTX archs) of every CUDA fat binary embedded in the shared library at path, read from
+    the fatbin headers (magic 0xBA55ED50; entries: u16 kind 1=PTX 2=ELF, u16, u32 header size,
+    u64 payload size, ..., u32 arch at offset 28), so the test reads the binary itself, not a record."""
+    import struct
+
+    data = path.read_bytes()
+    sass, ptx = set(), set()
+    start = data.find(b"\x50\xed\x55\xba")
+    while start != -1:
+        version, header_size, fat_size = struct.unpack_from("<HHQ", data, start + 4)
+        if (version, header_size) != (1, 16):  # the magic's bytes by chance, not a fat binary
+            start = data.find(b"\x50\xed\x55\xba", start + 4)
+            continue
+        entry, end = start + header_size, start + header_size + fat_size
+        while entry < end:
+            kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, entry)
+            arch = struct.unpack_from("<I", data, entry + 28)[0]
+            (ptx if kind == 1 else sass).add(arch)
+            entry += entry_header + payload
+        start = data.find(b"\x50\xed\x55\xba", end)
+    return sass, ptx
+
+
+def _cuda_build() -> bool:
+    return _ext.loaded() and _ext.has_kernel("pgd_step_", "cuda")
+
+
+@pytest.mark.skipif(not _cuda_build(), reason="not a CUDA build of the extension")
+def test_binary_carries_the_recorded_architectures():
+    """The arch list recorded in the binary (what the load-time check trusts) is what its fat binaries hold."""
+    recorded = _ext.cuda_arch_list()
+    entries = [e for e in recorded.replace(" ", ";").split(";") if e]
+    want_sass = {int(e.split("+")[0].replace(".", "").rstrip("af")) for e in entries}
+    want_ptx = {int(e.split("+")[0].replace(".", "").rstrip("af")) for e in entries if e.endswith("+PTX")}
+    sass, ptx = _fatbin_archs(Path(sys.modules["dnr._C"].__file__))
+    assert (sass, ptx) == (want_sass, want_ptx), recorded
+
+
+@pytest.mark.skipif(os.environ.get("DNR_REQUIRE_EXT") != "1" or not _cuda_build(),
+                    reason="set DNR_REQUIRE_EXT=1 where the CUDA build must be portable (CI, benchmarks/run_gpu.sh)")
+def test_binary_covers_several_gpu_generations():
+    """A shipped binary runs on more than one GPU generation (one arch per build made every other GPU fail)."""
+    sass, ptx = _fatbin_archs(Path(sys.modules["dnr._C"].__file__))
+    assert len({arch // 10 for arch in sass}) >= 2, f"machine code only for {sorted(sass)}"
+    assert ptx, "no PTX for GPUs newer than the list"

@@ -235,14 +235,81 @@ def test_masked_conv2d_all_channels_dead_and_empty_batch(device):
     assert dnr.ops.masked_conv2d(empty, weight, some, bias).shape == (0, 3, 3, 3)
 
 
-def test_masked_conv2d_sees_new_mask(device):
-    """The kernel caches the live channels of a mask per version: an in-place change must be seen."""
-    layer_w = torch.randn(4, 2, 3, 3, device=device)
+@pytest.mark.parametrize("write", ["copy_", "data", "data_copy_"])
+def test_masked_conv2d_sees_new_mask(write, device):
+    """A mask changed in place between forwards is seen, however it was written: copy_ bumps its
+    version counter, a write through .data (as dist.broadcast(t.data) does) does not. (The CUDA kernel
+    used to cache the live channels per version and kept the old ones after a .data write.)"""
+    layer_w = torch.randn(4, 2, 3, 3, device=device, requires_grad=True)
     mask = torch.ones_like(layer_w, dtype=torch.bool)
     x = torch.randn(1, 2, 5, 5, device=device)
-    for alive in ([True, True, True, True], [True, False, True, False], [False, False, True, True]):
-        mask.copy_(torch.tensor(alive, device=device).view(-1, 1, 1, 1).expand_as(mask))
-        torch.testing.assert_close(dnr.ops.masked_conv2d(x, layer_w, mask), F.conv2d(x, layer_w * mask))
+    for alive in ([True, False, True, False], [False, False, True, True], [True, True, False, True]):
+        new = torch.tensor(alive, device=device).view(-1, 1, 1, 1).expand_as(mask)
+        before = mask._version
+        if write == "copy_":
+            mask.copy_(new)
+        elif write == "data":
+            mask.data[:] = new
+        else:
+            mask.data.copy_(new)
+        assert (mask._version == before) is (write != "copy_")  # the case the old cache missed
+        out = dnr.ops.masked_conv2d(x, layer_w, mask, padding=1)
+        torch.testing.assert_close(out, F.conv2d(x, layer_w * mask, padding=1))
+        g = torch.autograd.grad(out.square().sum(), layer_w)[0]
+        w_eff = (layer_w * mask).detach().requires_grad_()
+        torch.testing.assert_close(g, torch.autograd.grad(F.conv2d(x, w_eff, padding=1).square().sum(), w_eff)[0])
+
+
+# ----------------------------------------------------------------- second-order gradients
+
+
+def _second_order_inputs(device, channel_mask):
+    x = torch.randn(2, 3, 5, 5, device=device, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, device=device, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, device=device, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(weight.shape, device=device) < 0.5
+    if channel_mask:
+        mask[1] = False
+        mask[3] = False
+    return x, weight, mask, bias
+
+
+def _kernel_conv(dense):
+    return lambda x, w, mask, b: torch.ops.dnr.masked_conv2d(x, w, mask, b, [1, 1], [1, 1], [1, 1], 1, dense)
+
+
+@pytest.mark.parametrize("channel_mask", [False, True], ids=["irregular", "channel"])
+def test_masked_conv2d_gradgradcheck(channel_mask, device):
+    """Double backward through the compiled op (gradgradcheck, float64): the backward op has its own
+    autograd, so create_graph=True users (gradient penalties, Hessian-vector products) get exact
+    second derivatives. With dense_weight_grad=False the op's gradients are the true derivatives."""
+    if not _ext.has_kernel("masked_conv2d", device):
+        pytest.skip(f"no compiled masked_conv2d ({_ext.reason() or 'not built'})")
+    x, weight, mask, bias = _second_order_inputs(device, channel_mask)
+    conv = _kernel_conv(False)
+    assert torch.autograd.gradgradcheck(lambda x, w, b: conv(x, w, mask, b), (x, weight, bias))
+
+
+@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("channel_mask", [False, True], ids=["irregular", "channel"])
+def test_masked_conv2d_double_backward_matches_reference(channel_mask, dense, device):
+    """A gradient-penalty loss differentiated twice: the kernel path equals the reference's autograd
+    (whose dense weight gradient defines the convention at pruned weights) in every input."""
+    if not _ext.has_kernel("masked_conv2d", device):
+        pytest.skip(f"no compiled masked_conv2d ({_ext.reason() or 'not built'})")
+    x, weight, mask, bias = _second_order_inputs(device, channel_mask)
+
+    def penalty_grads(conv):
+        out = conv(x, weight, mask, bias)
+        gx, gw = torch.autograd.grad(out.square().sum(), (x, weight), create_graph=True)
+        penalty = gx.square().sum() + (gw * torch.linspace(-1, 1, gw.numel(), device=device, dtype=gw.dtype).view_as(gw)).sum()
+        return torch.autograd.grad(penalty, (x, weight, bias))
+
+    want = penalty_grads(lambda x, w, m, b: reference.masked_conv2d(x, w, m, b, [1, 1], [1, 1], [1, 1], 1, dense))
+    got = penalty_grads(_kernel_conv(dense))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert got[1].abs().sum() > 0
 
 
 def test_compiled_kernel_is_used_when_loaded():
@@ -310,3 +377,59 @@ def test_masked_conv2d_under_autocast_casts_like_conv2d(pattern, input_dtype, de
     torch.testing.assert_close(weight.grad, ref_w.grad, atol=5e-2, rtol=2e-2)
     torch.testing.assert_close(bias.grad, ref_b.grad, atol=5e-2, rtol=2e-2)
     assert weight.grad[~mask].abs().sum() > 0  # still the dense gradient DNR's momentum needs
+
+
+# ----------------------------------------------------------------- torch.compile, channels_last
+
+
+@pytest.mark.slow
+def test_compiled_channel_masked_model_in_channels_last_matches_eager():
+    """A channel-masked model in channels_last through inductor: the fake kernels must report the
+    kernels' strides (inductor asserts them), and values and gradients must equal eager's."""
+    import dnr
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 12, 3, padding=1, bias=False),
+        torch.nn.ReLU(), torch.nn.Conv2d(12, 8, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4),
+    )
+    dnr.sparsify(model, density=0.5, mode="channel", generator=torch.Generator().manual_seed(1))
+    model = model.to(memory_format=torch.channels_last)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert any(not bool(m.mask.reshape(m.mask.shape[0], -1).any(1).all()) for m in convs), "no pruned channel"
+    x = torch.randn(4, 3, 10, 10).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 4, (4,))
+
+    def step(run):
+        model.zero_grad()
+        loss = F.cross_entropy(run(x), y)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    want_loss, want_grads = step(model)
+    got_loss, got_grads = step(torch.compile(model))
+    torch.testing.assert_close(got_loss, want_loss)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("write", ["copy_", "data"])
+def test_reduce_overhead_sees_a_rewired_mask(write):
+    """torch.compile(mode="reduce-overhead") graphs the model around the masked convolution (tagged
+    cudagraph_unsafe): after a mask changes in place, the compiled model still equals eager."""
+    import dnr
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1)).cuda()
+    dnr.sparsify(model, density=0.5, mode="channel", generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(model, mode="reduce-overhead")
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    for step in range(3):
+        torch.testing.assert_close(compiled(x.clone()), model(x))
+        conv = model[2]
+        new = torch.roll(conv.mask, shifts=step + 1, dims=0)  # other live channels, same address
+        if write == "copy_":
+            conv.mask.copy_(new)
+        else:
+            conv.mask.data[:] = new

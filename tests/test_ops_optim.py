@@ -271,46 +271,25 @@ def test_masked_sgd_step_falls_back_for_non_contiguous_params(device):
     assert torch.equal(base.t(), p)
 
 
-# ------------------------------------------------------------------------------ channel_norms
-
-
 @pytest.mark.parametrize("impl", ["ops", "reference"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_channel_norms_matches_float64(dtype, impl, device):
-    tensors = [torch.randn(s, device=device).to(dtype) for s in ((8, 3, 3, 3), (5, 7), (3,), (0, 4), (2, 20000))]
-    tensors[1] = torch.randn(7, 5, device=device).to(dtype).t()  # non-contiguous
-    out = dnr.ops.channel_norms(tensors) if impl == "ops" else \
-        reference.channel_norms(tensors).to(device).split([t.shape[0] for t in tensors])
-    assert len(out) == len(tensors)
-    for got, t in zip(out, tensors):
-        want = np.sqrt(np.sum(t.double().cpu().numpy().reshape(t.shape[0], t[0].numel() if len(t) else 0) ** 2, axis=1))
-        assert got.dtype == torch.float32 and got.shape == (t.shape[0],) and got.device.type == device
-        np.testing.assert_allclose(got.cpu().numpy(), want.astype(np.float32), rtol=1e-6, atol=0)
-
-
-def test_channel_norms_deterministic_and_empty():
-    tensors = [torch.randn(64, 64, 3, 3), torch.randn(300, 1000)]
-    threads = torch.get_num_threads()
-    try:
-        runs = []
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            runs.append(torch.cat(dnr.ops.channel_norms(tensors)))
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(runs[0], runs[1])
-    assert dnr.ops.channel_norms([]) == []
-
-
-CHANNEL_NORM_ERRORS = [
-    (lambda t: t[0], TypeError, r"tensors must be a list or tuple of tensors, got Tensor"),
-    (lambda t: [t[0], t[1].long()], TypeError, r"tensors\[1\] must be a floating-point tensor, got dtype torch\.int64"),
-    (lambda t: [t[0], torch.tensor(1.0)], ValueError, r"tensors\[1\] must have an output-channel dimension, got shape \(\)"),
-    (lambda t: [t[0], "w"], TypeError, r"tensors\[1\] must be a torch\.Tensor, got str"),
-]
-
-
-@pytest.mark.parametrize("change, error, message", CHANNEL_NORM_ERRORS)
-def test_channel_norms_errors(change, error, message):
-    with pytest.raises(error, match=message):
-        dnr.ops.channel_norms(change([torch.randn(3, 4), torch.randn(5)]))
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_masked_sgd_step_bumps_version_counters(momentum, impl, device):
+    """params (and the buffers when momentum is used) are written in place: their version counters move
+    as torch.optim.SGD's do, so autograd raises for a graph that saved a parameter's old value."""
+    params = [torch.randn(3, 4, device=device, requires_grad=True), torch.randn(5, device=device, requires_grad=True)]
+    grads = [torch.randn_like(p) for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    masks = [torch.rand(p.shape, device=device) < 0.5 for p in params]
+    saved = sum((p * p).sum() for p in params)  # mul saves each parameter
+    before = [t._version for t in params + bufs]
+    args = (params, grads, bufs, masks, 0.1, momentum, 0.0, 1e-4, False, True)
+    with torch.no_grad():
+        if impl == "ops":
+            dnr.ops.masked_sgd_step_(*args)
+        else:
+            reference.masked_sgd_step_(*args)
+    after = [t._version for t in params + bufs]
+    assert all(a > b for a, b in zip(after[:2], before[:2]))
+    assert all((a > b) is (momentum != 0) for a, b in zip(after[2:], before[2:]))  # untouched without momentum
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()

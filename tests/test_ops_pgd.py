@@ -167,3 +167,35 @@ def test_pgd_step_kernel_checks():
         torch.ops.dnr.pgd_step_(a["delta"], a["x_adv"], a["x"], a["grad"], torch.ones(3), a["alpha"], 0.0, 1.0)
     with pytest.raises(RuntimeError, match=r"dnr::pgd_step_: grad has dtype Double but delta has dtype Float"):
         torch.ops.dnr.pgd_step_(a["delta"], a["x_adv"], a["x"], a["grad"].double(), a["eps"], a["alpha"], 0.0, 1.0)
+
+
+@pytest.mark.parametrize("impl", ["ops", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_pgd_step_nan_gradient_does_not_move(impl, dtype, device):
+    """sign(NaN) = 0 on every path: an element whose gradient is NaN keeps its delta (here 0.02) and
+    x_adv, the others step; +-inf steps like +-1. Nothing becomes NaN."""
+    delta = torch.full((2, 4), 0.02, device=device, dtype=dtype)
+    x = torch.full((2, 4), 0.5, device=device, dtype=dtype)
+    x_adv = x + delta
+    grad = torch.tensor([[float("nan"), 1.0, -1.0, 0.0], [float("inf"), float("-inf"), float("nan"), 2.0]],
+                        device=device, dtype=dtype)
+    run(impl, delta, x_adv, x, grad, 0.1, 0.05)
+    want = torch.tensor([[0.02, 0.07, -0.03, 0.02], [0.07, -0.03, 0.02, 0.07]], device=device, dtype=torch.float64)
+    assert not torch.isnan(x_adv).any() and not torch.isnan(delta).any()
+    torch.testing.assert_close(delta.double(), want, rtol=0, atol=TOLERANCE[dtype])
+    torch.testing.assert_close(x_adv.double(), 0.5 + want, rtol=0, atol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("impl", ["ops", "reference"])
+def test_pgd_step_bumps_version_counters(impl, device):
+    """delta and x_adv are written in place: their version counters move (as any in-place PyTorch op's),
+    so a graph that saved them raises at backward instead of using the new values."""
+    delta, x_adv, x, grad = make_inputs((2, 3, 4), device, torch.float32, 0.1)
+    x_adv.requires_grad_(True)
+    saved = (x_adv * x_adv).sum()  # mul saves x_adv for its backward
+    before = (delta._version, x_adv._version)
+    with torch.no_grad():
+        run(impl, delta, x_adv, x, grad, 0.1, 0.01)
+    assert delta._version > before[0] and x_adv._version > before[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()

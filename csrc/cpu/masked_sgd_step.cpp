@@ -83,6 +83,12 @@ void masked_sgd_step_cpu(
         "] is on ", params[i].device());
   }
   for (size_t i = 0; i < params.size(); ++i) {
+    mark_written(params[i]);
+    if (momentum != 0) {  // without momentum the buffers are neither read nor written
+      mark_written(bufs[i]);
+    }
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     if (p.numel() == 0) {
       continue;

@@ -1,5 +1,4 @@
-// CPU kernels of dnr::momentum_stats and dnr::channel_norms (schemas and
-// semantics: csrc/dnr.cpp).
+// CPU kernel of dnr::momentum_stats (schema and semantics: csrc/dnr.cpp).
 // Deterministic: every tensor is cut into fixed chunks, each chunk is summed in
 // a fixed order in double, and the chunk sums are added in chunk order, so the
 // result does not depend on the number of threads.
@@ -52,34 +51,8 @@ __attribute__((always_inline)) inline ChunkSum sum_chunk_impl(const scalar_t* v,
 }
 
 template <typename scalar_t>
-__attribute__((always_inline)) inline double sum_squares_impl(const scalar_t* v, int64_t n) {
-  double acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const double x = static_cast<double>(v[i + j]);
-      acc[j] += x * x;
-    }
-  }
-  for (int j = 0; i < n; ++i, ++j) {
-    const double x = static_cast<double>(v[i]);
-    acc[j] += x * x;
-  }
-  double out = 0.0;
-  for (int j = 0; j < kLanes; ++j) {
-    out += acc[j];
-  }
-  return out;
-}
-
-template <typename scalar_t>
 ChunkSum sum_chunk_generic(const scalar_t* v, const bool* keep, int64_t n) {
   return sum_chunk_impl(v, keep, n);
-}
-
-template <typename scalar_t>
-double sum_squares_generic(const scalar_t* v, int64_t n) {
-  return sum_squares_impl(v, n);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -88,11 +61,6 @@ double sum_squares_generic(const scalar_t* v, int64_t n) {
 template <typename scalar_t>
 __attribute__((target("avx2,f16c"))) ChunkSum sum_chunk_avx2(const scalar_t* v, const bool* keep, int64_t n) {
   return sum_chunk_impl(v, keep, n);
-}
-
-template <typename scalar_t>
-__attribute__((target("avx2,f16c"))) double sum_squares_avx2(const scalar_t* v, int64_t n) {
-  return sum_squares_impl(v, n);
 }
 
 bool cpu_has_avx2() {
@@ -109,16 +77,6 @@ ChunkSum sum_chunk(const scalar_t* v, const bool* keep, int64_t n) {
   }
 #endif
   return sum_chunk_generic(v, keep, n);
-}
-
-template <typename scalar_t>
-double sum_squares(const scalar_t* v, int64_t n) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (cpu_has_avx2()) {
-    return sum_squares_avx2(v, n);
-  }
-#endif
-  return sum_squares_generic(v, n);
 }
 
 at::Tensor momentum_stats_cpu(at::TensorList momenta, at::TensorList masks) {
@@ -171,45 +129,10 @@ at::Tensor momentum_stats_cpu(at::TensorList momenta, at::TensorList masks) {
   return out;
 }
 
-// One task per output channel of every tensor; each row is summed by one thread
-// in a fixed order, so the result does not depend on the number of threads.
-at::Tensor channel_norms_cpu(at::TensorList tensors) {
-  check_channel_norms(tensors);
-  const int64_t num = static_cast<int64_t>(tensors.size());
-  std::vector<at::Tensor> values(num);
-  std::vector<int64_t> first_row(num + 1, 0);
-  for (int64_t l = 0; l < num; ++l) {
-    TORCH_CHECK(
-        tensors[l].device().is_cpu(), "dnr::channel_norms (CPU kernel): tensors[", l,
-        "] is on ", tensors[l].device());
-    values[l] = tensors[l].contiguous();
-    first_row[l + 1] = first_row[l] + tensors[l].size(0);
-  }
-  at::Tensor out = at::empty({first_row[num]}, at::TensorOptions().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, first_row[num], 1, [&](int64_t begin, int64_t end) {
-    int64_t l = 0;
-    for (int64_t r = begin; r < end; ++r) {
-      while (first_row[l + 1] <= r) {
-        ++l;
-      }
-      const int64_t rows = values[l].size(0);
-      const int64_t row_len = rows == 0 ? 0 : values[l].numel() / rows;
-      AT_DISPATCH_FLOATING_TYPES_AND2(
-          at::kHalf, at::kBFloat16, values[l].scalar_type(), "dnr::channel_norms", [&] {
-            const scalar_t* v = values[l].const_data_ptr<scalar_t>() + (r - first_row[l]) * row_len;
-            o[r] = static_cast<float>(std::sqrt(sum_squares(v, row_len)));
-          });
-    }
-  });
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dnr, CPU, m) {
   m.impl("momentum_stats", &momentum_stats_cpu);
-  m.impl("channel_norms", &channel_norms_cpu);
 }
 
 }  // namespace dnr

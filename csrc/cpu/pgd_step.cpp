@@ -21,6 +21,7 @@ __attribute__((always_inline)) inline void pgd_block(
     opmath_t a, opmath_t lo, opmath_t hi, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const opmath_t g = static_cast<opmath_t>(grad[i]);
+    // sign(g), 0 for NaN (no step), as torch.sign and the reference compute it.
     const opmath_t s = static_cast<opmath_t>(g > opmath_t(0)) - static_cast<opmath_t>(g < opmath_t(0));
     const opmath_t xi = static_cast<opmath_t>(x[i]);
     opmath_t d = static_cast<opmath_t>(delta[i]) + a * s;
@@ -94,6 +95,8 @@ void pgd_step_cpu(
     double lo, double hi) {
   TORCH_CHECK(delta.device().is_cpu(), "dnr::pgd_step_ (CPU kernel): delta is on ", delta.device());
   const PgdStepInputs in = prepare_pgd_step(delta, x_adv, x, grad, eps, alpha);
+  mark_written(delta);
+  mark_written(x_adv);
   if (delta.numel() == 0) {
     return;
   }

@@ -1,10 +1,12 @@
-// CUDA kernels of the list ops dnr::momentum_stats, dnr::channel_norms and
-// dnr::masked_sgd_step_ (schemas and semantics: csrc/dnr.cpp), in one file to
-// keep the number of slow translation units small.
+// CUDA kernels of the list ops dnr::momentum_stats and dnr::masked_sgd_step_
+// (schemas and semantics: csrc/dnr.cpp), in one file to keep the number of slow
+// translation units small.
 //
 // Each op runs over its whole tensor list in one launch, multi_tensor_apply
 // style: the host cuts the tensors into segments (chunks or rows) and uploads a
-// table of (pointers, length, dtype); block s handles segment s. Segments may
+// table of (pointers, length, dtype); block s handles segment s. The table is
+// uploaded from a host buffer at every call, so a CUDA graph that captured a call
+// would replay stale pointers: the ops are tagged cudagraph_unsafe (csrc/dnr.cpp). Segments may
 // have different dtypes: a block switches on its segment's dtype (uniform per
 // block, so no divergence). Reductions are deterministic: each block reduces in
 // a fixed tree order, and per-layer sums of block partials are added in chunk
@@ -97,6 +99,16 @@ __device__ T block_sum(T v, T* shared) {
   return shared[0];
 }
 
+// One block per table row: the row count as a grid size, checked (gridDim.x is
+// at most 2^31 - 1; a silent narrowing would skip rows).
+unsigned int grid_size(int64_t rows, const char* op) {
+  constexpr int64_t kMaxGrid = (int64_t{1} << 31) - 1;
+  TORCH_CHECK(
+      rows >= 0 && rows <= kMaxGrid, "dnr::", op, " (CUDA kernel): ", rows,
+      " blocks exceed the CUDA grid limit of ", kMaxGrid, "; split the tensor list");
+  return static_cast<unsigned int>(rows);
+}
+
 // ------------------------------------------------------------------ momentum_stats
 
 constexpr int64_t kStatsChunk = 16384;  // elements per block
@@ -170,68 +182,17 @@ at::Tensor momentum_stats_cuda(at::TensorList momenta, at::TensorList masks) {
   at::Tensor out = at::empty({num_layers, 2}, options.dtype(at::kDouble));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (chunks > 0) {
-    masked_abs_sums_kernel<<<chunks, kReduceThreads, 0, stream>>>(
+    masked_abs_sums_kernel<<<grid_size(chunks, "momentum_stats"), kReduceThreads, 0, stream>>>(
         dev_table.const_data_ptr<int64_t>(), sums.data_ptr<double>(),
         reinterpret_cast<long long*>(counts.data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   constexpr int kThreads = 128;
-  layer_sums_kernel<<<(num_layers + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+  layer_sums_kernel<<<grid_size((num_layers + kThreads - 1) / kThreads, "momentum_stats"), kThreads, 0, stream>>>(
       sums.const_data_ptr<double>(),
       reinterpret_cast<const long long*>(counts.const_data_ptr<int64_t>()),
       dev_table.const_data_ptr<int64_t>() + chunks * kStatsCols, num_layers,
       out.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
-
-// ------------------------------------------------------------------- channel_norms
-
-constexpr int kNormCols = 3;  // table row: values of one output channel, length, dtype
-
-// One block per output channel: the whole row in one fixed-order reduction.
-__global__ void __launch_bounds__(kReduceThreads) row_norms_kernel(
-    const int64_t* __restrict__ table, float* __restrict__ out) {
-  __shared__ double shared[kReduceThreads];
-  const int64_t* row = table + static_cast<int64_t>(blockIdx.x) * kNormCols;
-  const int64_t n = row[1];
-  double acc = 0.0;
-  with_dtype(row[2], row[0], [&](auto* v) {
-    for (int64_t i = threadIdx.x; i < n; i += kReduceThreads) {
-      const double x = static_cast<double>(v[i]);
-      acc += x * x;
-    }
-  });
-  acc = block_sum(acc, shared);
-  if (threadIdx.x == 0) {
-    out[blockIdx.x] = static_cast<float>(sqrt(acc));
-  }
-}
-
-at::Tensor channel_norms_cuda(at::TensorList tensors) {
-  check_channel_norms(tensors);
-  TORCH_CHECK(!tensors.empty() && tensors[0].is_cuda(), "dnr::channel_norms (CUDA kernel): needs CUDA tensors");
-  const at::Device device = tensors[0].device();
-  const c10::cuda::CUDAGuard guard(device);
-  std::vector<at::Tensor> keep_alive;
-  std::vector<int64_t> table;
-  for (const at::Tensor& t : tensors) {
-    const at::Tensor v = t.contiguous();
-    keep_alive.push_back(v);
-    const int64_t rows = v.size(0);
-    const int64_t len = rows == 0 ? 0 : v.numel() / rows;
-    for (int64_t r = 0; r < rows; ++r) {
-      table.insert(table.end(), {address(v) + r * len * v.element_size(), len, dtype_code(v.scalar_type())});
-    }
-  }
-  const int64_t rows = static_cast<int64_t>(table.size()) / kNormCols;
-  at::Tensor out = at::empty({rows}, at::TensorOptions().device(device).dtype(at::kFloat));
-  if (rows == 0) {
-    return out;
-  }
-  const at::Tensor dev_table = upload(table, device);
-  row_norms_kernel<<<rows, kReduceThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      dev_table.const_data_ptr<int64_t>(), out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -301,6 +262,12 @@ void masked_sgd_step_cuda(
   TORCH_CHECK(params[0].is_cuda(), "dnr::masked_sgd_step_ (CUDA kernel): params[0] is on ", params[0].device());
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
+  for (size_t i = 0; i < params.size(); ++i) {
+    mark_written(params[i]);
+    if (momentum != 0) {  // without momentum the buffers are neither read nor written
+      mark_written(bufs[i]);
+    }
+  }
   std::vector<at::Tensor> keep_alive;
   std::vector<int64_t> table;
   for (size_t i = 0; i < params.size(); ++i) {
@@ -316,7 +283,7 @@ void masked_sgd_step_cuda(
     return;
   }
   const at::Tensor dev_table = upload(table, device);
-  masked_sgd_kernel<<<chunks, kSgdThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  masked_sgd_kernel<<<grid_size(chunks, "masked_sgd_step_"), kSgdThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       dev_table.const_data_ptr<int64_t>(),
       SgdArgs{lr, momentum, dampening, weight_decay, nesterov, first_step});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -326,7 +293,6 @@ void masked_sgd_step_cuda(
 
 TORCH_LIBRARY_IMPL(dnr, CUDA, m) {
   m.impl("momentum_stats", &momentum_stats_cuda);
-  m.impl("channel_norms", &channel_norms_cuda);
   m.impl("masked_sgd_step_", &masked_sgd_step_cuda);
 }
 

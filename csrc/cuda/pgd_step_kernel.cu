@@ -41,6 +41,7 @@ __global__ void pgd_step_cuda_kernel(
                 : i / per_sample;
     const opmath_t e = eps[b * eps_stride];
     const opmath_t g = static_cast<opmath_t>(grad[i]);
+    // sign(g), 0 for NaN (no step), as torch.sign and the reference compute it.
     const opmath_t s = g > opmath_t(0) ? opmath_t(1) : (g < opmath_t(0) ? opmath_t(-1) : opmath_t(0));
     const opmath_t xi = static_cast<opmath_t>(x[i]);
     const opmath_t d = clamp_to(static_cast<opmath_t>(delta[i]) + alpha[b * alpha_stride] * s, -e, e);
@@ -58,6 +59,8 @@ void pgd_step_cuda(
   TORCH_CHECK(delta.is_cuda(), "dnr::pgd_step_ (CUDA kernel): delta is on ", delta.device());
   const c10::cuda::CUDAGuard guard(delta.device());
   const PgdStepInputs in = prepare_pgd_step(delta, x_adv, x, grad, eps, alpha);
+  mark_written(delta);
+  mark_written(x_adv);
   const int64_t numel = delta.numel();
   if (numel == 0) {
     return;

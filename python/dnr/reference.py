@@ -9,7 +9,6 @@ Shapes: B batch, C/O input/output channels, H/W spatial, kH/kW kernel size.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -84,7 +83,8 @@ def pgd_step_(
         x_adv[:] = clamp(x + d, lo, hi)
         delta[:] = x_adv - x
     Arithmetic in float32 for float16/bfloat16 data (in the data's dtype otherwise);
-    delta is computed from x_adv after rounding, so x + delta == x_adv.
+    delta is computed from x_adv after rounding, so x + delta == x_adv. sign(NaN) is
+    0 (an element with a NaN gradient does not move), as in the kernels.
     """
     compute = torch.promote_types(delta.dtype, torch.float32)
     view = (-1,) + (1,) * (delta.dim() - 1)  # [B] -> [B, 1, ...]; [] stays []
@@ -95,7 +95,11 @@ def pgd_step_(
     if a.dim() == 1:
         a = a.view(view)
     xc = x.to(compute)
-    step = delta.to(compute) + a * torch.sign(grad.to(compute))
+    g = grad.to(compute)
+    # sign with sign(NaN) = 0 written out, as the kernels compute it: torch.sign's NaN
+    # result is not part of its documented contract.
+    sign = (g > 0).to(compute) - (g < 0).to(compute)
+    step = delta.to(compute) + a * sign
     d = torch.minimum(torch.maximum(step, -e), e)
     x_adv.copy_(torch.clamp(xc + d, lo, hi))
     delta.copy_(x_adv.to(compute) - xc)
@@ -122,15 +126,6 @@ def momentum_stats(momenta: Sequence[torch.Tensor], masks: Sequence[torch.Tensor
         active = torch.where(k, m.abs(), 0).to(torch.float64).reshape(-1)
         rows.append(torch.stack([_deterministic_sum(active), k.sum().to(torch.float64)]))
     return torch.stack(rows).to(momenta[0].device)
-
-
-def channel_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """float32 [sum_l tensors[l].shape[0]]: the L2 norm of every output channel (row of
-    ``t.reshape(t.shape[0], -1)``) of every tensor, concatenated; summed in float64."""
-    if len(tensors) == 0:
-        return torch.zeros(0, dtype=torch.float32)
-    rows = [t.detach().reshape(t.shape[0], math.prod(t.shape[1:])).double().square().sum(dim=1).sqrt() for t in tensors]
-    return torch.cat(rows).float()
 
 
 def masked_sgd_step_(

@@ -16,8 +16,7 @@ import torch
 from .. import reference
 from ._registry import backend, use_kernel
 
-__all__ = ["masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "channel_norms", "masked_sgd_step_",
-           "backend"]
+__all__ = ["masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_", "backend"]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -295,7 +294,9 @@ def pgd_step_(
         eps, alpha: tensors of shape () or (B,) (per sample), or numbers. A negative
             alpha steps against the gradient (targeted attacks).
         lo, hi: valid pixel range.
-    Arithmetic is float32 for float16/bfloat16 data.
+    Arithmetic is float32 for float16/bfloat16 data. ``sign(NaN) = 0``: an element
+    whose gradient is NaN does not move (as with ``grad.sign()`` in torch's PGD code),
+    +-inf steps like +-1; kernels and reference agree (tests/test_ops_pgd.py).
     """
     for name, t in (("delta", delta), ("x_adv", x_adv), ("x", x), ("grad", grad)):
         _tensor(name, t)
@@ -351,36 +352,6 @@ def momentum_stats(momenta: Sequence[torch.Tensor], masks: Sequence[torch.Tensor
     if use_kernel("momentum_stats", momenta[0].device):
         return torch.ops.dnr.momentum_stats(momenta, masks)
     return reference.momentum_stats(momenta, masks)
-
-
-def channel_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """L2 norm of every output channel of every tensor, in one pass (one launch on CUDA).
-
-    Args:
-        tensors: L floating tensors [O_l, ...] (weights or momenta), all on one device.
-    Returns:
-        L float32 tensors [O_l] on that device: entry l holds
-        ``tensors[l].reshape(O_l, -1).norm(dim=1)``, summed in float64 (deterministic).
-
-    ``dnr.nn.units.unit_scores`` does not use it: the controller scores one layer at a
-    time, and for one tensor this op saves nothing over ``reshape(O, -1).norm(dim=1)``;
-    it pays when all layers are scored in one call (one launch instead of L).
-    """
-    tensors = _sequence("tensors", tensors)
-    if not tensors:
-        return []
-    for i, t in enumerate(tensors):
-        _tensor(f"tensors[{i}]", t)
-        _floating(f"tensors[{i}]", t)
-        if t.dim() < 1:
-            raise ValueError(f"tensors[{i}] must have an output-channel dimension, got shape {tuple(t.shape)}")
-        _same_device(f"tensors[{i}]", t, tensors[0], "tensors[0]")
-    with torch.no_grad():
-        if use_kernel("channel_norms", tensors[0].device):
-            flat = torch.ops.dnr.channel_norms(tensors)
-        else:
-            flat = reference.channel_norms(tensors).to(tensors[0].device)
-    return list(flat.split([t.shape[0] for t in tensors]))
 
 
 # --------------------------------------------------------------------------------- optimizer

@@ -16,7 +16,7 @@ import torch
 from .. import _ext
 
 # Every op of csrc/dnr.cpp, plus masked_linear (reference only: it is one GEMM).
-OPS = ("masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "channel_norms", "masked_sgd_step_")
+OPS = ("masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_")
 DEVICES = ("cpu", "cuda")
 
 # Ops whose inputs may require grad: a compiled kernel is used only once its
@@ -30,19 +30,36 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int, dilation: int) 
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """Strictly channels_last (a tensor whose strides are also contiguous is not)."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def conv_memory_format(input: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """Layout of dnr::masked_conv2d's output and of its input/weight gradients:
+    channels_last when input or weight is, else contiguous. The kernels
+    (csrc/masked_conv2d.cpp, conv_layout) apply the same rule on every path."""
+    return torch.channels_last if _is_channels_last(input) or _is_channels_last(weight) else torch.contiguous_format
+
+
+def _empty(shape, like: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
+
+
 def _masked_conv2d_fake(input, weight, mask, bias, stride, padding, dilation, groups, dense_weight_grad):
     b, _, h, w = input.shape
     o, _, kh, kw = weight.shape
     h_out = _conv_out(h, kh, stride[0], padding[0], dilation[0])
     w_out = _conv_out(w, kw, stride[1], padding[1], dilation[1])
-    return input.new_empty((b, o, h_out, w_out))
+    return _empty((b, o, h_out, w_out), input, conv_memory_format(input, weight))
 
 
 def _masked_conv2d_backward_fake(grad_output, input, weight, mask, stride, padding, dilation, groups,
                                  dense_weight_grad, output_mask):
+    layout = conv_memory_format(input, weight)
     return (
-        input.new_empty(input.shape) if output_mask[0] else None,
-        weight.new_empty(weight.shape) if output_mask[1] else None,
+        _empty(input.shape, input, layout) if output_mask[0] else None,
+        _empty(weight.shape, weight, layout) if output_mask[1] else None,
         weight.new_empty((weight.shape[0],)) if output_mask[2] else None,
     )
 
@@ -55,10 +72,6 @@ def _momentum_stats_fake(momenta: Sequence[torch.Tensor], masks: Sequence[torch.
     return momenta[0].new_empty((len(momenta), 2), dtype=torch.float64)
 
 
-def _channel_norms_fake(tensors: Sequence[torch.Tensor]):
-    return tensors[0].new_empty((sum(t.shape[0] for t in tensors),), dtype=torch.float32)
-
-
 def _masked_sgd_step_fake(params, grads, momentum_buffers, masks, lr, momentum, dampening, weight_decay, nesterov, first_step):
     return None
 
@@ -68,7 +81,6 @@ _FAKES = {
     "masked_conv2d_backward": _masked_conv2d_backward_fake,
     "pgd_step_": _pgd_step_fake,
     "momentum_stats": _momentum_stats_fake,
-    "channel_norms": _channel_norms_fake,
     "masked_sgd_step_": _masked_sgd_step_fake,
 }
 
@@ -89,9 +101,62 @@ def _masked_conv2d_autograd(ctx, grad_output):
     return grad_input, grad_weight, None, grad_bias, None, None, None, None, None
 
 
+def _masked_conv2d_backward_setup_context(ctx, inputs, output):
+    grad_output, input, weight, mask, stride, padding, dilation, groups, dense_weight_grad, output_mask = inputs
+    ctx.save_for_backward(grad_output, input, weight, mask)
+    ctx.conv = (list(stride), list(padding), list(dilation), groups)
+    ctx.dense_weight_grad = dense_weight_grad
+
+
+def _masked_conv2d_double_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
+    """Backward of masked_conv2d_backward, so that create_graph=True (gradient penalties,
+    Hessian-vector products) differentiates the kernel path exactly as it does the reference.
+
+    With w = weight * mask, the backward computes gi = conv_input_grad(go, w),
+    gw = conv_weight_grad(x, go) (times mask unless dense) and gb = go.sum((0, 2, 3)), each
+    linear in each argument; the adjoints of those maps are convolutions again. Written with
+    ATen's differentiable convolution ops, so higher orders work too. As in the reference,
+    d(w)/d(weight) is the identity when dense_weight_grad (else mask).
+    """
+    grad_output, input, weight, mask = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv
+    dense = ctx.dense_weight_grad
+    need_go, need_x, need_w = ctx.needs_input_grad[:3]
+    w = weight * mask
+    # the weight gradient's cotangent, as a cotangent of the effective weight's gradient
+    ggw = grad_grad_weight if grad_grad_weight is None or dense else grad_grad_weight * mask
+    conv = lambda x, k: torch.ops.aten.convolution(x, k, None, stride, padding, dilation, False, [0, 0], groups)  # noqa: E731
+
+    def conv_backward(go, x, k, need_input, need_weight):
+        return torch.ops.aten.convolution_backward(
+            go, x, k, None, stride, padding, dilation, False, [0, 0], groups, [need_input, need_weight, False]
+        )
+
+    d_go = d_x = d_w = None
+    if need_go:
+        terms = []
+        if grad_grad_input is not None:
+            terms.append(conv(grad_grad_input, w))
+        if ggw is not None:
+            terms.append(conv(input, ggw))
+        if grad_grad_bias is not None:
+            terms.append(grad_grad_bias.view(1, -1, 1, 1).expand_as(grad_output))
+        d_go = sum(terms[1:], terms[0]) if terms else None
+    if need_x and ggw is not None:
+        d_x = conv_backward(grad_output, input, ggw, True, False)[0]
+    if need_w and grad_grad_input is not None:
+        d_w = conv_backward(grad_output, grad_grad_input, w, False, True)[1]
+        d_w = d_w if dense else d_w * mask
+    return d_go, d_x, d_w, None, None, None, None, None, None, None
+
+
 def _register_autograd() -> None:
     torch.library.register_autograd(
         "dnr::masked_conv2d", _masked_conv2d_autograd, setup_context=_masked_conv2d_setup_context
+    )
+    torch.library.register_autograd(
+        "dnr::masked_conv2d_backward", _masked_conv2d_double_backward,
+        setup_context=_masked_conv2d_backward_setup_context,
     )
     _AUTOGRAD_REGISTERED.add("masked_conv2d")
 
@@ -129,15 +194,24 @@ _USABLE = _register()
 
 
 def use_kernel(op: str, device: torch.device) -> bool:
-    """True when ``op`` on ``device`` runs the extension's kernel."""
-    return _USABLE.get((op, device.type), False)
+    """True when ``op`` on ``device`` runs the extension's kernel: built and registered
+    and, on a GPU, with a kernel image for that GPU's architecture."""
+    if not _USABLE.get((op, device.type), False):
+        return False
+    if device.type == "cuda":
+        return _ext.cuda_kernels_run_on(device.index if device.index is not None else torch.cuda.current_device())
+    return True
 
 
 def backend() -> dict:
     """{op: {"cpu": impl, "cuda": impl}} with impl "extension" or "reference", plus
-    "extension_loaded" (bool) and, when not loaded, "reason" (str)."""
+    "extension_loaded" (bool) and, when not loaded, "reason" (str). With a GPU, "cuda"
+    is for the current one (the reference runs on a GPU the binary has no image for)."""
+    gpu = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    runs = {("cpu", op): use_kernel(op, torch.device("cpu")) for op in OPS}
+    runs |= {("cuda", op): use_kernel(op, gpu) if gpu is not None else _USABLE[op, "cuda"] for op in OPS}
     table: dict = {
-        op: {device: "extension" if _USABLE[op, device] else "reference" for device in DEVICES}
+        op: {device: "extension" if runs[device, op] else "reference" for device in DEVICES}
         for op in OPS
     }
     table["extension_loaded"] = _ext.loaded()
