@@ -121,3 +121,32 @@ def test_rng_states_round_trip(tmp_path):
     assert torch.equal(expected[0], got[0])
     assert np.array_equal(expected[1], got[1])
     assert expected[2] == got[2]
+
+
+def test_a_pickle_with_code_is_refused_as_such(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+
+    path = str(tmp_path / "evil.pt")
+    torch.save({"format": ck.FORMAT, "version": ck.VERSION, "kind": "model", "config": {}, "model": Payload()}, path)
+    with pytest.raises(CheckpointError, match="holds Python objects that dnr will not unpickle") as info:
+        load_checkpoint(path)
+    assert "weights_only" not in str(info.value) and "truncated" not in str(info.value)
+
+
+def test_keep_previous_rotates_and_a_damaged_last_falls_back(tmp_path, model):
+    folder = tmp_path / "checkpoints"
+    last = str(folder / "last.pt")
+    for epoch in (1, 2, 3):
+        save_checkpoint(last, {**_state(model, "train"), "epoch": epoch, "batch": 0}, keep_previous=True)
+    assert sorted(os.listdir(folder)) == ["last.pt", "previous.pt"]
+    assert load_checkpoint(last)["epoch"] == 3 and load_checkpoint(str(folder / "previous.pt"))["epoch"] == 2
+    data = open(last, "rb").read()
+    open(last, "wb").write(data[: len(data) // 3])
+    with pytest.warns(ck.CheckpointFallbackWarning, match=r"last\.pt.* is truncated or corrupt .*; using the previous checkpoint .*previous\.pt"):
+        state = load_checkpoint(last)
+    assert state["epoch"] == 2 and state["path"] == str(folder / "previous.pt")
+    open(str(folder / "previous.pt"), "wb").write(b"")  # both damaged: an error that names previous.pt
+    with pytest.raises(CheckpointError, match="previous.pt"):
+        load_checkpoint(last)

@@ -321,6 +321,10 @@ def load_config_file(path: str) -> dict:
         raise ConfigError(f"config file {path!r} does not exist")
     with open(path) as f:
         text = f.read()
+    empty = ConfigError(f"config file {path!r} is empty: expected a mapping of option: value (write {{}} for no "
+                        "settings)")
+    if not text.strip():
+        raise empty
     if path.endswith((".yaml", ".yml")):
         try:
             import yaml
@@ -341,8 +345,7 @@ def load_config_file(path: str) -> dict:
         except json.JSONDecodeError as err:
             raise ConfigError(f"config file {path!r} is not valid JSON: {err}") from None
     if data is None:  # an empty file (or only comments) is a mistake, not "no settings"
-        raise ConfigError(f"config file {path!r} is empty: expected a mapping of option: value (write {{}} for "
-                          "no settings)")
+        raise empty
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of option: value, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
