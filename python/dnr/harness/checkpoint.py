@@ -89,7 +89,9 @@ def _load_checked(path: str, kind: str | None) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only load failed" not in str(err).lower():
+        # the weights-only unpickler names a GLOBAL (a class or function to import) it refused; other
+        # complaints (an unknown opcode in damaged bytes) mean corruption, not a malicious file
+        if "unsupported global" not in str(err).lower():
             raise CheckpointError(f"checkpoint {path!r} is truncated or corrupt and cannot be loaded "
                                   f"({type(err).__name__})") from None
         # never echo torch's hint to load with weights_only=False: that would run the file's code
@@ -98,6 +100,8 @@ def _load_checked(path: str, kind: str | None) -> dict:
                               "load it") from None
     except Exception as err:  # torch raises several types for damaged zip archives
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in first:  # never pass on torch's advice to load unsafely
+            first = type(err).__name__
         raise CheckpointError(f"checkpoint {path!r} is truncated or corrupt and cannot be loaded ({first[:200]})"
                               ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
