@@ -30,7 +30,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or run directory")
     p.add_argument("--format", required=True, choices=FORMATS, help="export format")
     p.add_argument("--out", default=None, metavar="PATH",
-                   help="output file (default: beside the checkpoint, model.{pt2,safetensors,onnx})")
+                   help="output file (default: model.{pt2,safetensors,onnx} in the run directory, else beside the checkpoint)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="sparse: dtype of the stored values (float32 round-trips bit-exactly)")
     p.add_argument("--onnx-model", default=None, choices=("compact", "masked"),
