@@ -111,6 +111,18 @@ def test_train_json_is_checked_before_training(tmp_path, capsys):
     assert cfg_file.read_text() == '{"epochs": 1}'
 
 
+def test_report_rewrites_its_own_report_but_never_a_checkpoint_behind_a_symlink(run_dir, capsys):
+    (run_dir / "report.md").write_text("old report")
+    code, _, err = _main(capsys, "report", run_dir)
+    assert code == 0 and "old report" not in (run_dir / "report.md").read_text()  # its own product
+    (run_dir / "report.md").unlink()
+    (run_dir / "report.md").symlink_to(run_dir / "model.pt")
+    before = _snapshot(run_dir)
+    code, _, err = _main(capsys, "report", run_dir)
+    _one_line_error(code, err, 2, "report.md", "model.pt", "refusing")
+    assert _snapshot(run_dir) == before
+
+
 # ------------------------------------------------------------------------------ 4: file-system errors
 def test_disk_full_during_training_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
     real_save, calls = torch.save, []
@@ -143,7 +155,8 @@ def test_out_under_a_regular_file_or_in_a_read_only_place(run_dir, tmp_path, cap
     blocker.write_text("x")
     for argv in (["train", "--out", blocker / "run", "--epochs", "1"], ["train", "--out", blocker],
                  ["export", run_dir, "--format", "sparse", "--out", blocker / "m.safetensors"],
-                 ["eval", run_dir, "--quiet", "--out", blocker / "sub" / "e.json"]):
+                 ["eval", run_dir, "--quiet", "--out", blocker / "sub" / "e.json"],
+                 ["compare", "--config", tmp_path / "missing.yaml", "--out", blocker]):
         code, _, err = _main(capsys, *argv)
         assert code == 2 and len(err.strip().splitlines()) == 1 and str(blocker) in err, err
         assert "regular file" in err

@@ -375,7 +375,10 @@ def fit(cfg: TrainConfig | None, out_dir: str | None, *, resume: str | None = No
     Args:
         cfg: the validated config (ignored when ``resume`` is given: the run's saved config is used).
         out_dir: the run directory to create (must not already hold a run); None with ``resume``.
-        resume: a run directory (or checkpoint file) to continue exactly where it stopped.
+        resume: a run directory (or checkpoint file) to continue exactly where it stopped: from
+            ``checkpoints/last.pt``, or from ``previous.pt`` with a CheckpointFallbackWarning when last.pt
+            fails its check; a run directory with no checkpoint yet starts afresh from its config.json
+            (also with that warning).
         quiet: print nothing but errors (the caller prints the summary).
         progress: tqdm bars on stderr (when tqdm is installed).
         overrides_on_resume: options of RESUME_MUTABLE to change for the resumed run.
@@ -384,6 +387,8 @@ def fit(cfg: TrainConfig | None, out_dir: str | None, *, resume: str | None = No
     Raises:
         ConfigError, RunError, CheckpointError: before any file is written or changed.
         TrainingDiverged: NaN/inf loss; the last checkpoint is left as it was.
+        FileWriteError: a checkpoint or run file could not be written (disk full, read-only file
+            system); one line naming the file; the last good checkpoint is left as it was.
     """
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
              torch.backends.cudnn.benchmark)
