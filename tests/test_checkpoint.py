@@ -53,7 +53,7 @@ def test_a_failed_write_leaves_the_previous_file_intact(tmp_path, model, monkeyp
     assert os.listdir(tmp_path) == ["c.pt"]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "corrupt", "empty"])
+@pytest.mark.parametrize("damage", ["truncate", "corrupt", "empty", "zeroed-start"])
 def test_damaged_files_give_one_clear_error(tmp_path, model, damage):
     path = str(tmp_path / "c.pt")
     save_checkpoint(path, _state(model))
@@ -66,6 +66,8 @@ def test_damaged_files_give_one_clear_error(tmp_path, model, damage):
         data[mid:mid + 64] = bytes(64)
         data[:4] = b"XXXX"
         data = bytes(data)
+    elif damage == "zeroed-start":  # torch then reads it as a legacy pickle and its unpickler complains
+        data = bytes(64) + data[64:]
     else:
         data = b""
     with open(path, "wb") as f:
@@ -73,6 +75,7 @@ def test_damaged_files_give_one_clear_error(tmp_path, model, damage):
     with pytest.raises(CheckpointError, match="truncated or corrupt") as info:
         load_checkpoint(path)
     assert "\n" not in str(info.value) and path in str(info.value)
+    assert "weights_only" not in str(info.value)  # torch's advice to load unsafely is never passed on
 
 
 def test_foreign_and_missing_files(tmp_path):
@@ -121,3 +124,32 @@ def test_rng_states_round_trip(tmp_path):
     assert torch.equal(expected[0], got[0])
     assert np.array_equal(expected[1], got[1])
     assert expected[2] == got[2]
+
+
+def test_a_pickle_with_code_is_refused_as_such(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+
+    path = str(tmp_path / "evil.pt")
+    torch.save({"format": ck.FORMAT, "version": ck.VERSION, "kind": "model", "config": {}, "model": Payload()}, path)
+    with pytest.raises(CheckpointError, match="holds Python objects that dnr will not unpickle") as info:
+        load_checkpoint(path)
+    assert "weights_only" not in str(info.value) and "truncated" not in str(info.value)
+
+
+def test_keep_previous_rotates_and_a_damaged_last_falls_back(tmp_path, model):
+    folder = tmp_path / "checkpoints"
+    last = str(folder / "last.pt")
+    for epoch in (1, 2, 3):
+        save_checkpoint(last, {**_state(model, "train"), "epoch": epoch, "batch": 0}, keep_previous=True)
+    assert sorted(os.listdir(folder)) == ["last.pt", "previous.pt"]
+    assert load_checkpoint(last)["epoch"] == 3 and load_checkpoint(str(folder / "previous.pt"))["epoch"] == 2
+    data = open(last, "rb").read()
+    open(last, "wb").write(data[: len(data) // 3])
+    with pytest.warns(ck.CheckpointFallbackWarning, match=r"last\.pt.* is truncated or corrupt .*; using the previous checkpoint .*previous\.pt"):
+        state = load_checkpoint(last)
+    assert state["epoch"] == 2 and state["path"] == str(folder / "previous.pt")
+    open(str(folder / "previous.pt"), "wb").write(b"")  # both damaged: an error that names previous.pt
+    with pytest.raises(CheckpointError, match="previous.pt"):
+        load_checkpoint(last)

@@ -135,7 +135,7 @@ def test_info_prints_the_density_report(run, capsys):
     assert info["kind"] == "model" and info["density"] == pytest.approx(0.05, abs=1e-3)
     assert sum(l["active"] for l in info["layers"]) == info["active"]
     code, stdout, _ = _main(capsys, "info", os.path.join(out, "checkpoints", "last.pt"))
-    assert code == 0 and "(train, epoch 2 batch 0 (step 8))" in stdout
+    assert code == 0 and "(train, end of epoch 2/2, step 8)" in stdout  # as the training log counts
 
 
 def test_report_writes_markdown_and_plots(run, capsys, tmp_path):

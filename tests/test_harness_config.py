@@ -118,3 +118,40 @@ def test_lr_schedules_with_warmup(schedule):
         assert f[75] == pytest.approx(0.01)
     else:
         assert f[20:] == [1.0] * 80
+
+
+@pytest.mark.parametrize("seed, ok", [(0, True), (2**32 - 1, True), (-1, False), (2**32, False)])
+def test_seed_must_fit_numpy(seed, ok):
+    if ok:
+        assert resolve_config(None, {}, {"seed": seed}).seed == seed
+    else:
+        with pytest.raises(ConfigError, match=rf"option --seed: got {seed}, expected an integer in \[0, 4294967295\]"):
+            resolve_config(None, {}, {"seed": seed})
+
+
+def test_validate_options_is_the_configs_own_rules_under_the_callers_names():
+    from dnr.harness.config import validate_options
+    assert validate_options({"eval_eps": "0.25", "seed": 3}) == {"eval_eps": 0.25, "seed": 3}
+    for value in (math.nan, math.inf):
+        with pytest.raises(ConfigError, match=r"option --eps: got .*, expected a finite number"):
+            validate_options({"eval_eps": value}, flags={"eval_eps": "--eps"})
+    with pytest.raises(ConfigError, match=r"option --eval-alpha: got 0.0, expected a number > 0"):
+        validate_options({"eval_alpha": 0.0})
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("a.yaml", "", "is empty"), ("b.yaml", "# only a comment\n", "is empty"), ("c.json", "  \n", "is empty"),
+    ("d.yaml", "lr: 0.1\nepochs: 2\nlr: 0.2\n", "key 'lr' is given twice (line 3"),
+    ("e.json", '{"train": {"lr": 1, "lr": 2}}', "key 'lr' is given twice"),
+])
+def test_empty_files_and_duplicate_keys_are_refused(tmp_path, name, text, needle):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config_file(str(tmp_path / name))
+    assert needle in str(info.value) and name in str(info.value)
+    assert load_config_file(str(_write(tmp_path, "ok.yaml", "{}"))) == {}
+
+
+def _write(folder, name, text):
+    (folder / name).write_text(text)
+    return folder / name

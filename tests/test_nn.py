@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dnr
-from dnr.nn import MaskedConv2d, MaskedLinear
+from dnr.nn import MaskedConv2d, MaskedLinear, masked_layers, sparsify
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
 
@@ -260,3 +260,27 @@ def test_density_report_effective_drops_inputs_of_dead_channels():
     # the dense classifier's inputs from dead channels are dead too
     head = next(r for r in rep.layers if r.name == "7")
     assert not head.masked and head.macs_effective == 10 * 16 * int(model[3].channel_mask.sum())
+
+
+def test_sparsify_refuses_an_already_sparsified_model_unless_asked():
+    """Issue 12: a second sparsify used to draw new random masks silently, losing the trained structure."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    sparsify(model, density=0.3, generator=torch.Generator().manual_seed(0))
+    masks = [layer.mask.clone() for _, layer in masked_layers(model)]
+    x = torch.randn(5, 8)
+    before = model(x)
+    with pytest.raises(ValueError, match=r"already sparsified \(2 masked layers: 0, 2\).*resparsify=True"):
+        sparsify(model, density=0.3, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(m, layer.mask) for m, (_, layer) in zip(masks, masked_layers(model)))
+    assert torch.equal(model(x), before)
+    sparsify(model, density=0.3, resparsify=True, generator=torch.Generator().manual_seed(1))
+    assert any(not torch.equal(m, layer.mask) for m, (_, layer) in zip(masks, masked_layers(model)))
+    assert sum(int(layer.mask.sum()) for _, layer in masked_layers(model)) == round(0.3 * (8 * 16 + 16 * 4))
+
+
+@pytest.mark.parametrize("exclude", [42, 1.5, object()])
+def test_sparsify_exclude_of_the_wrong_type_is_a_clear_error(exclude):
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(TypeError, match=r"exclude must be a layer name or glob pattern, .*; got .* \((int|float|object)\)"):
+        sparsify(model, density=0.3, exclude=exclude)
+    assert not masked_layers(model)

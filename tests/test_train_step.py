@@ -114,17 +114,26 @@ def test_precision_option_names_its_choices():
 
 @pytest.mark.slow  # inductor compiles the training and attack graphs (about a minute on 2 CPU cores)
 def test_compiled_training_follows_the_eager_run(tmp_path):
+    """One optimizer step, compiled and eager, from the same start: the same loss and the same weights up to
+    float32 rounding. Only one step: inductor's fused kernels round differently, and over epochs (PGD's
+    sign steps, rewiring decisions) those differences grow chaotically, so end states of longer runs
+    differ from machine to machine and say nothing about the compiled path."""
     runs = {}
     for mode in ("off", "default"):
-        cfg = resolve_config(None, {}, {**TINY, "compile": mode, "epochs": 2, "deterministic": False})
+        # 32 examples, batch 32, one epoch: exactly one optimizer step (the last epoch does not rewire)
+        cfg = resolve_config(None, {}, {**TINY, "compile": mode, "epochs": 1, "train_size": 32,
+                                         "deterministic": False})
         s = fit(cfg, str(tmp_path / mode), quiet=True, progress=False)
         with open(os.path.join(s["run_dir"], "metrics.jsonl")) as f:
             runs[mode] = ([json.loads(line) for line in f], load_checkpoint(s["model_path"])["model"])
     (rows_e, eager), (rows_c, compiled) = runs["off"], runs["default"]
-    for a, b in zip(rows_e, rows_c):  # inductor's fused kernels round differently; the run is the same
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
-        assert b["rewired_weights"] == a["rewired_weights"]
+    assert [r["step"] for r in rows_e] == [r["step"] for r in rows_c] == [1]
+    assert rows_c[0]["loss"] == pytest.approx(rows_e[0]["loss"], rel=1e-3)
     assert eager.keys() == compiled.keys()  # the saved state dict is the model's, not the compiled wrapper's
     for key in eager:
         if eager[key].is_floating_point():
-            torch.testing.assert_close(compiled[key], eager[key], atol=1e-3, rtol=1e-3, msg=key)
+            # rounding (and a PGD sign flipped by it) moves one step's update by ~1e-6; a compiled path that
+            # trained other tensors than the model's would leave them a whole step (lr * grad ~ 1e-3) apart
+            torch.testing.assert_close(compiled[key], eager[key], atol=1e-4, rtol=1e-3, msg=key)
+        else:
+            assert torch.equal(compiled[key], eager[key]), key

@@ -21,10 +21,12 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import torch
 
 from . import distributed
+from ._files import DamagedFileError, FileWriteError, OutputRefused, atomic_open, check_output_dir, check_output_file
 from .harness import checkpoint as ckpt
 from .harness import config as hconfig
 from .harness import report as hreport
@@ -60,6 +62,8 @@ def _add_train(sub) -> None:
     g.add_argument("--dry-run", action="store_true",
                    help="resolve and validate the config, check the data, print the config and exit")
     g.add_argument("--json", default=None, metavar="FILE", help="also write the final summary to this JSON file")
+    g.add_argument("--force", action="store_true",
+                   help="let --json replace an existing file (never a checkpoint, a run file or an input)")
     hconfig.add_config_arguments(p)
     p.set_defaults(func=cmd_train)
 
@@ -103,6 +107,8 @@ def _add_eval(sub) -> None:
                    help="seed of the PGD random starts and AutoAttack (default: the run's seed, which reproduces "
                         "the final evaluation of dnr train)")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the JSON result to FILE")
+    p.add_argument("--force", action="store_true",
+                   help="let --out replace an existing file (never a checkpoint, a run file or an input)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
@@ -183,6 +189,7 @@ def cmd_train(args) -> int:
         if args.preset or args.config or args.out:
             raise hconfig.ConfigError("--resume continues a run with its saved config: do not combine it with "
                                       "--preset, --config or --out")
+        _check_json_output(args, run_dir=args.resume)
         summary = _interruptible(args.resume, lambda: hrun.fit(
             None, None, resume=args.resume, quiet=args.quiet, progress=not args.no_progress,
             overrides_on_resume=overrides))
@@ -196,10 +203,12 @@ def cmd_train(args) -> int:
         if (not args.quiet or args.dry_run) and launched[0] == 0:
             print("resolved config (preset " + preset + "):")
             print("\n".join(f"  {k}: {v}" for k, v in cfg.to_dict().items()), flush=True)
+        out = args.out or os.path.join("runs", f"{preset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+        check_output_dir(out, argument="option --out")
+        _check_json_output(args, run_dir=out)
         if args.dry_run:
             hrun.check_data(cfg)
             return 0
-        out = args.out or os.path.join("runs", f"{preset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
         summary = _interruptible(out, lambda: hrun.fit(cfg, out, quiet=args.quiet, progress=not args.no_progress))
     if summary is None:
         return 130
@@ -214,9 +223,16 @@ def cmd_train(args) -> int:
     if summary.get("report"):
         print(f"report: {summary['report']}")
     if args.json:
-        with open(args.json, "w") as f:
+        with atomic_open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
     return 0
+
+
+def _check_json_output(args, run_dir: str) -> None:
+    """``train --json``: writable, and none of the run's files or inputs (checked before training)."""
+    if args.json:
+        check_output_file(args.json, argument="option --json", inputs=[args.config], force=args.force,
+                          run_dirs=[run_dir])
 
 
 def _interruptible(run_dir: str, train):
@@ -239,18 +255,19 @@ def _device(name: str) -> str:
     return name
 
 
+# dnr eval's options and the TrainConfig fields whose rules they follow
+_EVAL_OPTIONS = {"test_size": "test_size", "batch_size": "eval_batch_size", "steps": "eval_steps",
+                 "restarts": "eval_restarts", "eps": "eval_eps", "alpha": "eval_alpha", "seed": "seed"}
+
+
 def cmd_eval(args) -> int:
-    for name in ("test_size", "batch_size", "steps"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise hconfig.ConfigError(f"option --{name.replace('_', '-')}: got {v}, expected an integer >= 1")
-    if args.restarts is not None and args.restarts < 1:
-        raise hconfig.ConfigError(f"option --restarts: got {args.restarts}, expected an integer >= 1")
-    if args.eps is not None and args.eps < 0:
-        raise hconfig.ConfigError(f"option --eps: got {args.eps}, expected a number >= 0")
-    if args.alpha is not None and args.alpha <= 0:
-        raise hconfig.ConfigError(f"option --alpha: got {args.alpha}, expected a number > 0")
+    given = {field: getattr(args, name) for name, field in _EVAL_OPTIONS.items() if getattr(args, name) is not None}
+    hconfig.validate_options(given, flags={field: "--" + name.replace("_", "-")
+                                           for name, field in _EVAL_OPTIONS.items()})
     device = _device(args.device)
+    if args.out:
+        check_output_file(args.out, argument="option --out", force=args.force,
+                          inputs=[args.checkpoint, ckpt.resolve_checkpoint_path(args.checkpoint)])
     model, cfg, state = hrun.load_trained_model(args.checkpoint, device)
     if args.data_root is not None:
         cfg.data_root = args.data_root
@@ -297,7 +314,7 @@ def cmd_eval(args) -> int:
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
+        with atomic_open(args.out, "w") as f:
             f.write(text + "\n")
     return 0
 
@@ -316,6 +333,9 @@ def _torchattacks_missing() -> hconfig.ConfigError:
 
 
 def cmd_report(args) -> int:
+    # report.md and plots/ are this command's own products; anything else there is refused
+    check_output_file(os.path.join(args.run_dir, "report.md"), argument="report file", own_output=True)
+    check_output_dir(os.path.join(args.run_dir, "plots"), argument="plots folder")
     out = hreport.write_report(args.run_dir)
     print(f"report: {out['report']}")
     if out["plots"]:
@@ -332,6 +352,8 @@ def cmd_compare(args) -> int:
         if out is None:
             raise hconfig.ConfigError("dnr compare --report-only needs the output folder: "
                                       "dnr compare --report-only OUT")
+        for name in hcompare.OUTPUT_FILES:
+            check_output_file(os.path.join(out, name), argument="compare report", own_output=True)
         res = hcompare.write_compare_report(out)
     else:
         if args.report_dir is not None:
@@ -339,6 +361,10 @@ def cmd_compare(args) -> int:
                                       "with --out, or add --report-only)")
         if args.config is None or args.out is None:
             raise hconfig.ConfigError("dnr compare needs --config FILE and --out DIR")
+        check_output_dir(args.out, argument="option --out")
+        for name in hcompare.OUTPUT_FILES:
+            check_output_file(os.path.join(args.out, name), argument="option --out", inputs=[args.config],
+                              own_output=True)
         spec = hcompare.load_compare_config(args.config)
         for key in ("methods", "modes", "densities", "seeds"):
             if getattr(args, key) is not None:
@@ -379,8 +405,12 @@ def cmd_info(args) -> int:
                           **report.to_dict()}, indent=2, default=list))
         return 0
     where = ""
-    if state["kind"] == "train":
-        where = f", epoch {state['epoch']} batch {state['batch']} (step {state['step']})"
+    if state["kind"] == "train":  # the words of the training log: epochs counted from 1, batch b/steps
+        if state["batch"]:
+            where = (f", epoch {state['epoch'] + 1}, batch {state['batch']}/{state.get('steps_per_epoch', '?')}, "
+                     f"step {state['step']}")
+        else:
+            where = f", end of epoch {state['epoch']}/{cfg.epochs}, step {state['step']}"
     print(f"checkpoint: {state['path']} ({state['kind']}{where})")
     print(f"model: {cfg.model} on {cfg.dataset}, method {cfg.method} ({cfg.mode}), target density {cfg.density}")
     print(report)
@@ -388,13 +418,33 @@ def cmd_info(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------- entry point
-_EXPECTED = (hconfig.ConfigError, ckpt.CheckpointError, hrun.RunError, hrun.TrainingDiverged, FileNotFoundError)
+_EXPECTED = (hconfig.ConfigError, ckpt.CheckpointError, hrun.RunError, hrun.TrainingDiverged, FileNotFoundError,
+             OutputRefused, FileWriteError, DamagedFileError)
+_USAGE_ERRORS = (hconfig.ConfigError, OutputRefused)  # exit status 2
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """dnr's own warnings (a checkpoint fallback) as one ``dnr: warning:`` line; others as Python shows them."""
+    if issubclass(category, ckpt.CheckpointFallbackWarning):
+        print(f"dnr: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    else:
+        _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
+_PYTHON_SHOWWARNING = warnings.showwarning
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args._argv = None if argv is None else list(argv)  # the command line, for reports that show it
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        warnings.simplefilter("always", ckpt.CheckpointFallbackWarning)
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
     except _EXPECTED as err:
@@ -407,7 +457,7 @@ def main(argv=None) -> int:
         # under torchrun a diverged loss and a bad option are the same on every process: rank 0 says it
         if rank == 0 or not isinstance(err, (hconfig.ConfigError, hrun.TrainingDiverged)):
             print(f"dnr: error: {msg}" if world == 1 else f"dnr: error (rank {rank}): {msg}", file=sys.stderr)
-        return 2 if isinstance(err, hconfig.ConfigError) else 1
+        return 2 if isinstance(err, _USAGE_ERRORS) else 1
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

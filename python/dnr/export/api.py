@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .._files import atomic_path
 from .compact import compact_model
 from .model_card import model_card, write_model_card
 from .onnx_export import check_onnx, export_onnx
@@ -27,7 +28,8 @@ def save_compact(compacted: nn.Module, path: str | os.PathLike, input_size: Sequ
     example = torch.zeros((2, *[int(s) for s in input_size]), device=next(compacted.parameters()).device)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     program = torch.export.export(compacted.eval(), (example,), dynamic_shapes=({0: batch},))
-    torch.export.save(program, os.fspath(path))
+    with atomic_path(path) as tmp:
+        torch.export.save(program, tmp)
     return os.fspath(path)
 
 
@@ -89,14 +91,10 @@ def export_model(model: nn.Module, out: str | os.PathLike, fmt: str, input_size:
 def _export(model, out, fmt, input_size, *, dtype, onnx_model, architecture, config, summary, check, generator):
     input_size = tuple(int(s) for s in input_size)
     out = os.fspath(out)
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     x = torch.rand((4, *input_size), generator=gen)
     extra: dict = {}
     exported = None
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        dense_bytes = save_dense(model, os.path.join(tmp, "dense.safetensors"))
     if fmt == "compact":
         exported = compact_model(model, input_size)
         if check:
@@ -135,6 +133,10 @@ def _export(model, out, fmt, input_size, *, dtype, onnx_model, architecture, con
             extra["check"] = {"max_abs_diff_onnxruntime_vs_torch": check_onnx(net, out, x)}
             if onnx_model == "compact":
                 extra["check"]["max_abs_diff_vs_masked"] = check_compact(model, net, x)
+    # the dense reference size for the card, measured after the export: a model the format cannot take
+    # (compact on an irregular model) is refused for that reason, not for an optional package
+    with tempfile.TemporaryDirectory(prefix="dnr-export-") as tmp:
+        dense_bytes = save_dense(model, os.path.join(tmp, "dense.safetensors"))
     card = model_card(model, input_size, export_format=fmt, export_path=out, exported_model=exported,
                       architecture=architecture, config=config, summary=summary, extra=extra)
     card["export"]["dense_file_bytes"] = dense_bytes

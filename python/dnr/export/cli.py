@@ -30,13 +30,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or run directory")
     p.add_argument("--format", required=True, choices=FORMATS, help="export format")
     p.add_argument("--out", default=None, metavar="PATH",
-                   help="output file (default: beside the checkpoint, model.{pt2,safetensors,onnx})")
+                   help="output file (default: model.{pt2,safetensors,onnx} in the run directory, else beside the checkpoint)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="sparse: dtype of the stored values (float32 round-trips bit-exactly)")
     p.add_argument("--onnx-model", default=None, choices=("compact", "masked"),
                    help="onnx: export the compacted or the masked model (default: compact for channel-pruned "
                         "models, else masked)")
     p.add_argument("--no-check", action="store_true", help="skip the check of the export against the model")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output file (never the checkpoint, a run file or another checkpoint)")
     p.set_defaults(func=cmd_export)
     return p
 
@@ -59,40 +61,66 @@ def default_loader(path: str):
     return model, (in_channels, size, size), info
 
 
+def default_export_path(checkpoint: str, fmt: str) -> str:
+    """``model.<ext>`` in the run directory of ``checkpoint`` (a run directory, its model.pt or a file in
+    its checkpoints/ folder), else beside the checkpoint file."""
+    checkpoint = os.path.abspath(checkpoint)
+    folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
+    if os.path.basename(folder) == "checkpoints" and os.path.isfile(os.path.join(folder, "..", "config.json")):
+        folder = os.path.dirname(folder)  # never beside the checkpoints: that folder is the run's
+    return os.path.join(folder, "model" + _DEFAULT_EXT[fmt])
+
+
 def run_export(checkpoint: str, fmt: str, out: str | None = None, *, dtype: str | None = None,
-               onnx_model: str | None = None, check: bool = True,
+               onnx_model: str | None = None, check: bool = True, force: bool = False,
                load: Callable[[str], tuple] | None = None) -> dict:
     """Export a checkpoint; return the model card.
 
+    The output file and its card are checked before anything is loaded: never the checkpoint itself,
+    another checkpoint or a run file, and an existing file only with ``force``.
+
     Args:
+        force: replace an existing output file (or card) that is none of the protected files.
         load: ``load(checkpoint) -> (masked model, input_size, info)`` where ``info`` is a dict with
             optional "architecture", "config", "summary" (accuracies) and "path"; default
             :func:`default_loader` (dnr checkpoints).
+
+    Raises:
+        OutputRefused: the output or its card may not be written.
     """
+    from .._files import check_output_file
     from .api import export_model
-    model, input_size, info = (load or default_loader)(checkpoint)
+    from .model_card import card_path
+    if fmt not in _DEFAULT_EXT:
+        raise ValueError(f"fmt must be one of {tuple(_DEFAULT_EXT)}, got {fmt!r}")
+    argument = "option --out" if out is not None else "export file (default path)"
     if out is None:
-        src = info.get("path", checkpoint)
-        folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
-        out = os.path.join(folder, "model" + _DEFAULT_EXT[fmt])
+        out = default_export_path(checkpoint, fmt)
+    inputs = [checkpoint]
+    if os.path.isdir(checkpoint):  # the files a run directory's export may read
+        inputs += [os.path.join(checkpoint, "model.pt"), os.path.join(checkpoint, "checkpoints", "last.pt")]
+    check_output_file(out, argument=argument, inputs=inputs, force=force)
+    check_output_file(card_path(out), argument=f"{argument} (its model card)", inputs=inputs, force=force)
+    model, input_size, info = (load or default_loader)(checkpoint)
     return export_model(model.cpu().eval(), out, fmt, input_size, dtype=dtype, onnx_model=onnx_model,
                         architecture=info.get("architecture"), config=info.get("config"),
                         summary=info.get("summary"), check=check)
 
 
 def cmd_export(args) -> int:
+    from .._files import FileWriteError, OutputRefused
     from ..harness.checkpoint import CheckpointError
     from .compact import CompactionError
     from .sparse_format import SparseFormatError
     try:
         card = run_export(args.checkpoint, args.format, args.out, dtype=args.dtype, onnx_model=args.onnx_model,
-                          check=not args.no_check)
+                          check=not args.no_check, force=args.force)
     except (CompactionError, SparseFormatError, CheckpointError, ImportError, FileNotFoundError,
-            AssertionError) as err:
+            AssertionError, OutputRefused, FileWriteError) as err:
         if getattr(args, "traceback", False):
             raise
         print(f"dnr: error: export: {' '.join(str(err).split())}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, OutputRefused) else 1
     e = card["export"]
     print(json.dumps({"format": e["format"], "file": e["file"], "file_bytes": e["file_bytes"],
                       "dense_file_bytes": e["dense_file_bytes"], "ratio_vs_dense": round(e["ratio_vs_dense"], 3),

@@ -9,7 +9,7 @@ from typing import Sequence
 
 from torch import nn
 
-from .._files import sha256_file
+from .._files import atomic_open, sha256_file
 from ..nn.report import density_report
 
 __all__ = ["model_card", "write_model_card", "card_path", "ACCURACY_KEYS"]
@@ -79,7 +79,7 @@ def model_card(model: nn.Module, input_size: Sequence[int], *, export_format: st
 def write_model_card(card: dict, export_path: str | os.PathLike) -> str:
     """Write ``card`` as JSON to :func:`card_path` of ``export_path``; return that path."""
     path = card_path(export_path)
-    with open(path, "w") as f:
+    with atomic_open(path, "w") as f:
         json.dump(card, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
     return path

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..nn.masked import MaskedConv2d, MaskedLayer, MaskedLinear
+from .._files import atomic_path
 from ._optional import require
 
 __all__ = ["dense_copy", "export_onnx", "run_onnx", "check_onnx", "OnnxMismatchError"]
@@ -70,13 +71,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[
     net = dense_copy(model).cpu().float().eval()
     example = torch.zeros((1, *[int(s) for s in input_size]))
     path = os.fspath(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
-        torch.onnx.export(net, (example,), path, dynamo=False, opset_version=opset, input_names=["input"],
-                          output_names=["output"],
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None)
     onnx = require("onnx", "export_onnx")
-    onnx.checker.check_model(onnx.load(path))
+    with atomic_path(path) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+            torch.onnx.export(net, (example,), tmp, dynamo=False, opset_version=opset, input_names=["input"],
+                              output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None)
+        onnx.checker.check_model(onnx.load(tmp))
     return path
 
 

@@ -9,15 +9,17 @@ TrainConfig as a dict), plus ``model`` (the state dict, masks included).
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import warnings
 
 import numpy as np
 import torch
 
-from .._files import atomic_open
+from .._files import atomic_path
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_model_state", "rng_state",
-           "set_rng_state", "FORMAT", "VERSION"]
+__all__ = ["CheckpointError", "CheckpointFallbackWarning", "save_checkpoint", "load_checkpoint", "load_model_state",
+           "rng_state", "set_rng_state", "previous_checkpoint_path", "FORMAT", "VERSION"]
 
 FORMAT = "dnr-checkpoint"
 VERSION = 1
@@ -27,12 +29,31 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, corrupt, of another format or of another architecture."""
 
 
-def save_checkpoint(path: str, state: dict) -> None:
+class CheckpointFallbackWarning(UserWarning):
+    """``last.pt`` failed its check and the previous checkpoint is used instead."""
+
+
+def previous_checkpoint_path(path: str) -> str:
+    """Where :func:`save_checkpoint` with ``keep_previous`` keeps the file it replaces: ``previous.pt``
+    beside ``last.pt`` (``<name>.previous<ext>`` for other names)."""
+    folder, name = os.path.split(os.fspath(path))
+    stem, ext = os.path.splitext(name)
+    return os.path.join(folder, "previous.pt" if name == "last.pt" else f"{stem}.previous{ext}")
+
+
+def save_checkpoint(path: str, state: dict, *, keep_previous: bool = False) -> None:
     """Write ``state`` to ``path`` atomically: a temp file in the same folder, fsync, then os.replace.
 
     A crash at any point leaves either the old file or the new one, never a partial file at ``path``.
+    With ``keep_previous`` the file being replaced moves to :func:`previous_checkpoint_path` first (one
+    rename), so a damaged newest checkpoint still leaves the one before it to fall back to.
+
+    Raises:
+        FileWriteError: disk full, read-only file system, ...: one line naming ``path``; the existing
+            checkpoint is untouched.
     """
-    with atomic_open(path, "wb") as f:
+    with atomic_path(path, keep_previous=previous_checkpoint_path(path) if keep_previous else None) as tmp, \
+            open(tmp, "wb") as f:
         torch.save({"format": FORMAT, "version": VERSION, **state}, f)
 
 
@@ -48,10 +69,39 @@ def load_checkpoint(path: str, *, kind: str | None = None) -> dict:
         CheckpointError: missing, truncated/corrupt, not a dnr checkpoint, or of the wrong kind.
     """
     path = resolve_checkpoint_path(path, prefer_final=kind != "train")
+    previous = previous_checkpoint_path(path)
+    if os.path.basename(path) == "last.pt" and os.path.isfile(previous):
+        try:
+            return _load_checked(path, kind)
+        except CheckpointError as err:
+            state = _load_checked(previous, kind)  # both damaged: this error names previous.pt
+            warnings.warn(f"{err}; using the previous checkpoint {previous!r} instead (epoch "
+                          f"{state.get('epoch', '?')}, batch {state.get('batch', '?')})",
+                          CheckpointFallbackWarning, stacklevel=2)
+            return state
+    return _load_checked(path, kind)
+
+
+def _load_checked(path: str, kind: str | None) -> dict:
+    """:func:`load_checkpoint` of one existing file, without the fallback."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for damaged zip archives / pickles
+    except pickle.UnpicklingError as err:
+        # the weights-only unpickler names a GLOBAL (a class or function to import) it refused; other
+        # complaints (an unknown opcode in damaged bytes) mean corruption, not a malicious file
+        if "unsupported global" not in str(err).lower():
+            raise CheckpointError(f"checkpoint {path!r} is truncated or corrupt and cannot be loaded "
+                                  f"({type(err).__name__})") from None
+        # never echo torch's hint to load with weights_only=False: that would run the file's code
+        raise CheckpointError(f"{path!r} holds Python objects that dnr will not unpickle (dnr loads only tensors "
+                              "and plain values); it is not a dnr checkpoint, or it was tampered with: do not "
+                              "load it") from None
+    except Exception as err:  # torch raises several types for damaged zip archives
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in first:  # never pass on torch's advice to load unsafely
+            first = type(err).__name__
         raise CheckpointError(f"checkpoint {path!r} is truncated or corrupt and cannot be loaded ({first[:200]})"
                               ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -73,12 +123,15 @@ def resolve_checkpoint_path(path: str, prefer_final: bool = True) -> str:
     in the order ``prefer_final`` says, whichever exists first."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        candidates = [os.path.join(path, "model.pt"), os.path.join(path, "checkpoints", "last.pt")]
+        last = os.path.join(path, "checkpoints", "last.pt")
+        candidates = [os.path.join(path, "model.pt"), last]
         for candidate in candidates if prefer_final else candidates[::-1]:
-            if os.path.isfile(candidate):
+            # a crash between save_checkpoint's two renames leaves previous.pt without last.pt
+            if os.path.isfile(candidate) or candidate == last and os.path.isfile(previous_checkpoint_path(last)):
                 return candidate
         raise CheckpointError(f"run directory {path!r} holds no checkpoint (checkpoints/last.pt or model.pt)")
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) and not (os.path.basename(path) == "last.pt"
+                                         and os.path.isfile(previous_checkpoint_path(path))):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     return path
 

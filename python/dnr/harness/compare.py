@@ -40,19 +40,20 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import evaluation
-from .._files import atomic_open, sha256_file
+from .._files import atomic_open, read_json, sha256_file
 from . import config as hconfig
 from .config import ConfigError, TrainConfig, load_config_file, resolve_config
 from .report import plots_or_note
 from .run import CHECKPOINT, RESUME_MUTABLE, RunError
 
-__all__ = ["run_compare", "write_compare_report", "load_compare_config", "validate_compare_spec", "plan_cells",
+__all__ = ["OUTPUT_FILES", "run_compare", "write_compare_report", "load_compare_config", "validate_compare_spec", "plan_cells",
            "EVAL_DEFAULTS"]
 
 SPEC_KEYS = ("preset", "train", "methods", "modes", "densities", "seeds", "eval", "title")
 EVAL_DEFAULTS = {"test_size": None, "pgd_steps": [20, 50], "restarts": 2, "fgsm": True, "autoattack": True,
                  "autoattack_examples": 500, "sweep_eps": None, "sweep_steps": 20, "sweep_examples": 500,
                  "eps": None, "alpha": None}
+OUTPUT_FILES = ("compare_spec.json", "compare.json", "compare.md")  # written into the output folder
 GRID_TRAIN_KEYS = ("method", "mode", "density", "seed")  # set per cell: not allowed in `train`
 MODES = ("irregular", "channel")
 
@@ -236,11 +237,6 @@ def _configs_equal(a: dict, b: dict) -> bool:
     return json.loads(json.dumps(strip(a))) == json.loads(json.dumps(strip(b)))
 
 
-def _read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
-
-
 def _write_json(path: str, obj) -> None:
     with atomic_open(path, "w") as f:
         f.write(json.dumps(obj, indent=2) + "\n")
@@ -255,7 +251,7 @@ def cell_state(run_dir: str, config: dict) -> str:
         if os.path.exists(os.path.join(run_dir, CHECKPOINT)):
             return "resume"
         return "fresh"
-    saved = _read_json(cfg_path)
+    saved = read_json(cfg_path)
     if not _configs_equal(saved, config):
         diff = sorted(k for k in set(saved) | set(config) if k not in RESUME_MUTABLE and saved.get(k) != config.get(k))
         raise RunError(f"run directory {run_dir!r} holds a run with a different config ({', '.join(diff)}); "
@@ -331,7 +327,7 @@ def run_cell(task: dict) -> dict:
         settings = _eval_settings(task["eval"], task["seed"], sha256_file(model_path))
         eval_path = os.path.join(run_dir, "robust_eval.json")
         if os.path.isfile(eval_path):
-            old = _read_json(eval_path)
+            old = read_json(eval_path)
             if old.get("settings") == json.loads(json.dumps(settings)):
                 return {"key": task["key"], "run_dir": run_dir, "status": status, "train_wall_seconds": train_wall,
                         "eval_wall_seconds": 0.0, "eval_reused": True}
@@ -496,10 +492,10 @@ def _cell_record(c: dict, spec: dict) -> dict:
                train_seconds=None, train_wall_seconds=None, eval_seconds=None, density=None, compression=None)
     cpath = os.path.join(run_dir, "config.json")
     if os.path.isfile(cpath):
-        rec["config"] = _read_json(cpath)  # what the run was trained with (the planned config until it exists)
+        rec["config"] = read_json(cpath)  # what the run was trained with (the planned config until it exists)
     spath = os.path.join(run_dir, "summary.json")
     if os.path.isfile(spath):
-        s = _read_json(spath)
+        s = read_json(spath)
         rec["summary"] = {k: s.get(k) for k in ("method", "mode", "density", "effective_density", "compression",
                                                 "clean", "fgsm", "pgd", "pgd_steps", "pgd_restarts", "eps",
                                                 "test_examples", "flops_dense", "flops_effective",
@@ -508,10 +504,10 @@ def _cell_record(c: dict, spec: dict) -> dict:
                    compression=s.get("compression"))
     tpath = os.path.join(run_dir, "compare_train.json")
     if os.path.isfile(tpath):
-        rec["train_wall_seconds"] = _read_json(tpath).get("train_wall_seconds")
+        rec["train_wall_seconds"] = read_json(tpath).get("train_wall_seconds")
     epath = os.path.join(run_dir, "robust_eval.json")
     if rec["summary"] is not None and os.path.isfile(epath):
-        ev = _read_json(epath)
+        ev = read_json(epath)
         current = _eval_settings(spec["eval"], c["seed"], sha256_file(os.path.join(run_dir, "model.pt")))
         if ev.get("settings") == json.loads(json.dumps(current)):
             rec.update(status="evaluated", robust_eval=ev["result"], eval_settings=ev["settings"],
@@ -571,7 +567,7 @@ def write_compare_report(out_dir: str) -> dict:
     spec_path = os.path.join(out_dir, "compare_spec.json")
     if not os.path.isfile(spec_path):
         raise FileNotFoundError(f"{out_dir!r} is not a compare output folder (no compare_spec.json)")
-    meta = _read_json(spec_path)
+    meta = read_json(spec_path)
     spec = meta["spec"]
     records = []
     for c in meta["cells"]:

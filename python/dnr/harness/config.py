@@ -17,7 +17,7 @@ from typing import Any
 from ..evaluation import default_pgd_alpha  # the one rule for the evaluation's PGD step size
 
 __all__ = ["ConfigError", "TrainConfig", "PRESETS", "PUBLISHED", "DEFAULT_PRESET", "METHODS", "PHASED_METHODS",
-           "resolve_config",
+           "resolve_config", "validate_options", "SEED_RANGE",
            "load_config_file", "add_config_arguments", "config_overrides_from_args"]
 
 METHODS = ("dense", "dense-at", "static", "dnr", "oneshot", "admm", "rsr")
@@ -27,6 +27,7 @@ LR_SCHEDULES = ("cosine", "step", "constant")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRECISIONS = ("fp32", "bf16")  # fp16 would need loss scaling in the attack's input gradients too
 DEFAULT_PRESET = "fashion-mnist-quick"
+SEED_RANGE = (0, 2**32 - 1)  # numpy's np.random.seed accepts exactly these
 
 
 class ConfigError(ValueError):
@@ -174,22 +175,30 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     # ------------------------------------------------------------------ validation
-    def validate(self) -> "TrainConfig":
-        """Check every field; raises ConfigError naming the first bad one. Returns self."""
+    def validate(self, *, flags: dict[str, str] | None = None) -> "TrainConfig":
+        """Check every field; raises ConfigError naming the first bad one. Returns self.
+
+        Args:
+            flags: the option name to show for a field in errors, where a command calls it otherwise
+                (``dnr eval --eps`` sets ``eval_eps``); default ``--field-name``.
+        """
+        def flag(name):
+            return (flags or {}).get(name) or _flag(name)
+
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             meta = f.metadata
             if value is None:
                 if not meta["optional"]:
-                    raise ConfigError(f"option {_flag(f.name)} must not be empty (got None)")
+                    raise ConfigError(f"option {flag(f.name)} must not be empty (got None)")
                 continue
-            setattr(self, f.name, _coerce(f.name, value, meta))
+            setattr(self, f.name, _coerce(flag(f.name), value, meta))
             if meta["choices"] and getattr(self, f.name) not in meta["choices"]:
-                raise ConfigError(f"option {_flag(f.name)}: got {value!r}, expected one of {list(meta['choices'])}")
+                raise ConfigError(f"option {flag(f.name)}: got {value!r}, expected one of {list(meta['choices'])}")
 
         def need(name, ok, expected):
             if not ok:
-                raise ConfigError(f"option {_flag(name)}: got {getattr(self, name)!r}, expected {expected}")
+                raise ConfigError(f"option {flag(name)}: got {getattr(self, name)!r}, expected {expected}")
 
         need("density", 0.0 < self.density <= 1.0, "a number in (0, 1]")
         need("prune_rate", 0.0 < self.prune_rate < 1.0, "a number in (0, 1)")
@@ -199,6 +208,8 @@ class TrainConfig:
         for name in ("train_size", "test_size", "eval_size", "rewire_every", "checkpoint_every", "threads"):
             if getattr(self, name) is not None:
                 need(name, getattr(self, name) >= 1, "an integer >= 1 (or none)")
+        need("seed", SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+             f"an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (2**32 - 1)")
         need("eval_every", self.eval_every >= 0, "an integer >= 0")
         need("min_active", self.min_active >= 0, "an integer >= 0")
         need("lr", self.lr > 0, "a number > 0")
@@ -241,23 +252,23 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _coerce(name: str, value: Any, meta: dict) -> Any:
-    """Convert a value read from a file or the CLI to the field's type, or raise ConfigError."""
+def _coerce(flag: str, value: Any, meta: dict) -> Any:
+    """Convert a value read from a file or the CLI to the field's type, or raise ConfigError naming ``flag``."""
     typ = meta["type"]
     if meta["nargs"]:
         if not isinstance(value, (list, tuple)):
             value = [value]
-        return [_coerce(name, v, {**meta, "nargs": None}) for v in value]
+        return [_coerce(flag, v, {**meta, "nargs": None}) for v in value]
     if typ is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"option {_flag(name)}: got {value!r}, expected true or false")
+        raise ConfigError(f"option {flag}: got {value!r}, expected true or false")
     if typ is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and
                                                                        value.strip().lstrip("-").isdigit())):
-            raise ConfigError(f"option {_flag(name)}: got {value!r}, expected an integer")
+            raise ConfigError(f"option {flag}: got {value!r}, expected an integer")
         return int(value)
     if typ is float:
         try:
@@ -265,10 +276,10 @@ def _coerce(name: str, value: Any, meta: dict) -> Any:
         except (TypeError, ValueError):
             out = math.nan
         if not math.isfinite(out):
-            raise ConfigError(f"option {_flag(name)}: got {value!r}, expected a finite number")
+            raise ConfigError(f"option {flag}: got {value!r}, expected a finite number")
         return out
     if not isinstance(value, str):
-        raise ConfigError(f"option {_flag(name)}: got {value!r}, expected a string")
+        raise ConfigError(f"option {flag}: got {value!r}, expected a string")
     return value
 
 
@@ -310,6 +321,10 @@ def load_config_file(path: str) -> dict:
         raise ConfigError(f"config file {path!r} does not exist")
     with open(path) as f:
         text = f.read()
+    empty = ConfigError(f"config file {path!r} is empty: expected a mapping of option: value (write {{}} for no "
+                        "settings)")
+    if not text.strip():
+        raise empty
     if path.endswith((".yaml", ".yml")):
         try:
             import yaml
@@ -317,19 +332,70 @@ def load_config_file(path: str) -> dict:
             raise ConfigError(f"config file {path!r} is YAML but pyyaml is not installed: pip install pyyaml "
                               "(or pip install 'dnr[harness]'), or use a .json file") from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_key_yaml_loader(yaml))
+        except _DuplicateKey as err:
+            raise ConfigError(f"config file {path!r}: {err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path!r} is not valid YAML: {str(err).splitlines()[0]}") from None
     else:
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as err:
+            raise ConfigError(f"config file {path!r}: {err}") from None
         except json.JSONDecodeError as err:
             raise ConfigError(f"config file {path!r} is not valid JSON: {err}") from None
-    if data is None:
-        data = {}
+    if data is None:  # an empty file (or only comments) is a mistake, not "no settings"
+        raise empty
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of option: value, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def validate_options(values: dict, *, flags: dict[str, str] | None = None) -> dict:
+    """Check some TrainConfig options by the config's own rules (the one place they live), the others at
+    their defaults; returns the values converted to the fields' types.
+
+    Commands that take a few of these options under their own names (``dnr eval --eps`` is
+    ``eval_eps``) pass ``flags`` so that errors name the option the user typed.
+
+    Raises:
+        ConfigError: the first bad value, naming its option.
+    """
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"validate_options: not TrainConfig fields: {unknown}")
+    cfg = TrainConfig(**values).validate(flags=flags)
+    return {k: getattr(cfg, k) for k in values}
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json object_pairs_hook: a key given twice is an error (json keeps the last one silently)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"key {key!r} is given twice (expected each option once)")
+        out[key] = value
+    return out
+
+
+def _unique_key_yaml_loader(yaml):
+    """A SafeLoader that refuses a mapping key given twice (PyYAML keeps the last one silently)."""
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise _DuplicateKey(f"key {key!r} is given twice (line {key_node.start_mark.line + 1}; expected "
+                                        "each option once)")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+    return UniqueKeyLoader
 
 
 def resolve_config(preset: str | None = None, file_values: dict | None = None,

@@ -8,16 +8,20 @@ Plots (``RUN_DIR/plots/``):
 
 from __future__ import annotations
 
-import json
 import os
 
-from .._files import atomic_open
+from .._files import atomic_open, read_json, read_jsonl
 
 __all__ = ["write_report", "format_summary", "read_run", "plots_or_note"]
 
 
 def read_run(run_dir: str) -> dict:
-    """config.json, metrics.jsonl, rewiring.jsonl and summary.json (when present) of a run directory."""
+    """config.json, metrics.jsonl, rewiring.jsonl and summary.json (when present) of a run directory.
+
+    Raises:
+        FileNotFoundError: not a run directory.
+        DamagedFileError: a damaged or empty file, named with its line.
+    """
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
     cfg_path = os.path.join(run_dir, "config.json")
@@ -26,21 +30,15 @@ def read_run(run_dir: str) -> dict:
 
     def jsonl(name):
         path = os.path.join(run_dir, name)
-        if not os.path.isfile(path):
-            return []
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return read_jsonl(path) if os.path.isfile(path) else []
 
-    with open(cfg_path) as f:
-        config = json.load(f)
-    summary = None
-    if os.path.isfile(os.path.join(run_dir, "summary.json")):
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            summary = json.load(f)
-    initial = None
-    if os.path.isfile(os.path.join(run_dir, "initial_density.json")):
-        with open(os.path.join(run_dir, "initial_density.json")) as f:
-            initial = json.load(f)
+    def optional_json(name):
+        path = os.path.join(run_dir, name)
+        return read_json(path) if os.path.isfile(path) else None
+
+    config = read_json(cfg_path)
+    summary = optional_json("summary.json")
+    initial = optional_json("initial_density.json")
     return {"config": config, "metrics": jsonl("metrics.jsonl"), "rewiring": jsonl("rewiring.jsonl"),
             "summary": summary, "initial_density": initial}
 

@@ -9,6 +9,7 @@ A run directory holds::
     rewiring.jsonl       one record per DNR rewiring (per-layer density, mu, pruned and regrown counts)
     pruning.jsonl        baselines (oneshot, admm, rsr): ADMM updates and the prune (dnr.harness.methods)
     checkpoints/last.pt  the full training state (atomic; every epoch end and every --checkpoint-every steps)
+    checkpoints/previous.pt  the one before it (a resume falls back to it, with a warning, when last.pt is damaged)
     model.pt             the final model (state dict with masks + config + summary)
     summary.json         the final evaluation, density and FLOPs
     report.md, plots/    written by :mod:`dnr.harness.report`
@@ -38,21 +39,22 @@ import os
 import random
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from .. import attacks, distributed
-from .._files import atomic_open
+from .._files import FileWriteError, atomic_open, read_json
 from ..data.loader import BatchLoader
 from ..nn import apply_masks, density_report, masked_layers, sparsify
 from ..ops._registry import use_kernel
 from ..optim import MaskedSGD
 from ..rewiring import DNR
 from ..train import train_epoch
-from .checkpoint import (CheckpointError, load_checkpoint, load_model_state, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (CheckpointError, CheckpointFallbackWarning, load_checkpoint, load_model_state,
+                         previous_checkpoint_path, rng_state, save_checkpoint, set_rng_state)
 from .config import ConfigError, TrainConfig
 from .methods import PhasedMethod
 
@@ -333,6 +335,15 @@ def _sharded_evaluation(model, loader, *, eps, alpha, steps, restarts, seed, fgs
 
 
 # ---------------------------------------------------------------------------------------- the driver
+def _stopped_before_first_checkpoint(run_dir: str) -> bool:
+    """A run directory with its config.json but no checkpoint at all (nor a final model): the run died
+    before its first checkpoint."""
+    if not os.path.isdir(run_dir) or not os.path.isfile(os.path.join(run_dir, "config.json")):
+        return False
+    last = os.path.join(run_dir, CHECKPOINT)
+    return not any(os.path.exists(p) for p in (last, previous_checkpoint_path(last), os.path.join(run_dir, "model.pt")))
+
+
 def _setup_runtime(cfg: TrainConfig) -> distributed.Context:
     """Threads, determinism, device and process group of ``cfg`` (process-wide settings; ``fit`` restores
     them and leaves the process group it joined)."""
@@ -364,7 +375,10 @@ def fit(cfg: TrainConfig | None, out_dir: str | None, *, resume: str | None = No
     Args:
         cfg: the validated config (ignored when ``resume`` is given: the run's saved config is used).
         out_dir: the run directory to create (must not already hold a run); None with ``resume``.
-        resume: a run directory (or checkpoint file) to continue exactly where it stopped.
+        resume: a run directory (or checkpoint file) to continue exactly where it stopped: from
+            ``checkpoints/last.pt``, or from ``previous.pt`` with a CheckpointFallbackWarning when last.pt
+            fails its check; a run directory with no checkpoint yet starts afresh from its config.json
+            (also with that warning).
         quiet: print nothing but errors (the caller prints the summary).
         progress: tqdm bars on stderr (when tqdm is installed).
         overrides_on_resume: options of RESUME_MUTABLE to change for the resumed run.
@@ -373,6 +387,8 @@ def fit(cfg: TrainConfig | None, out_dir: str | None, *, resume: str | None = No
     Raises:
         ConfigError, RunError, CheckpointError: before any file is written or changed.
         TrainingDiverged: NaN/inf loss; the last checkpoint is left as it was.
+        FileWriteError: a checkpoint or run file could not be written (disk full, read-only file
+            system); one line naming the file; the last good checkpoint is left as it was.
     """
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
              torch.backends.cudnn.benchmark)
@@ -391,17 +407,26 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_mod
     log = _Log(quiet, progress)
     state = None
     if resume is not None:
-        state = load_checkpoint(resume, kind="train")
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(state["path"])))
         bad = sorted(set(overrides_on_resume or {}) - set(RESUME_MUTABLE))
         if bad:
             raise ConfigError(f"--resume continues the run with its saved config; only "
                               f"{', '.join('--' + m for m in RESUME_MUTABLE)} may be given, got "
                               f"{', '.join('--' + b.replace('_', '-') for b in bad)}")
+        if _stopped_before_first_checkpoint(resume):
+            # nothing to continue, but the saved config says what to run: start it again (not a dead end)
+            run_dir = os.path.abspath(resume)
+            config_path = os.path.join(run_dir, "config.json")
+            saved, where = read_json(config_path), config_path
+            warnings.warn(f"run directory {resume!r} holds no checkpoint (the run stopped before its first one): "
+                          "starting it afresh from its saved config.json", CheckpointFallbackWarning, stacklevel=3)
+        else:
+            state = load_checkpoint(resume, kind="train")
+            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(state["path"])))
+            saved, where = state["config"], f"checkpoint {state['path']!r}"
         try:
-            cfg = TrainConfig(**{**state["config"], **(overrides_on_resume or {})}).validate()
+            cfg = TrainConfig(**{**saved, **(overrides_on_resume or {})}).validate()
         except (TypeError, ConfigError) as err:
-            raise CheckpointError(f"checkpoint {state['path']!r} has an invalid config: {err}") from None
+            raise CheckpointError(f"{where} has an invalid config: {err}") from None
     else:
         if cfg is None or out_dir is None:
             raise ValueError("fit: cfg and out_dir are required unless resume is given")
@@ -409,6 +434,8 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_mod
         if os.path.exists(os.path.join(run_dir, "config.json")) or os.path.exists(os.path.join(run_dir, CHECKPOINT)):
             raise RunError(f"run directory {out_dir!r} already holds a run: continue it with "
                            f"--resume {out_dir}, or choose another --out")
+        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+            raise RunError(f"option --out: {out_dir!r} is a regular file, expected a folder")
     ctx = _setup_runtime(cfg)
     try:
         return _train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data)
@@ -519,7 +546,10 @@ def _train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data) -> 
     # every rank has passed the checks above on an untouched run directory before rank 0 writes to it
     distributed.barrier()
     if state is None and main:
-        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        try:
+            os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        except OSError as err:
+            raise FileWriteError(run_dir, err.strerror or str(err), err.errno) from None
         _write_text_atomic(os.path.join(run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2) + "\n")
         initial = {name: layer.density for name, layer in masked_layers(model)}
         _write_text_atomic(os.path.join(run_dir, "initial_density.json"), json.dumps(initial, indent=2) + "\n")
@@ -537,7 +567,7 @@ def _train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data) -> 
             extra = {"world_size": world, "ranks": distributed.all_gather_objects(streams)}
         if not main:
             return
-        save_checkpoint(ckpt_path, {**extra,
+        save_checkpoint(ckpt_path, keep_previous=True, state={**extra,
             "kind": "train", "config": cfg.to_dict(), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "controller": controller.state_dict() if controller is not None else None,

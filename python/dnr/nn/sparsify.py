@@ -34,6 +34,7 @@ def sparsify(
     prune_first: bool = True,
     prune_last: bool | None = None,
     generator: torch.Generator | None = None,
+    resparsify: bool = False,
 ) -> nn.Module:
     """Replace every eligible ``nn.Conv2d`` / ``nn.Linear`` of ``model`` by a masked layer, in place.
 
@@ -55,9 +56,15 @@ def sparsify(
         prune_last: prune the last eligible layer; default True in irregular mode and False in channel
             mode (pruning the classifier's rows would delete classes).
         generator: torch.Generator for the random masks (CPU), for reproducibility.
+        resparsify: a model that already has masked layers is refused (new random masks would throw
+            away its trained sparse structure); True draws new masks for it anyway.
 
     Returns:
         ``model`` itself (modified in place).
+
+    Raises:
+        ValueError: bad arguments, or a model that is already sparsified (without ``resparsify``).
+        TypeError: ``model`` or ``exclude`` of the wrong type.
     """
     mode = check_mode(mode)
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not (0.0 < float(density) <= 1.0):
@@ -69,6 +76,13 @@ def sparsify(
     if prune_last is None:
         prune_last = mode == "irregular"
     excluded = _exclusion_predicate(exclude)
+    already = masked_layers(model)
+    if already and not resparsify:
+        names = ", ".join(name or "<model>" for name, _ in already[:3]) + (", ..." if len(already) > 3 else "")
+        raise ValueError(
+            f"model {type(model).__name__} is already sparsified ({len(already)} masked layers: {names}); "
+            "sparsify would replace its masks by new random ones. Pass resparsify=True to do that on purpose"
+        )
 
     candidates = [(n, m) for n, m in model.named_modules() if _eligible(m)]
     if not candidates:
@@ -200,6 +214,11 @@ def _exclusion_predicate(exclude: ExcludeSpec) -> Callable[[str, nn.Module], boo
         return lambda name, module: False
     if callable(exclude) and not isinstance(exclude, type):
         return exclude
+    if not isinstance(exclude, (str, type)) and not isinstance(exclude, Iterable):
+        raise TypeError(
+            f"exclude must be a layer name or glob pattern, a module type, a list of those, or a callable "
+            f"(name, module) -> bool; got {exclude!r} ({type(exclude).__name__})"
+        )
     items = [exclude] if isinstance(exclude, (str, type)) else list(exclude)
     for item in items:
         if not isinstance(item, (str, type)):
