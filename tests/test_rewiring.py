@@ -14,6 +14,7 @@ from torch import nn
 import dnr
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
+PAPER = dnr.rewiring.REWIRE_SETTINGS["paper"]  # the paper's schedule: rewiring at epoch ends only
 
 
 def _momentum_step(model, optimizer, seed):
@@ -101,7 +102,7 @@ def test_redistribution_follows_normalised_momentum():
     model = nn.Sequential(nn.Linear(50, 50, bias=False), nn.Linear(50, 50, bias=False))
     dnr.sparsify(model, density=0.2)
     opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
-    ctl = dnr.DNR(model, opt, total_steps=10, prune_rate=0.5, schedule="constant")
+    ctl = dnr.DNR(model, opt, total_steps=10, **{**PAPER, "schedule": "constant"})
     model[0].weight.grad = torch.full((50, 50), 3.0)
     model[1].weight.grad = torch.full((50, 50), 1.0)
     opt.step()
@@ -222,7 +223,7 @@ def test_rewire_every_k_steps_and_cosine_schedule():
     model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 2))
     dnr.sparsify(model, density=0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    ctl = dnr.DNR(model, opt, total_steps=12, rewire_every=4)
+    ctl = dnr.DNR(model, opt, total_steps=12, **{**PAPER, "rewire_every": 4})
     assert ctl.prune_rate == pytest.approx(0.5)
     for i in range(12):
         _momentum_step(model, opt, i)
@@ -236,7 +237,7 @@ def test_rewire_every_k_steps_and_cosine_schedule():
 def test_end_epoch_skips_the_last_epoch():
     model = dnr.sparsify(nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 2)), density=0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    ctl = dnr.DNR(model, opt, total_steps=4)
+    ctl = dnr.DNR(model, opt, total_steps=4, **PAPER)
     _momentum_step(model, opt, 0)
     assert ctl.end_epoch() is not None
     assert ctl.end_epoch(last=True) is None
@@ -259,7 +260,7 @@ def test_grad_scaler_skipped_step_does_not_advance_schedule():
     torch.manual_seed(0)
     model = dnr.sparsify(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), density=0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    ctl = dnr.DNR(model, opt, total_steps=10)
+    ctl = dnr.DNR(model, opt, total_steps=10, **PAPER)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
     x, y = torch.randn(4, 8), torch.randint(0, 2, (4,))
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -14,6 +14,8 @@ import math
 import os
 from typing import Any
 
+from ..rewiring.controller import REGROWTH
+from ..rewiring.schedule import REWIRE_SETTINGS
 from ..evaluation import default_pgd_alpha  # the one rule for the evaluation's PGD step size
 
 __all__ = ["ConfigError", "TrainConfig", "PRESETS", "PUBLISHED", "DEFAULT_PRESET", "METHODS", "PHASED_METHODS",
@@ -68,14 +70,26 @@ class TrainConfig:
     prune_first: bool = _f(True, "prune the first conv layer", type=bool)
     prune_last: bool | None = _f(None, "prune the last linear layer (default: yes for irregular, no for "
                                  "channel)", type=bool, optional=True)
-    prune_rate: float = _f(0.5, "DNR initial prune rate p0, in (0, 1)", type=float)
-    prune_rate_min: float = _f(0.005, "DNR final prune rate p_min, in [0, p0]", type=float)
+    rewire: str = _f("auto", "DNR rewiring settings: auto (budget-aware: small rewirings every few steps until "
+                     "3/4 of training; the library's default) or paper (half the active weights at every epoch "
+                     "end, the DNR paper's schedule); the five options below override single settings", type=str,
+                     choices=tuple(REWIRE_SETTINGS))
+    prune_rate: float | None = _f(None, "DNR initial prune rate p0, in (0, 1) (auto: 0.3, paper: 0.5)", type=float,
+                                  optional=True)
+    prune_rate_min: float | None = _f(None, "DNR prune rate p_min at the rewiring horizon, in [0, p0] (0.005)",
+                                      type=float, optional=True)
     prune_schedule: str = _f("cosine", "prune-rate schedule over training", type=str,
                              choices=("cosine", "linear", "constant"))
-    rewire_every: int | None = _f(None, "rewire every K optimizer steps instead of at epoch ends", type=int,
-                                  optional=True)
-    min_active: int = _f(1, "DNR: units (weights, or channels in channel mode) every layer keeps when pruning; "
-                         "in channel mode a few more keep a layer from shrinking to one channel", type=int)
+    rewire_every: int | None = _f(None, "rewire every K optimizer steps (auto: about 20 rewirings, at most 100 "
+                                  "steps apart; paper: at epoch ends)", type=int, optional=True)
+    rewire_until: float | None = _f(None, "no rewiring after this fraction of training, in (0, 1] (auto: 0.75, "
+                                    "paper: 1)", type=float, optional=True)
+    regrowth: str | None = _f(None, "DNR regrowth criterion: momentum, gradient, output_gradient (channels), "
+                              "random, or auto (momentum for weights, output_gradient for channels); paper: "
+                              "momentum", type=str, optional=True, choices=REGROWTH)
+    min_active: float | None = _f(None, "DNR per-layer floor: a number of units (an integer >= 1) or a fraction "
+                                  "of the layer's initial units in (0, 1) (auto: 1 weight, or half the initial "
+                                  "channels in channel mode)", type=float, optional=True)
     # baselines (oneshot, admm, rsr): a first phase, one exact-budget prune, masked fine-tuning
     phase_split: float = _f(0.5, "oneshot/admm/rsr: fraction of the epochs before the prune (dense AT, ADMM or "
                             "RSR training); the rest is masked AT fine-tuning with the lr schedule restarted",
@@ -145,6 +159,21 @@ class TrainConfig:
         return self.method in ("static", "dnr") + PHASED_METHODS
 
     @property
+    def rewiring_settings(self) -> dict:
+        """The keyword arguments of ``dnr.DNR`` for this run: ``REWIRE_SETTINGS[rewire]`` with the options
+        that are set."""
+        settings = dict(REWIRE_SETTINGS[self.rewire])
+        settings["schedule"] = self.prune_schedule
+        for option, key in (("prune_rate", "prune_rate"), ("prune_rate_min", "prune_rate_min"),
+                            ("rewire_every", "rewire_every"), ("rewire_until", "rewire_until"),
+                            ("regrowth", "regrowth")):
+            if getattr(self, option) is not None:
+                settings[key] = getattr(self, option)
+        if self.min_active is not None:  # an integral value counts units, a fraction is relative
+            settings["min_active"] = int(self.min_active) if self.min_active >= 1 else float(self.min_active)
+        return settings
+
+    @property
     def phased(self) -> bool:
         return self.method in PHASED_METHODS
 
@@ -201,8 +230,16 @@ class TrainConfig:
                 raise ConfigError(f"option {flag(name)}: got {getattr(self, name)!r}, expected {expected}")
 
         need("density", 0.0 < self.density <= 1.0, "a number in (0, 1]")
-        need("prune_rate", 0.0 < self.prune_rate < 1.0, "a number in (0, 1)")
-        need("prune_rate_min", 0.0 <= self.prune_rate_min <= self.prune_rate, f"a number in [0, {self.prune_rate}]")
+        if self.prune_rate is not None:
+            need("prune_rate", 0.0 < self.prune_rate < 1.0, "a number in (0, 1)")
+        p0 = self.rewiring_settings["prune_rate"]
+        if self.prune_rate_min is not None:
+            need("prune_rate_min", 0.0 <= self.prune_rate_min <= p0, f"a number in [0, p0={p0}]")
+        if self.rewire_until is not None:
+            need("rewire_until", 0.0 < self.rewire_until <= 1.0, "a number in (0, 1]")
+        if self.min_active is not None:
+            need("min_active", 0.0 < self.min_active < 1.0 or (self.min_active >= 1 and self.min_active.is_integer()),
+                 "an integer >= 1 or a fraction in (0, 1)")
         for name in ("epochs", "batch_size", "attack_steps", "eval_steps", "eval_restarts", "eval_batch_size"):
             need(name, getattr(self, name) >= 1, "an integer >= 1")
         for name in ("train_size", "test_size", "eval_size", "rewire_every", "checkpoint_every", "threads"):
@@ -211,7 +248,6 @@ class TrainConfig:
         need("seed", SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
              f"an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (2**32 - 1)")
         need("eval_every", self.eval_every >= 0, "an integer >= 0")
-        need("min_active", self.min_active >= 0, "an integer >= 0")
         need("lr", self.lr > 0, "a number > 0")
         need("momentum", 0.0 < self.momentum < 1.0, "a number in (0, 1)")
         need("weight_decay", self.weight_decay >= 0, "a number >= 0")

@@ -491,9 +491,7 @@ def _train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data) -> 
         optimizer, lambda k: lr_factor(cfg, k, total_steps, steps_per_epoch))
     controller = None
     if cfg.method == "dnr":
-        controller = DNR(model, optimizer, total_steps=total_steps, prune_rate=cfg.prune_rate,
-                         prune_rate_min=cfg.prune_rate_min, schedule=cfg.prune_schedule,
-                         rewire_every=cfg.rewire_every, min_active=cfg.min_active,
+        controller = DNR(model, optimizer, total_steps=total_steps, **cfg.rewiring_settings,
                          generator=torch.Generator().manual_seed(cfg.seed + 2))
     elif cfg.method == "static":  # a fixed mask still has to be re-applied after every step
         optimizer.register_step_post_hook(lambda *_: apply_masks(model))
@@ -623,7 +621,7 @@ def _train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data) -> 
         if world > 1:  # evaluate and save one model: the ranks' BatchNorm statistics averaged, all else equal
             distributed.average_buffers(model)
             distributed.check_replicas(model, replica_state())
-        row = _epoch_row(cfg, model, controller, lr_at_start, stats, epoch, step)
+        row = _epoch_row(cfg, model, controller, lr_at_start, stats, epoch, step, epoch * steps_per_epoch)
         if pruned is not None:
             log(f"epoch {epoch + 1}: {cfg.method} pruned to density {pruned['density']:.4f} "
                 f"({pruned['active']} weights, scope {pruned['scope']}); fine-tuning with the mask fixed")
@@ -650,12 +648,13 @@ def _train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data) -> 
                    user_model is not None, world)
 
 
-def _epoch_row(cfg, model, controller, lr, stats, epoch, step) -> dict:
-    """One metrics row; ``lr`` is the learning rate of the epoch's first step."""
+def _epoch_row(cfg, model, controller, lr, stats, epoch, step, first_step) -> dict:
+    """One metrics row; ``lr`` is the learning rate of the epoch's first step; ``rewired_weights`` sums the
+    rewirings after optimizer steps ``first_step + 1 .. step`` (every few steps, or the one at the epoch's end)."""
     layers = {name: layer.density for name, layer in masked_layers(model)}
     active = sum(int(layer.mask.sum()) for _, layer in masked_layers(model))
     prunable = sum(layer.weight.numel() for _, layer in masked_layers(model))
-    rec = stats["rewiring"]
+    moved = [r["pruned"] for r in controller.history if first_step < r["step"] <= step] if controller else []
     return {
         "epoch": epoch + 1, "step": step, "lr": lr, "loss": stats["loss"],
         "train_clean_acc": stats["train_clean_acc"],
@@ -663,7 +662,7 @@ def _epoch_row(cfg, model, controller, lr, stats, epoch, step) -> dict:
         "test_clean_acc": None, "test_pgd_acc": None,
         "density": active / prunable if prunable else 1.0, "active_weights": active if prunable else None,
         "prune_rate": controller.prune_rate if controller is not None else None,
-        "rewired_weights": rec["pruned"] if rec else None,
+        "rewired_weights": sum(moved) if moved else None,
         "seconds": stats["seconds"], "images_per_s": stats["images_per_s"], "eval_seconds": None,
         "layers": layers,
     }

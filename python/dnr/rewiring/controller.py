@@ -17,6 +17,8 @@ from .channel_signal import OutputGradientMeter, find_channel_consumers
 from .schedule import PRUNE_SCHEDULES, auto_rewire_interval, prune_rate_at
 
 REGROWTH = ("auto", "momentum", "gradient", "output_gradient", "random")
+#: min_active=None in channel mode: every layer keeps at least this fraction of its initial channels.
+CHANNEL_FLOOR = 0.5
 
 __all__ = ["DNR"]
 
@@ -35,19 +37,36 @@ class DNR:
     proportion to their normalised mean momentum, and regrows the inactive units with the largest
     momentum; the global number of active weights stays exactly ``K``.
 
+    The defaults are the library's budget-aware settings (``REWIRE_SETTINGS["auto"]``): small rewirings
+    every few optimizer steps, with a prune rate that decays to its floor at 75% of training, after
+    which the structure is fixed and every weight trains. ``**dnr.rewiring.REWIRE_SETTINGS["paper"]``
+    gives the paper's schedule (half of the active weights at every epoch end, decayed over all of
+    training). docs/method.md says why, and what each choice was measured to be worth.
+
     Args:
         model: a model converted with ``dnr.sparsify`` (all masked layers in one mode).
         optimizer: the optimizer holding the masked weights: SGD with momentum > 0, Adam or AdamW.
         total_steps: T, the number of optimizer steps of the whole training (for the schedule).
-        prune_rate: p0, the initial prune rate, in (0, 1).
-        prune_rate_min: p_min, the final prune rate, in [0, prune_rate].
-        schedule: "cosine" (default), "linear" or "constant".
-        rewire_every: None to rewire only at ``end_epoch()``, or a step count k to rewire every k steps.
+        prune_rate: p0, the prune rate at step 0, in (0, 1) (0.3; the paper: 0.5).
+        prune_rate_min: p_min, the prune rate at the horizon, in [0, prune_rate].
+        schedule: how p decays from p0 to p_min over [0, rewire_until * T]: "cosine" (default), "linear"
+            or "constant".
+        rewire_every: "auto" (default: ``auto_rewire_interval(T, rewire_until)`` steps, about 20 rewirings
+            and at most 100 steps apart), a step count k, or None to rewire only at ``end_epoch()`` (the
+            paper).
+        rewire_until: the horizon, as a fraction of T: no rewiring at or after step ``rewire_until * T``
+            (0.75; the paper: 1.0).
         redistribution: "momentum" (DNR) or "none" (each layer regrows what it pruned).
-        regrowth: "momentum" (DNR, largest |v|) or "random".
+        regrowth: which inactive units come back: "momentum" (DNR: largest |v|), "gradient" (largest |g|
+            of the last backward, RigL-style), "output_gradient" (channel mode: largest squared loss
+            gradient at the channel's output position since the last rewiring, see
+            ``dnr.rewiring.channel_signal``), "random", or "auto" (default: momentum for single weights,
+            output_gradient for channels, where a pruned channel's momentum is exactly zero).
         regrow_cap: a layer regrows at most this fraction of its free slots (0.99).
         dense_threshold: layers denser than this with mu_l > 1/L prune at most their free fraction (0.8).
-        min_active: units every layer keeps when pruning (1).
+        min_active: the per-layer floor when pruning: an int is a number of units, a float in (0, 1) a
+            fraction of the layer's initial units; None (default) is 1 unit in irregular mode and
+            ``CHANNEL_FLOOR`` (half) of the initial channels in channel mode, so no layer collapses.
         generator: torch.Generator for random regrowth and for re-initialising regrown channels. Under
             torch.distributed (e.g. DistributedDataParallel) every rank must draw the same numbers: None
             there means a generator seeded from a seed that rank 0 draws and broadcasts (at construction,
@@ -60,16 +79,16 @@ class DNR:
         optimizer: torch.optim.Optimizer,
         *,
         total_steps: int,
-        prune_rate: float = 0.5,
+        prune_rate: float = 0.3,
         prune_rate_min: float = 0.005,
         schedule: str = "cosine",
-        rewire_every: int | str | None = None,
-        rewire_until: float = 1.0,
+        rewire_every: int | str | None = "auto",
+        rewire_until: float = 0.75,
         redistribution: str = "momentum",
-        regrowth: str = "momentum",
+        regrowth: str = "auto",
         regrow_cap: float = 0.99,
         dense_threshold: float = 0.8,
-        min_active: int | float = 1,
+        min_active: int | float | None = None,
         generator: torch.Generator | None = None,
     ):
         _check_int("total_steps", total_steps, 1)
@@ -88,8 +107,8 @@ class DNR:
         _check_fraction("regrow_cap", regrow_cap, lo_open=True, hi_open=False)
         _check_fraction("dense_threshold", dense_threshold, lo_open=False, hi_open=False)
         if isinstance(min_active, float):
-            _check_fraction("min_active", min_active, lo_open=False, hi_open=False)
-        else:
+            _check_fraction("min_active", min_active, lo_open=True, hi_open=True)
+        elif min_active is not None:
             _check_int("min_active", min_active, 0)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -128,9 +147,9 @@ class DNR:
         self.dense_threshold = float(dense_threshold)
         self.min_active = min_active
         # the floor in units per layer: an int is a count, a float a fraction of the layer's initial units
+        floor = (1 if self.mode == "irregular" else CHANNEL_FLOOR) if min_active is None else min_active
         initial = [int(active_units(layer.mask, self.mode).sum()) for _, layer in layers]
-        self.floors = [min_active if isinstance(min_active, int) else max(1, math.ceil(min_active * n))
-                       for n in initial]
+        self.floors = [floor if isinstance(floor, int) else max(1, math.ceil(floor * n)) for n in initial]
         if generator is None and distributed.world_size() > 1:
             # the global RNGs of the ranks differ: a per-rank draw would give the replicas different masks
             generator = torch.Generator().manual_seed(distributed.shared_seed())
@@ -156,7 +175,7 @@ class DNR:
         """Call at the end of every epoch: rewires unless ``last`` (DNR skips the last epoch) or
         ``rewire_every`` is set. Returns the rewiring record or None."""
         self.epochs += 1
-        if last or self.rewire_every is not None:
+        if last or self.rewire_every is not None or self.steps >= self.rewire_until * self.total_steps:
             return None
         return self.rewire()
 

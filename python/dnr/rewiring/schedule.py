@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["cosine_prune_rate", "PRUNE_SCHEDULES", "prune_rate_at"]
+__all__ = ["cosine_prune_rate", "PRUNE_SCHEDULES", "prune_rate_at", "auto_rewire_interval", "REWIRE_SETTINGS"]
 
 PRUNE_SCHEDULES = ("cosine", "constant", "linear")
 
@@ -30,3 +30,13 @@ def prune_rate_at(schedule: str, step: int, total_steps: int, initial: float, fi
 def auto_rewire_interval(total_steps: int, until: float = 1.0, rewirings: int = 20, longest: int = 100) -> int:
     """Steps between rewirings for a run of ``total_steps`` steps (EXPERIMENTAL: being tuned)."""
     return max(1, min(longest, round(until * total_steps / rewirings)))
+
+
+#: Named rewiring settings of ``dnr.DNR`` (``dnr train --rewire NAME``). "auto" is the default of the library (the
+#: constructor's defaults); "paper" is the DNR paper's schedule, made for 200-epoch runs. See docs/method.md.
+REWIRE_SETTINGS: dict[str, dict] = {
+    "auto": dict(rewire_every="auto", rewire_until=0.75, prune_rate=0.3, prune_rate_min=0.005, schedule="cosine",
+                 regrowth="auto", min_active=None),
+    "paper": dict(rewire_every=None, rewire_until=1.0, prune_rate=0.5, prune_rate_min=0.005, schedule="cosine",
+                  regrowth="momentum", min_active=1),
+}
