@@ -8,7 +8,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dnr.models import MODEL_NAMES, VGG16_CONFIG, BasicBlock, build_model, resnet18, small_cnn, vgg16
+from dnr.models import MODEL_NAMES, VGG16_CONFIG, BasicBlock, build_model, resnet18, small_cnn, vgg16, wide_cnn
+
+CNN28 = ("small_cnn", "wide_cnn")  # the 28x28 single-channel models
 from dnr.nn import MaskedConv2d, Normalize, masked_layers, sparsify
 
 MEAN3, STD3 = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -23,8 +25,8 @@ def _built(name, num_classes, channels, size, normalized=True):
 
 def fresh(name, num_classes=10, channels=None, size=None, normalized=True):
     """A copy of a cached model (building VGG16/ResNet-18 takes a while on a loaded CPU)."""
-    channels = channels or (1 if name == "small_cnn" else 3)
-    size = size or (28 if name == "small_cnn" else 32)
+    channels = channels or (1 if name in CNN28 else 3)
+    size = size or (28 if name in CNN28 else 32)
     return copy.deepcopy(_built(name, num_classes, channels, size, normalized))
 
 
@@ -79,10 +81,18 @@ def test_small_cnn_unchanged():
     assert n_params(m) == 98_554 and isinstance(m.normalize, Normalize)
 
 
+def test_wide_cnn_is_small_cnn_widened():
+    m = wide_cnn()
+    assert [c.out_channels for c in m.modules() if isinstance(c, nn.Conv2d)] == [32, 64, 128]
+    assert m.classifier[1].out_features == 320
+    # 1*32*9 + 32*64*9 + 64*128*9 + 1152*320 + 320*10 prunable weights: 20x keeps 23,214 of them
+    assert weights(m) == 464_288 and n_params(m) == 465_066
+
+
 # ---------------------------------------------------------------- structure
 @pytest.mark.parametrize("name,size", [("small_cnn", 28), ("vgg16", 32), ("resnet18", 32)])
 def test_normalize_is_first_layer(name, size):
-    c = 1 if name == "small_cnn" else 3
+    c = 1 if name in CNN28 else 3
     mean, std = MEAN3[:c], STD3[:c]
     model = build_model(name, 10, c, size, mean, std)
     first_name, first = next(iter(model.named_children()))
@@ -163,25 +173,25 @@ def expected_norm(conv_name: str) -> str:
 @pytest.mark.parametrize("name", MODEL_NAMES)
 @pytest.mark.parametrize("mode", ["irregular", "channel"])
 def test_sparsify_each_model(name, mode):
-    c, size = (1, 28) if name == "small_cnn" else (3, 32)
+    c, size = (1, 28) if name in CNN28 else (3, 32)
     model = fresh(name)
     total = weights(model)
     sparsify(model, density=0.1, mode=mode, generator=torch.Generator().manual_seed(0))
     layers = masked_layers(model)
-    n_convs = {"small_cnn": 3, "vgg16": 13, "resnet18": 20}[name]
+    n_convs = {"small_cnn": 3, "wide_cnn": 3, "vgg16": 13, "resnet18": 20}[name]
     convs = [(n, l) for n, l in layers if isinstance(l, MaskedConv2d)]
     assert len(convs) == n_convs
     active = sum(int(l.mask.sum()) for _, l in layers)
     if mode == "irregular":
-        assert len(layers) == n_convs + (2 if name == "small_cnn" else 1)
+        assert len(layers) == n_convs + (2 if name in CNN28 else 1)
         assert active == round(0.1 * total)
     else:
-        dense_last = model.classifier[-1] if name == "small_cnn" else (model.linear if name == "resnet18"
+        dense_last = model.classifier[-1] if name in CNN28 else (model.linear if name == "resnet18"
                                                                        else model.classifier)
         assert type(dense_last) is nn.Linear and all(l is not dense_last for _, l in layers)
         modules = dict(model.named_modules())
         for conv_name, layer in convs:
-            if name == "small_cnn":
+            if name in CNN28:
                 assert isinstance(modules[layer.norm_name], nn.BatchNorm2d)
             else:
                 assert layer.norm_name == expected_norm(conv_name)
@@ -199,7 +209,7 @@ def test_sparsify_each_model(name, mode):
 
 # ---------------------------------------------------------------- registry errors
 def test_build_model_errors():
-    with pytest.raises(ValueError, match="unknown model name 'resnet50'; expected one of small_cnn, vgg16, resnet18"):
+    with pytest.raises(ValueError, match="unknown model name 'resnet50'; expected one of small_cnn, wide_cnn, vgg16, resnet18"):
         build_model("resnet50", 10, 3, 32)
     with pytest.raises(ValueError, match="small_cnn: input_size must be 28, got 32"):
         build_model("small_cnn", 10, 1, 32)
@@ -213,4 +223,4 @@ def test_build_model_errors():
         build_model("vgg16", 0, 3, 32)
     with pytest.raises(ValueError, match="both mean and std"):
         build_model("vgg16", 10, 3, 32, MEAN3, None)
-    assert MODEL_NAMES == ("small_cnn", "vgg16", "resnet18")
+    assert MODEL_NAMES == ("small_cnn", "wide_cnn", "vgg16", "resnet18")

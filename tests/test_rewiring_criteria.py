@@ -218,3 +218,40 @@ def test_fractional_floor_holds_through_rewirings(mode):
         assert ctl.active_weights() == budget
         for name, layer in dnr.masked_layers(model):
             assert int(dnr.nn.units.active_units(layer.mask, mode).sum()) >= math.ceil(0.5 * initial[name])
+
+
+@pytest.mark.parametrize("mode", ["irregular", "channel"])
+def test_default_settings_resume_bit_identically_between_rewirings(mode):
+    """Save in the middle of a rewiring interval (the channel signal half accumulated), load into a fresh
+    model, continue: the same masks, weights and rewiring history as the uninterrupted run."""
+    import io
+
+    def make(seed=0):
+        torch.manual_seed(seed)
+        model = dnr.sparsify(small_cnn(), density=0.3, mode=mode, generator=torch.Generator().manual_seed(seed))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        return model, opt, dnr.DNR(model, opt, total_steps=40, generator=torch.Generator().manual_seed(seed))
+
+    batches = [_batch(8, seed=i) for i in range(40)]
+
+    def train(model, opt, steps):
+        for x, y in steps:
+            _step(model, opt, x, y)
+
+    model, opt, ctl = make()
+    assert ctl.rewire_every == 2  # round(0.75 * 40 / 20): rewirings after steps 2, 4, ..., 28
+    train(model, opt, batches)
+    model2, opt2, ctl2 = make()
+    train(model2, opt2, batches[:7])
+    buf = io.BytesIO()
+    torch.save({"model": model2.state_dict(), "opt": opt2.state_dict(), "dnr": ctl2.state_dict()}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    model3, opt3, ctl3 = make(seed=5)
+    model3.load_state_dict(state["model"])
+    opt3.load_state_dict(state["opt"])
+    ctl3.load_state_dict(state["dnr"])
+    train(model3, opt3, batches[7:])
+    assert len(ctl.history) == 14 and ctl3.history == ctl.history
+    for (k, a), (_, b) in zip(model.state_dict().items(), model3.state_dict().items()):
+        assert torch.equal(a, b), k

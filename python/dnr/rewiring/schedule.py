@@ -28,7 +28,15 @@ def prune_rate_at(schedule: str, step: int, total_steps: int, initial: float, fi
 
 
 def auto_rewire_interval(total_steps: int, until: float = 1.0, rewirings: int = 20, longest: int = 100) -> int:
-    """Steps between rewirings for a run of ``total_steps`` steps (EXPERIMENTAL: being tuned)."""
+    """Optimizer steps between two rewirings: ``clamp(round(until * T / rewirings), 1, longest)``.
+
+    A short run (a few epochs: a few hundred steps) gets about ``rewirings`` small rewirings before its
+    horizon ``until * T``, so that every regrown weight has hundreds of steps left to train; a long run
+    (200 epochs: ~78,000 steps) rewires every ``longest`` steps, often enough for the momentum to see
+    each layer's current structure. The values are the ones measured best in docs/method.md.
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps!r}")
     return max(1, min(longest, round(until * total_steps / rewirings)))
 
 
