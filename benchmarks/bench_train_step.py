@@ -5,7 +5,7 @@ Variants (same model, batch, attack, beta 0.5, lr 0.1, momentum 0.9 (no Nesterov
   dense_naive      dense model; the attack calls loss.backward() (parameter gradients too), model.eval()
                    around it; torch.optim.SGD
   sparse_naive     the same plus ``w.data *= mask`` after every step (sparse research code)   <- baseline
-  dense_dnr        dense model through ``dnr.train.adversarial_step`` (input-only attack gradients,
+  dense_dnr        dense model through ``dnr.engine.adversarial_step`` (input-only attack gradients,
                    fused PGD step)
   dnr              the sparse model as ``dnr train`` runs it: masked layers, adversarial_step, the
                    fused MaskedSGD where compiled, the DNR controller's mask hook
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import _common
-from dnr import attacks, train
+from dnr import attacks, engine
 from dnr.harness.config import TrainConfig
-from dnr.harness.run import make_optimizer
+from dnr.harness.builders import make_optimizer
 from dnr.models import build_model
 from dnr.nn import masked_layers, sparsify
 from dnr.rewiring import DNR
@@ -92,7 +92,7 @@ def check(name, device, density, in_channels, size, batch):
     g = torch.Generator().manual_seed(1)
     x = torch.rand(batch, in_channels, size, size, generator=g).to(device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
-    train.adversarial_step(sparse, x, y, opt, eps=EPS, alpha=ALPHA, steps=1, beta=1.0)
+    engine.adversarial_step(sparse, x, y, opt, eps=EPS, alpha=ALPHA, steps=1, beta=1.0)
     naive_step(plain, plain_sgd(plain), masks, x, y, steps=1, beta=1.0)
     ours = {k: v for k, v in sparse.state_dict().items() if not k.endswith(".mask")}
     for k, v in plain.state_dict().items():
@@ -114,15 +114,15 @@ def measure(name, device, density, in_channels, size, batch, steps, repeats, bf1
     cases = {
         "dense_naive": lambda: naive_step(plain_dense, plain_dense_opt, [], x, y, steps),
         "sparse_naive": lambda: naive_step(plain, plain_opt, masks, x, y, steps),
-        "dense_dnr": lambda: train.adversarial_step(dense, x, y, dense_opt, **attack),
-        "dnr": lambda: train.adversarial_step(sparse, x, y, dnr_opt, **attack),
+        "dense_dnr": lambda: engine.adversarial_step(dense, x, y, dense_opt, **attack),
+        "dnr": lambda: engine.adversarial_step(sparse, x, y, dnr_opt, **attack),
     }
     if bf16:
         fast, _, _, _ = build(name, device, density, in_channels, size)
         fast = fast.to(memory_format=torch.channels_last)
         fast_opt, _ = dnr_optimizer(fast, device)
         x_cl = x.contiguous(memory_format=torch.channels_last)
-        cases["dnr_bf16_cl"] = lambda: train.adversarial_step(fast, x_cl, y, fast_opt, autocast_dtype=torch.bfloat16,
+        cases["dnr_bf16_cl"] = lambda: engine.adversarial_step(fast, x_cl, y, fast_opt, autocast_dtype=torch.bfloat16,
                                                               **attack)
     times = {k: _common.time_fn(fn, device, repeats) for k, fn in cases.items()}
     row = {"model": name, "batch": batch, "input": f"{in_channels}x{size}x{size}", "pgd_steps": steps,

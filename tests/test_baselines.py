@@ -15,7 +15,7 @@ from torch import nn
 import dnr
 from dnr.baselines import ADMM, RSR, magnitude_masks, prune_by_magnitude, unit_counts
 from dnr.harness import ConfigError, fit, load_checkpoint, resolve_config
-from dnr.harness.run import lr_factor
+from dnr.harness.builders import lr_factor
 from dnr.nn import masked_layers
 from dnr.nn.sparsify import initial_unit_counts
 

@@ -18,7 +18,7 @@ from dnr import cli
 from dnr.harness import fit, load_checkpoint, resolve_config
 from dnr.harness.checkpoint import CheckpointFallbackWarning, save_checkpoint
 from dnr.harness.config import TrainConfig
-from dnr.harness.run import build_model_for
+from dnr.harness.builders import build_model_for
 from test_cli import _one_line_error
 
 TINY = dict(train_size=128, test_size=32, batch_size=64, epochs=2, attack_steps=1, eval_steps=1, eval_size=16,

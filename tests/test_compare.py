@@ -12,7 +12,7 @@ import pytest
 from dnr import cli
 from dnr.harness import compare
 from dnr.harness.config import ConfigError
-from dnr.harness.run import RunError
+from dnr.harness import RunError
 
 pytestmark = pytest.mark.slow  # one real 6-cell grid (~20-40 s on 2 busy cores)
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from dnr import distributed
 from dnr.harness import ConfigError, load_checkpoint
-from dnr.harness.run import EpochBatchSampler
+from dnr.harness.builders import EpochBatchSampler
 from test_harness_resume import _final_state as _model_state, _metrics as _rows  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -197,7 +197,7 @@ def test_export_model_writes_file_and_card(tmp_path, fmt):
 def _checkpoint(tmp_path, mode):
     from dnr.harness.checkpoint import save_checkpoint
     from dnr.harness.config import TrainConfig
-    from dnr.harness.run import build_model_for
+    from dnr.harness.builders import build_model_for
     cfg = TrainConfig(mode=mode, density=0.3).validate()
     model = build_model_for(cfg)
     path = str(tmp_path / "model.pt")

@@ -8,7 +8,7 @@ import pytest
 
 from dnr.harness.config import (DEFAULT_PRESET, PRESETS, ConfigError, TrainConfig, add_config_arguments,
                                 config_overrides_from_args, load_config_file, resolve_config)
-from dnr.harness.run import lr_factor
+from dnr.harness.builders import lr_factor
 
 
 def test_default_preset_is_the_quick_fashion_mnist_dnr_run():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dnr.harness import ConfigError, fit, load_checkpoint, resolve_config
-from dnr.harness.run import EpochBatchSampler, build_model_for
+from dnr.harness.builders import EpochBatchSampler, build_model_for
 from dnr.nn import masked_layers
 
 TINY = dict(train_size=128, test_size=32, batch_size=64, epochs=2, attack_steps=1, eval_steps=1, eval_size=16,
@@ -97,11 +97,12 @@ def test_quickstart_runs_on_the_fit_driver():
 
 def test_progress_bars_on_a_terminal(monkeypatch, capsys):
     pytest.importorskip("tqdm")
-    from dnr.harness.run import _Log, final_evaluation
+    from dnr.harness.callbacks import ConsoleLog
+    from dnr.harness.evaluate import final_evaluation
     from dnr.models import small_cnn
     monkeypatch.setattr("sys.stderr.isatty", lambda: True)
-    log = _Log(quiet=False, progress=True)
-    assert log.tqdm is not None and _Log(quiet=True, progress=True).tqdm is None
+    log = ConsoleLog(quiet=False, progress=True)
+    assert log.tqdm is not None and ConsoleLog(quiet=True, progress=True).tqdm is None
     model = small_cnn().eval()
     data = [(torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))) for _ in range(3)]
     res = final_evaluation(model, data, eps=0.1, alpha=0.05, steps=1, restarts=1, seed=0, log=log, desc="evalbar")
@@ -111,7 +112,7 @@ def test_progress_bars_on_a_terminal(monkeypatch, capsys):
 
 @pytest.mark.parametrize("method", ["dnr", "admm"])
 def test_sparse_runs_use_the_fused_masked_sgd_and_match_torch_sgd_bitwise(tmp_path, monkeypatch, method):
-    from dnr.harness import run as hrun
+    from dnr.harness import builders as hrun
     from dnr.optim import MaskedSGD
 
     cfg = resolve_config(None, {}, {**TINY, "method": method, "density": 0.2, "deterministic": True})

@@ -1,4 +1,4 @@
-"""`dnr.train.fit` with the user's own model and datasets (not the package's registry)."""
+"""`dnr.harness.fit` with the user's own model and datasets (not the package's registry)."""
 
 import json
 import os
@@ -34,7 +34,7 @@ def test_fit_trains_a_user_model_on_user_data(tmp_path, method):
     cfg = TrainConfig(method=method, density=0.2, epochs=2, batch_size=32, attack_steps=1, eval_steps=1,
                       eval_size=16, threads=1, plots=False).validate()
     model = UserNet()
-    summary = dnr.train.fit(cfg, str(tmp_path / "run"), model=model, train_data=_data(128, 0),
+    summary = dnr.harness.fit(cfg, str(tmp_path / "run"), model=model, train_data=_data(128, 0),
                             test_data=_data(32, 1), quiet=True, progress=False)
     assert summary["model"] == "UserNet" and summary["test_examples"] == 32
     layers = dnr.masked_layers(model)  # the user's own object was sparsified and trained in place

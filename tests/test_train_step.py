@@ -1,4 +1,4 @@
-"""dnr.train.adversarial_step / train_epoch options: bf16 autocast and the channels-last memory format, and
+"""dnr.engine.adversarial_step / train_epoch options: bf16 autocast and the channels-last memory format, and
 the harness options that select them (--precision, --channels-last)."""
 
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dnr import train
+from dnr import engine
 from dnr.harness import ConfigError, fit, load_checkpoint, resolve_config
 from dnr.models import build_model
 from dnr.nn import masked_layers, sparsify
@@ -41,7 +41,7 @@ def test_bf16_autocast_runs_every_forward_in_bf16_and_keeps_float32_state(device
         model = _model(device)
         seen = _conv_output_dtypes(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        out = train.adversarial_step(model, x, y, opt, eps=0.1, alpha=0.05, steps=3, autocast_dtype=dtype,
+        out = engine.adversarial_step(model, x, y, opt, eps=0.1, alpha=0.05, steps=3, autocast_dtype=dtype,
                                      generator=torch.Generator(device=device).manual_seed(0))
         # the PGD attack's 3 forwards and the clean and adversarial training forwards
         assert seen == [dtype or torch.float32] * 5
@@ -58,7 +58,7 @@ def test_autocast_is_off_again_after_the_step(device):
     model = _model(device)
     x, y = _batch(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    train.adversarial_step(model, x, y, opt, eps=0.1, alpha=0.05, steps=1, autocast_dtype=torch.bfloat16)
+    engine.adversarial_step(model, x, y, opt, eps=0.1, alpha=0.05, steps=1, autocast_dtype=torch.bfloat16)
     assert not torch.is_autocast_enabled(x.device.type)
     assert model(x).dtype == torch.float32
 
@@ -71,7 +71,7 @@ def test_train_epoch_feeds_channels_last_batches(device):
     x, y = _batch(device, 32)
     loader = [(x[:16], y[:16]), (x[16:], y[16:])]
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    stats = train.train_epoch(model, loader, opt, steps=1, channels_last=True, device=device)
+    stats = engine.train_epoch(model, loader, opt, steps=1, channels_last=True, device=device)
     assert stats["images"] == 32 and layouts and all(layouts)
 
 

@@ -12,12 +12,11 @@ Typical use::
 
 __version__ = "0.1.0"
 
-from . import attacks, data, evaluation, models, ops
+from . import attacks, data, engine, evaluation, methods, models, ops
 from .losses import HybridLoss, hybrid_loss
 from .nn import (MaskedConv2d, MaskedLinear, Normalize, apply_masks, density_report, masked_layers,
                  sparsify)
 from .rewiring import DNR
 
-__all__ = ["__version__", "attacks", "data", "evaluation", "ops", "hybrid_loss", "HybridLoss", "MaskedConv2d",
+__all__ = ["__version__", "attacks", "data", "engine", "evaluation", "methods", "ops", "hybrid_loss", "HybridLoss", "MaskedConv2d",
            "MaskedLinear", "Normalize", "sparsify", "density_report", "apply_masks", "masked_layers", "DNR"]
-from . import train  # noqa: E402  (needs the names above)

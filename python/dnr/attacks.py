@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from . import ops as _ops
 
-__all__ = ["fgsm", "pgd", "evaluate"]
+__all__ = ["fgsm", "pgd", "evaluate", "attack_mode", "check_device", "check_clip_range"]
 
 Scalar = Union[float, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -64,7 +64,7 @@ def _check_model_and_inputs(fn: str, model: nn.Module, x: Tensor, y: Tensor) -> 
             )
 
 
-def _check_clip_range(fn: str, clip) -> Tuple[float, float]:
+def check_clip_range(fn: str, clip) -> Tuple[float, float]:
     """``clip`` as floats (lo, hi) with lo < hi, or a TypeError / ValueError naming it."""
     try:
         lo, hi = clip
@@ -77,7 +77,7 @@ def _check_clip_range(fn: str, clip) -> Tuple[float, float]:
 
 
 def _check_clip(fn: str, clip: Tuple[float, float], x: Tensor) -> Tuple[float, float]:
-    lo, hi = _check_clip_range(fn, clip)
+    lo, hi = check_clip_range(fn, clip)
     # Tolerance: data stored in float16/bfloat16 or produced by a division can overshoot by an ulp.
     tol = max(1e-6, 4 * torch.finfo(x.dtype).eps) * max(1.0, abs(lo), abs(hi))
     xmin, xmax = float(x.detach().min()), float(x.detach().max())
@@ -145,7 +145,7 @@ _NormBase = nn.modules.batchnorm._NormBase  # BatchNorm1d/2d/3d, SyncBatchNorm, 
 
 
 @contextmanager
-def _attack_mode(model: nn.Module, bn_mode: str) -> Iterator[None]:
+def attack_mode(model: nn.Module, bn_mode: str) -> Iterator[None]:
     """Put ``model`` in the mode the attack needs; restore flags (and BN buffers) on exit.
 
     The parameters stop requiring gradients meanwhile: an attack needs only the input gradient, and a
@@ -250,7 +250,7 @@ def fgsm(
     _check_loss_fn(fn, loss_fn)
 
     x0 = x.detach()
-    with _attack_mode(model, bn_mode):
+    with attack_mode(model, bn_mode):
         grad = _input_grad(model, x0, y, loss_fn, fn)
     step = _bcast(eps_t, x0) * grad.sign()
     x_adv = x0 - step if targeted else x0 + step
@@ -361,7 +361,7 @@ def pgd(
 
     x0 = x.detach()
     x0 = x0.contiguous(memory_format=_layout(x0))
-    with _attack_mode(model, bn_mode):
+    with attack_mode(model, bn_mode):
         best: Optional[Tensor] = None
         best_succ: Optional[Tensor] = None
         best_obj: Optional[Tensor] = None
@@ -400,7 +400,7 @@ _fgsm_attack = fgsm
 _pgd_attack = pgd
 
 
-def _check_device(fn: str, model: nn.Module, device) -> torch.device:
+def check_device(fn: str, model: nn.Module, device) -> torch.device:
     """``device`` (default: the model's) after checking that every parameter is on it."""
     dev = torch.device(device) if device is not None else _model_device(model)
     for name, p in model.named_parameters():
@@ -469,12 +469,12 @@ def evaluate(
     restarts = _check_int(fn, "restarts", restarts, 1)
     if max_batches is not None:
         max_batches = _check_int(fn, "max_batches", max_batches, 1)
-    lo, hi = _check_clip_range(fn, clip)
-    dev = _check_device(fn, model, device)
+    lo, hi = check_clip_range(fn, clip)
+    dev = check_device(fn, model, device)
 
     correct = {"clean": 0, "fgsm": 0, "pgd": 0}
     n = 0
-    with _attack_mode(model, "eval"):
+    with attack_mode(model, "eval"):
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break

@@ -27,10 +27,16 @@ import torch
 
 from . import distributed
 from ._files import DamagedFileError, FileWriteError, OutputRefused, atomic_open, check_output_dir, check_output_file
+from . import methods
+from .harness import builders as hbuild
 from .harness import checkpoint as ckpt
 from .harness import config as hconfig
+from .harness import errors as herrors
 from .harness import report as hreport
 from .harness import run as hrun
+from .harness.callbacks import ConsoleLog
+from .harness.evaluate import final_evaluation
+from .nn import density_report
 
 __all__ = ["build_parser", "main"]
 
@@ -42,7 +48,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 def _add_train(sub) -> None:
     presets = "\n".join(f"  {name:<32} {_preset_line(name)}" for name in hconfig.PRESETS)
     p = sub.add_parser(
-        "train", formatter_class=_Formatter, help="train a model (DNR, static, dense-at or dense)",
+        "train", formatter_class=_Formatter, help="train a model with a compression method (dnr, static, oneshot, admm, rsr, dense-at, dense, plugins)",
         description="Train a model and evaluate it; writes a run directory (config, metrics, rewiring log, "
                     "checkpoints, final model, report and plots).\n\nOption values come from the preset "
                     f"(default {hconfig.DEFAULT_PRESET}), then the --config file, then the flags.",
@@ -207,7 +213,7 @@ def cmd_train(args) -> int:
         check_output_dir(out, argument="option --out")
         _check_json_output(args, run_dir=out)
         if args.dry_run:
-            hrun.check_data(cfg)
+            hbuild.check_data(cfg)
             return 0
         summary = _interruptible(out, lambda: hrun.fit(cfg, out, quiet=args.quiet, progress=not args.no_progress))
     if summary is None:
@@ -280,10 +286,10 @@ def cmd_eval(args) -> int:
     steps = cfg.eval_steps if args.steps is None else args.steps
     alpha = args.alpha if args.alpha is not None else (
         cfg.resolved_eval_alpha if args.eps is None and args.steps is None else hconfig.default_pgd_alpha(eps, steps))
-    loader = hrun.make_test_loader(cfg)
-    log = hrun._Log(quiet=args.quiet, progress=True)
+    loader = hbuild.make_test_loader(cfg)
+    log = ConsoleLog(quiet=args.quiet, progress=True)
     seed = cfg.seed if args.seed is None else args.seed
-    res = hrun.final_evaluation(model, loader, eps=eps, alpha=alpha, steps=steps, restarts=restarts,
+    res = final_evaluation(model, loader, eps=eps, alpha=alpha, steps=steps, restarts=restarts,
                                 seed=seed, log=log, fgsm=not args.no_fgsm, pgd=not args.no_pgd)
     out = {"checkpoint": state["path"], "model": cfg.model, "dataset": cfg.dataset, "method": cfg.method,
            "mode": cfg.mode, "n": res["n"], "clean": res["clean"], "fgsm": res["fgsm"], "pgd": res["pgd"],
@@ -309,7 +315,7 @@ def cmd_eval(args) -> int:
             out["autoattack"] = robust["autoattack"]
     elif args.autoattack:
         out["autoattack"] = _autoattack(model, loader, eps, seed, device)
-    report = hrun.density_report(model)
+    report = density_report(model)
     out.update(density=report.density, compression=report.compression)
     text = json.dumps(out, indent=2)
     print(text)
@@ -398,8 +404,8 @@ def _interruptible_compare(work):
 
 def cmd_info(args) -> int:
     model, cfg, state = hrun.load_trained_model(args.checkpoint)
-    _, c, s, _, _, _ = hrun.dataset_meta(cfg.dataset)
-    report = hrun.density_report(model, input_size=(c, s, s))
+    _, c, s, _, _, _ = hbuild.dataset_meta(cfg.dataset)
+    report = density_report(model, input_size=(c, s, s))
     if args.json:
         print(json.dumps({"checkpoint": state["path"], "kind": state["kind"], "config": cfg.to_dict(),
                           **report.to_dict()}, indent=2, default=list))
@@ -418,7 +424,7 @@ def cmd_info(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------- entry point
-_EXPECTED = (hconfig.ConfigError, ckpt.CheckpointError, hrun.RunError, hrun.TrainingDiverged, FileNotFoundError,
+_EXPECTED = (hconfig.ConfigError, ckpt.CheckpointError, herrors.RunError, herrors.TrainingDiverged, FileNotFoundError,
              OutputRefused, FileWriteError, DamagedFileError)
 _USAGE_ERRORS = (hconfig.ConfigError, OutputRefused)  # exit status 2
 
@@ -434,7 +440,29 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 _PYTHON_SHOWWARNING = warnings.showwarning
 
 
+def _plugins_in(argv: list[str]) -> list[str]:
+    """The modules named by ``--plugin`` on a command line (before it is parsed: the methods they register
+    are valid --method values and are listed by --help)."""
+    found, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--plugin="):
+            found.append(arg.split("=", 1)[1])
+        elif arg == "--plugin":
+            i += 1
+            while i < len(argv) and not argv[i].startswith("-"):
+                found.append(argv[i])
+                i += 1
+            continue
+        i += 1
+    return found
+
+
 def main(argv=None) -> int:
+    try:  # a plugin that fails to import is reported by the config's validation, as a one-line error
+        methods.import_plugins(_plugins_in(sys.argv[1:] if argv is None else list(argv)))
+    except methods.PluginError:
+        pass
     parser = build_parser()
     args = parser.parse_args(argv)
     args._argv = None if argv is None else list(argv)  # the command line, for reports that show it
@@ -455,7 +483,7 @@ def _run(args) -> int:
             msg = f"{msg}: {err.filename}"
         rank, world = distributed.launch_info()
         # under torchrun a diverged loss and a bad option are the same on every process: rank 0 says it
-        if rank == 0 or not isinstance(err, (hconfig.ConfigError, hrun.TrainingDiverged)):
+        if rank == 0 or not isinstance(err, (hconfig.ConfigError, herrors.TrainingDiverged)):
             print(f"dnr: error: {msg}" if world == 1 else f"dnr: error (rank {rank}): {msg}", file=sys.stderr)
         return 2 if isinstance(err, _USAGE_ERRORS) else 1
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly

@@ -290,7 +290,7 @@ def all_gather_objects(obj) -> list:
 
 
 class GradientSync:
-    """The ``grad_sync`` of :func:`dnr.train.adversarial_step`: averages the gradients of every parameter
+    """The ``grad_sync`` of :func:`dnr.engine.adversarial_step`: averages the gradients of every parameter
     that ``optimizer`` holds (all its groups, e.g. RSR's noise scales too) and sums the step's stats."""
 
     def __init__(self, optimizer: torch.optim.Optimizer):

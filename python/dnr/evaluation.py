@@ -177,10 +177,10 @@ def autoattack_accuracy(model: nn.Module, loader: Iterable, *, eps: float, seed:
     seed = _int(fn, "seed", seed, 0)
     max_examples = _int(fn, "max_examples", max_examples, 1, allow_none=True)
     num_classes = _int(fn, "num_classes", num_classes, 2, allow_none=True)
-    dev = _attacks._check_device(fn, model, device)
+    dev = _attacks.check_device(fn, model, device)
     aa = _AutoAttack(fn, model, eps, seed, num_classes)
     parts: List[Tensor] = []
-    with _attacks._attack_mode(model, "eval"):
+    with _attacks.attack_mode(model, "eval"):
         for x, y in _batches(fn, loader, dev, max_examples):
             parts.append(aa.correct(x, y))
     if not parts:
@@ -394,7 +394,7 @@ def robust_evaluation(model: nn.Module, loader: Iterable, *, eps: float, alpha: 
     sweep_steps = _int(fn, "sweep_steps", sweep_steps, 1)
     sweep_examples = _int(fn, "sweep_examples", sweep_examples, 1, allow_none=True)
     seed = _int(fn, "seed", seed, 0)
-    lo, hi = _attacks._check_clip_range(fn, clip)
+    lo, hi = _attacks.check_clip_range(fn, clip)
     sweep: Optional[List[float]] = None
     if sweep_eps is not None:
         try:
@@ -409,7 +409,7 @@ def robust_evaluation(model: nn.Module, loader: Iterable, *, eps: float, alpha: 
         raise TypeError(f"{fn}: progress must be None, a bool or a callable, got {type(progress).__name__}")
     if autoattack and (lo, hi) != (0.0, 1.0):
         raise ValueError(f"{fn}: AutoAttack (torchattacks) needs inputs in [0, 1], got clip=({lo}, {hi})")
-    dev = _attacks._check_device(fn, model, device)
+    dev = _attacks.check_device(fn, model, device)
     aa = _AutoAttack(fn, model, eps, seed, None) if autoattack else None
 
     alphas = {k: (alpha if alpha is not None else default_pgd_alpha(eps, k)) for k in steps_list}
@@ -425,7 +425,7 @@ def robust_evaluation(model: nn.Module, loader: Iterable, *, eps: float, alpha: 
 
     n = 0
     kmax = steps_list[-1]
-    with _attacks._attack_mode(model, "eval"):
+    with _attacks.attack_mode(model, "eval"):
         for bi, (x, y) in enumerate(_batches(fn, loader, dev)):
             b = int(y.shape[0])
             parts["clean"].append(_correct(model, x, y))

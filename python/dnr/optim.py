@@ -125,7 +125,7 @@ class MaskedSGD(torch.optim.SGD):
             for first, (params, grads, bufs, ms) in fused.items():
                 if not params:
                     continue
-                if ops._sgd_kernel_fits(params, bufs):
+                if ops.sgd_kernel_fits(params, bufs):
                     # Everything the wrapper checks holds by construction here (the kernel checks
                     # again in C++): skipping its per-tensor Python checks saves ~L x 10 us per step.
                     torch.ops.dnr.masked_sgd_step_(params, grads, bufs, ms, hyper["lr"], hyper["momentum"],

@@ -1,6 +1,6 @@
 """``dnr export CHECKPOINT --format compact|sparse|onnx --out PATH`` (registered by :mod:`dnr.cli`).
 
-The checkpoint is read with :func:`dnr.harness.run.load_trained_model` (``torch.load(weights_only=True)``;
+The checkpoint is read with :func:`dnr.harness.load_trained_model` (``torch.load(weights_only=True)``;
 the model is rebuilt from the checkpoint's config and sparsified the same way before its state is
 loaded). Other programs can reuse :func:`run_export` with their own ``load`` callback.
 """
@@ -44,8 +44,10 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def default_loader(path: str):
-    """(model, input_size, info) of a dnr checkpoint; ``info`` has architecture, config and summary."""
-    from ..harness.run import dataset_meta, load_trained_model
+    """(model, input_size, info) of a dnr checkpoint; ``info`` has architecture, config, summary and the
+    export formats its compression method declares."""
+    from ..harness.builders import dataset_meta
+    from ..harness.run import load_trained_model
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model.pt")):
         path = os.path.join(path, "model.pt")  # the final model (with its evaluation summary)
     model, cfg, state = load_trained_model(path)
@@ -57,7 +59,7 @@ def default_loader(path: str):
             summary = {"clean": rows[-1]["test_clean_acc"], "pgd": rows[-1].get("test_pgd_acc"),
                        "epoch": rows[-1].get("epoch")}
     info = {"architecture": cfg.model, "config": state.get("config"), "summary": summary,
-            "path": state.get("path", path)}
+            "path": state.get("path", path), "export_formats": cfg.method_class.export_formats}
     return model, (in_channels, size, size), info
 
 
@@ -82,7 +84,8 @@ def run_export(checkpoint: str, fmt: str, out: str | None = None, *, dtype: str 
     Args:
         force: replace an existing output file (or card) that is none of the protected files.
         load: ``load(checkpoint) -> (masked model, input_size, info)`` where ``info`` is a dict with
-            optional "architecture", "config", "summary" (accuracies) and "path"; default
+            optional "architecture", "config", "summary" (accuracies), "path" and "export_formats" (those
+            the model's compression method declares; default all); default
             :func:`default_loader` (dnr checkpoints).
 
     Raises:
@@ -102,6 +105,11 @@ def run_export(checkpoint: str, fmt: str, out: str | None = None, *, dtype: str 
     check_output_file(out, argument=argument, inputs=inputs, force=force)
     check_output_file(card_path(out), argument=f"{argument} (its model card)", inputs=inputs, force=force)
     model, input_size, info = (load or default_loader)(checkpoint)
+    formats = info.get("export_formats")
+    if formats is not None and fmt not in formats:
+        from .._files import OutputRefused
+        raise OutputRefused(f"option --format: got {fmt!r}, but the checkpoint's compression method exports only "
+                            f"{list(formats)}")
     return export_model(model.cpu().eval(), out, fmt, input_size, dtype=dtype, onnx_model=onnx_model,
                         architecture=info.get("architecture"), config=info.get("config"),
                         summary=info.get("summary"), check=check)

@@ -1,6 +1,6 @@
 """``dnr compare``: a grid of methods x modes x densities x seeds from one config, one report.
 
-Every cell of the grid is trained with :func:`dnr.harness.run.fit` into its own run directory and then
+Every cell of the grid is trained with :func:`dnr.harness.fit` into its own run directory and then
 evaluated with :func:`dnr.evaluation.robust_evaluation` (clean, FGSM, PGD at several step counts with
 restarts, AutoAttack, an eps sweep and sanity checks). The grid's report is rebuilt from the per-cell files
 only, so every number in it is one that a run directory holds.
@@ -44,7 +44,9 @@ from .._files import atomic_open, read_json, sha256_file
 from . import config as hconfig
 from .config import ConfigError, TrainConfig, load_config_file, resolve_config
 from .report import plots_or_note
-from .run import CHECKPOINT, RESUME_MUTABLE, RunError
+from .. import methods as method_registry
+from .errors import RunError
+from .run import CHECKPOINT, RESUME_MUTABLE
 
 __all__ = ["OUTPUT_FILES", "run_compare", "write_compare_report", "load_compare_config", "validate_compare_spec", "plan_cells",
            "EVAL_DEFAULTS"]
@@ -129,9 +131,13 @@ def validate_compare_spec(spec: dict) -> dict:
     out["train"] = train
 
     methods = _list(spec, "methods")
+    try:  # the train section's plugins register methods the grid may name
+        method_registry.import_plugins(hconfig.validate_options({"plugin": train.get("plugin", [])})["plugin"])
+    except method_registry.PluginError as err:
+        raise ConfigError(f"compare config key 'train': option plugin: {err}") from None
     for m in methods:
-        if m not in hconfig.METHODS:
-            raise _err("methods", m, f"one of {list(hconfig.METHODS)}")
+        if m not in method_registry.available():
+            raise _err("methods", m, f"one of {list(method_registry.available())} (the dnr.methods registry)")
     out["methods"] = methods
     modes = _list(spec, "modes")
     for m in modes:
@@ -275,7 +281,7 @@ def _eval_settings(ev: dict, seed: int, model_sha: str) -> dict:
 def _model_stats(model, cfg: TrainConfig) -> dict:
     import torch
     from ..nn import density_report
-    from .run import dataset_meta
+    from .builders import dataset_meta
     _, c, s, _, _, _ = dataset_meta(cfg.dataset)
     rep = density_report(model, input_size=(c, s, s))
     if rep.prunable:
@@ -295,7 +301,8 @@ def run_cell(task: dict) -> dict:
     task: {key, run_dir, config, eval, seed, threads, worker (bool: set torch threads to threads or 1)}.
     Returns {key, status, train_wall_seconds, eval_wall_seconds, eval_reused}."""
     import torch
-    from .run import fit, load_trained_model, make_test_loader
+    from .builders import make_test_loader
+    from .run import fit, load_trained_model
     saved_threads = torch.get_num_threads()
     if task.get("worker"):
         torch.set_num_threads(task.get("threads") or 1)

@@ -14,17 +14,15 @@ import math
 import os
 from typing import Any
 
+from .. import methods
 from ..rewiring.controller import REGROWTH
 from ..rewiring.schedule import REWIRE_SETTINGS
 from ..evaluation import default_pgd_alpha  # the one rule for the evaluation's PGD step size
 
-__all__ = ["ConfigError", "TrainConfig", "PRESETS", "PUBLISHED", "DEFAULT_PRESET", "METHODS", "PHASED_METHODS",
-           "resolve_config", "validate_options", "SEED_RANGE",
-           "load_config_file", "add_config_arguments", "config_overrides_from_args"]
+__all__ = ["ConfigError", "TrainConfig", "PRESETS", "PUBLISHED", "DEFAULT_PRESET", "resolve_config",
+           "validate_options", "SEED_RANGE", "load_config_file", "add_config_arguments", "config_overrides_from_args"]
 
-METHODS = ("dense", "dense-at", "static", "dnr", "oneshot", "admm", "rsr")
-# prune once after a dense or regularised first phase, then fine-tune with the mask fixed
-PHASED_METHODS = ("oneshot", "admm", "rsr")
+# The compression methods (--method) are those of the dnr.methods registry: methods.available().
 LR_SCHEDULES = ("cosine", "step", "constant")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRECISIONS = ("fp32", "bf16")  # fp16 would need loss scaling in the attack's input gradients too
@@ -57,11 +55,9 @@ class TrainConfig:
     model: str = _f("small_cnn", "architecture: small_cnn or wide_cnn (28x28 inputs), vgg16, resnet18 (dnr.models.build_model)",
                     type=str)
     # method and sparsity
-    method: str = _f("dnr", "dense: clean dense training; dense-at: dense PGD adversarial training; static: "
-                     "fixed random mask + AT; dnr: dynamic network rewiring + AT; oneshot: dense AT, one-shot "
-                     "magnitude prune, AT fine-tuning; admm: ADMM robust pruning (Ye et al. 2019); rsr: robust "
-                     "sparse regularization (noise injection + L1 + AT, then prune and fine-tune)", type=str,
-                     choices=METHODS)
+    method: str = _f("dnr", "compression method, a name of the dnr.methods registry", type=str)
+    plugin: list = _f((), "modules to import before the run (dotted paths on sys.path) that register more "
+                      "compression methods with dnr.methods.register", type=str, nargs="+")
     mode: str = _f("irregular", "sparsity unit: single weights or output channels", type=str,
                    choices=("irregular", "channel"))
     density: float = _f(0.05, "fraction of prunable weights kept, in (0, 1] (0.05 = 20x)", type=float)
@@ -154,9 +150,18 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ derived values
     @property
+    def method_class(self) -> type:
+        """The class of ``method`` in the dnr.methods registry (after ``plugin`` is imported)."""
+        methods.import_plugins(self.plugin)
+        try:
+            return methods.get(self.method)
+        except methods.UnknownMethodError as err:
+            raise ConfigError(f"option --method: {err}") from None
+
+    @property
     def sparse(self) -> bool:
-        """The run ends with a sparse model (density < 1 is the target)."""
-        return self.method in ("static", "dnr") + PHASED_METHODS
+        """The run trains a masked model (the method's declaration)."""
+        return self.method_class.sparse
 
     @property
     def rewiring_settings(self) -> dict:
@@ -175,7 +180,8 @@ class TrainConfig:
 
     @property
     def phased(self) -> bool:
-        return self.method in PHASED_METHODS
+        """The method prunes once after ``pre_epochs`` epochs; the lr schedule restarts there."""
+        return self.method_class.phased
 
     @property
     def pre_epochs(self) -> int:
@@ -188,7 +194,7 @@ class TrainConfig:
 
     @property
     def adversarial(self) -> bool:
-        return self.method != "dense"
+        return self.method_class.adversarial
 
     @property
     def resolved_eval_eps(self) -> float:
@@ -213,6 +219,18 @@ class TrainConfig:
         """
         def flag(name):
             return (flags or {}).get(name) or _flag(name)
+
+        # the plugins first: they register the methods that --method may name
+        self.plugin = _coerce(flag("plugin"), self.plugin if self.plugin is not None else [],
+                              TrainConfig.__dataclass_fields__["plugin"].metadata)
+        try:
+            methods.import_plugins(self.plugin)
+        except methods.PluginError as err:
+            raise ConfigError(f"option {flag('plugin')}: {err}") from None
+        if not isinstance(self.method, str) or self.method not in methods.available():
+            raise ConfigError(f"option {flag('method')}: got {self.method!r}, expected one of "
+                              f"{list(methods.available())} (a plugin module registers more: --plugin MODULE)")
+        method = self.method_class
 
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -266,21 +284,19 @@ class TrainConfig:
         if self.data_root == "embedded" and self.dataset != "fashion-mnist":
             raise ConfigError(f"option --data-root: 'embedded' is the Fashion-MNIST subset, but --dataset is "
                               f"{self.dataset!r}; give that dataset's folder")
-        if self.method in ("dnr",) + PHASED_METHODS and self.density == 1.0:
+        if method.needs_sparse_target and self.density == 1.0:
             raise ConfigError(f"option --density: got 1.0, but --method {self.method} needs a sparse model "
                               "(density < 1)")
         need("phase_split", 0.0 < self.phase_split < 1.0, "a number in (0, 1)")
-        if self.phased:
-            need("epochs", self.epochs >= 2, f"at least 2 for --method {self.method} (a training phase and a "
-                 "fine-tuning phase)")
         need("admm_rho", self.admm_rho > 0, "a number > 0")
         need("admm_rho_max", self.admm_rho_max >= self.admm_rho, f"a number >= --admm-rho ({self.admm_rho})")
         if self.admm_every is not None:
             need("admm_every", self.admm_every >= 1, "an integer >= 1 (or none)")
         need("rsr_l1", self.rsr_l1 >= 0, "a number >= 0")
         need("rsr_noise_init", self.rsr_noise_init >= 0, "a number >= 0")
-        if self.method == "dense-at" and self.eps == 0:
-            raise ConfigError("option --eps: got 0, but --method dense-at trains adversarially (eps > 0)")
+        problem = method.check_config(self)  # the method's own rules (e.g. two phases need two epochs)
+        if problem:
+            raise ConfigError(problem)
         return self
 
 
@@ -468,6 +484,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
         preset_default = PRESETS[DEFAULT_PRESET].get(f.name, default)
         help_text = f"{meta['help']} [{DEFAULT_PRESET}: {preset_default}]"
+        if f.name == "method":  # the registry's methods now (with any --plugin already imported)
+            help_text += ": " + "; ".join(f"{name}: {methods.get(name).description}" for name in methods.available())
         flag = _flag(f.name)
         if meta["type"] is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
@@ -480,7 +498,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["nargs"] = meta["nargs"]
         kwargs["type"] = _cli_type(meta["type"], meta["optional"])
         if not meta["choices"]:
-            kwargs["metavar"] = {"dataset": "NAME", "model": "NAME", "data_root": "DIR", "device": "DEV"}.get(
+            kwargs["metavar"] = {"dataset": "NAME", "model": "NAME", "method": "NAME", "data_root": "DIR",
+                                 "device": "DEV", "plugin": "MODULE"}.get(
                 f.name, {int: "N", float: "X", str: "S"}[meta["type"]])
         group.add_argument(flag, **kwargs)
 

@@ -16,7 +16,8 @@ import torch
 from .. import reference
 from ._registry import backend, use_kernel
 
-__all__ = ["masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_", "backend"]
+__all__ = ["masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_", "backend", "use_kernel",
+           "sgd_kernel_fits"]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -242,7 +243,7 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(s == 1 or sa == sb for s, sa, sb in zip(a.shape, a.stride(), b.stride()))
 
 
-def _sgd_kernel_fits(params: Sequence[torch.Tensor], momentum_buffers: Sequence[torch.Tensor]) -> bool:
+def sgd_kernel_fits(params: Sequence[torch.Tensor], momentum_buffers: Sequence[torch.Tensor]) -> bool:
     """Whether the compiled masked_sgd_step_ can take these lists. It walks each param, grad, buffer and
     mask as one linear range: params dense (contiguous or channels_last) on one device, buffers in their
     memory order (grads and masks it reorders itself)."""
@@ -421,7 +422,7 @@ def masked_sgd_step_(
         return
     args = (params, grads, momentum_buffers, masks, lr, momentum, dampening, weight_decay, nesterov, first_step)
     with torch.no_grad():
-        if _sgd_kernel_fits(params, momentum_buffers):
+        if sgd_kernel_fits(params, momentum_buffers):
             torch.ops.dnr.masked_sgd_step_(*args)
         else:
             reference.masked_sgd_step_(*args)

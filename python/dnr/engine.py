@@ -1,4 +1,10 @@
-"""Adversarial training loop: PGD examples, the hybrid loss, one optimizer step, DNR rewiring at epoch ends."""
+"""The training engine: one adversarial step (PGD examples, the hybrid loss, one optimizer step) and the
+epoch loop over a loader.
+
+It knows nothing of compression methods, run directories or configs: a method reaches it only through
+the optimizer's step hooks and the ``penalty`` callable, the harness (:mod:`dnr.harness.trainer`)
+through the arguments. It never imports the harness.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +18,8 @@ from torch import nn
 
 from . import attacks
 from .losses import hybrid_loss
-from .rewiring import DNR
 
-__all__ = ["adversarial_step", "train_epoch", "fit"]
+__all__ = ["adversarial_step", "train_epoch"]
 
 
 def adversarial_step(
@@ -37,7 +42,7 @@ def adversarial_step(
 
     Generates ``x_adv`` with L-inf PGD (input gradients only, BatchNorm in eval mode by default), then
     minimises ``beta * CE(f(x), y) + (1 - beta) * CE(f(x_adv), y)`` with one optimizer step. A DNR
-    controller attached to ``optimizer`` re-applies the masks right after the step. ``beta = 1`` with
+    controller (or any masked method) attached to ``optimizer`` re-applies the masks right after the step. ``beta = 1`` with
     ``steps`` ignored gives clean training (no attack is run). ``penalty()``, when given, is a scalar
     regulariser (e.g. ADMM's or RSR's) added to the loss; the returned loss includes it.
 
@@ -102,8 +107,6 @@ def train_epoch(
     loader: Iterable,
     optimizer: torch.optim.Optimizer,
     *,
-    controller: DNR | None = None,
-    last_epoch: bool = False,
     eps: float = 8 / 255,
     alpha: float = 2 / 255,
     steps: int = 7,
@@ -118,12 +121,12 @@ def train_epoch(
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
 ) -> dict:
-    """Train ``model`` for one epoch of hybrid adversarial training; rewire at the end (unless last).
+    """Train ``model`` for one epoch of hybrid adversarial training.
+
+    A compression method's epoch end (e.g. ``dnr.DNR.end_epoch``) is the caller's: call it after this.
 
     Args:
         loader: iterable of (x [B, C, H, W] in [0, 1], y [B]) batches.
-        controller: the DNR controller (None for dense or static-mask training).
-        last_epoch: DNR does not rewire after the last epoch.
         lr_scheduler: stepped once per batch when given.
         progress: optional callable(batch_index, stats) called after every batch (after the optimizer
             and scheduler steps, and after ``totals`` is updated).
@@ -138,8 +141,7 @@ def train_epoch(
             with ``model.to(memory_format=torch.channels_last)``).
 
     Returns:
-        dict: mean loss, clean and adversarial training accuracy, images/s, seconds, and the rewiring
-        record of this epoch (or None).
+        dict: mean loss, clean and adversarial training accuracy, images, images/s, seconds.
     """
     model.train()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -156,8 +158,7 @@ def train_epoch(
                                    attack_bn_mode=attack_bn_mode, penalty=penalty, grad_sync=grad_sync,
                                    autocast_dtype=autocast_dtype)
         except FloatingPointError as err:
-            step = controller.steps if controller is not None else i
-            raise FloatingPointError(f"{err} (batch {i} of this epoch, optimizer step {step})") from None
+            raise FloatingPointError(f"{err} (batch {i} of this epoch)") from None
         if lr_scheduler is not None:
             lr_scheduler.step()
         totals["loss"] += out["loss"] * out["n"]
@@ -166,7 +167,6 @@ def train_epoch(
         if progress is not None:
             progress(i, out)
     seconds = time.perf_counter() - start
-    record = controller.end_epoch(last=last_epoch) if controller is not None else None
     n = max(1, totals["n"])
     return {
         "loss": totals["loss"] / n,
@@ -175,15 +175,5 @@ def train_epoch(
         "images": totals["n"],
         "seconds": seconds,
         "images_per_s": (totals["n"] - seen) / seconds if seconds > 0 else float("nan"),
-        "rewiring": record,
     }
 
-
-def fit(cfg, out_dir, **kwargs) -> dict:
-    """The training harness's driver (``dnr.harness.fit``): train and evaluate a run into ``out_dir``.
-
-    Accepts the user's own ``model=``, ``train_data=`` and ``test_data=``; see ``dnr.harness.run.fit``.
-    """
-    from .harness.run import fit as harness_fit  # the harness imports this module: import lazily
-
-    return harness_fit(cfg, out_dir, **kwargs)
