@@ -13,7 +13,7 @@ from ..allocation import AllocationError, largest_remainder, round_exact, water_
 from .masked import MaskedConv2d, MaskedLayer, MaskedLinear
 from .units import check_mode, expand_units, num_units, unit_size
 
-__all__ = ["sparsify", "masked_layers", "apply_masks", "initial_unit_counts", "NORM_TYPES"]
+__all__ = ["sparsify", "masked_layers", "apply_masks", "paired_norm", "initial_unit_counts", "NORM_TYPES"]
 
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
 ExcludeSpec = Union[None, str, type, Callable[[str, nn.Module], bool], Iterable[Union[str, type]]]
@@ -173,14 +173,14 @@ def apply_masks(model: nn.Module) -> None:
                 continue
             if modules is None:
                 modules = dict(model.named_modules())
-            norm = _resolve(modules, name, layer, norm_name)
+            norm = paired_norm(modules, name, layer, norm_name)
             if norm.weight is not None:
                 norm.weight.masked_fill_(dead, 0)
             if norm.bias is not None:
                 norm.bias.masked_fill_(dead, 0)
 
 
-def _resolve(modules: dict, name: str, layer, norm_name: str) -> nn.Module:
+def paired_norm(modules: dict, name: str, layer, norm_name: str) -> nn.Module:
     """Find the paired norm layer, also after the model was wrapped (e.g. DDP's 'module.' prefix)."""
     if norm_name in modules:
         return modules[norm_name]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import distributed, ops
-from ..nn.sparsify import NORM_TYPES, _resolve, apply_masks, masked_layers
+from ..nn.sparsify import NORM_TYPES, apply_masks, masked_layers, paired_norm
 from ..nn.units import active_units, expand_units, num_units, unit_scores, unit_size
 from ..allocation import AllocationError, round_exact, water_fill
 from .channel_signal import OutputGradientMeter, find_channel_consumers
@@ -380,7 +380,7 @@ class DNR:
         norm_name = getattr(layer, "norm_name", None)
         if norm_name is None or not bool(grown.any()):
             return
-        norm = _resolve(dict(self.model.named_modules()), name, layer, norm_name)
+        norm = paired_norm(dict(self.model.named_modules()), name, layer, norm_name)
         if norm.weight is not None:
             norm.weight[grown] = 1.0
         if norm.bias is not None:
