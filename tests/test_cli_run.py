@@ -65,8 +65,10 @@ def test_train_writes_the_run_directory(run):
     assert {"density", "prune_rate", "seconds", "images_per_s", "test_pgd_acc", "lr"} <= set(csv_rows[0])
 
     rewires = [json.loads(line) for line in open(os.path.join(out, "rewiring.jsonl"))]
-    assert len(rewires) == 1 and rewires[0]["step"] == 4  # every epoch end except the last
-    assert rewires[0]["pruned"] == rewires[0]["regrown"] > 0
+    # the default cadence: every round(0.75 * 8 / 20) -> 1 step before the horizon 0.75 * 8 = 6
+    assert [r["step"] for r in rewires] == [1, 2, 3, 4, 5]
+    assert all(r["pruned"] == r["regrown"] > 0 for r in rewires)
+    assert [r["rewired_weights"] for r in rows] == [sum(r["pruned"] for r in rewires[:4]), rewires[4]["pruned"]]
     state = load_checkpoint(out, kind="train")
     assert (state["epoch"], state["batch"], state["step"]) == (2, 0, 8)
 

@@ -1,6 +1,7 @@
 """The fit driver: the four methods, quiet mode, run-directory contents, quickstart on top of it."""
 
 import json
+import math
 import os
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from dnr.harness import ConfigError, fit, load_checkpoint, resolve_config
 from dnr.harness.builders import EpochBatchSampler, build_model_for
 from dnr.nn import masked_layers
+from dnr.rewiring import auto_rewire_interval
 
 TINY = dict(train_size=128, test_size=32, batch_size=64, epochs=2, attack_steps=1, eval_steps=1, eval_size=16,
             threads=1, plots=False, seed=2)
@@ -43,15 +45,22 @@ def test_static_method_keeps_the_initial_mask_and_zero_pruned_weights(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["irregular", "channel"])
-def test_dnr_rewires_with_an_exact_budget(tmp_path, mode):
-    cfg, s = _fit(tmp_path, method="dnr", epochs=3, mode=mode, density=0.2)
+@pytest.mark.parametrize("rewire", ["auto", "paper"])
+def test_dnr_rewires_with_an_exact_budget(tmp_path, mode, rewire):
+    cfg, s = _fit(tmp_path, method="dnr", epochs=3, mode=mode, density=0.2, rewire=rewire)
     initial = build_model_for(cfg)
     final = load_checkpoint(s["model_path"])["model"]
     budget = sum(int(layer.mask.sum()) for _, layer in masked_layers(initial))
     assert sum(int(final[n + ".mask"].sum()) for n, _ in masked_layers(initial)) == budget
     assert any(not torch.equal(final[n + ".mask"], l.mask) for n, l in masked_layers(initial))  # it rewired
     records = [json.loads(line) for line in open(os.path.join(s["run_dir"], "rewiring.jsonl"))]
-    assert [r["epoch"] for r in records] == [1, 2] and all(r["active"] == budget for r in records)
+    assert all(r["active"] == budget for r in records)
+    if rewire == "paper":  # at the end of every epoch but the last
+        assert [r["epoch"] for r in records] == [1, 2]
+    else:  # every k steps before the horizon 0.75 T
+        total = [json.loads(line) for line in open(os.path.join(s["run_dir"], "metrics.jsonl"))][-1]["step"]
+        k = auto_rewire_interval(total, 0.75)
+        assert [r["step"] for r in records] == list(range(k, math.ceil(0.75 * total), k))
 
 
 def test_quiet_mode_prints_nothing(tmp_path, capsys):

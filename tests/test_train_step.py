@@ -82,7 +82,9 @@ TINY = dict(train_size=128, test_size=32, batch_size=32, epochs=2, attack_steps=
 def test_channels_last_run_matches_the_contiguous_run(tmp_path):
     states = {}
     for cl in (False, True):
-        cfg = resolve_config(None, {}, {**TINY, "channels_last": cl})
+        # one rewiring (the paper's schedule: at the first epoch end) in 8 steps; the default's rewiring after
+        # every step turns float32 layout rounding into different magnitude rankings within a few steps
+        cfg = resolve_config(None, {}, {**TINY, "channels_last": cl, "rewire": "paper"})
         s = fit(cfg, str(tmp_path / str(cl)), quiet=True, progress=False)
         states[cl] = load_checkpoint(s["model_path"])["model"]
     a, b = states[False], states[True]
