@@ -17,10 +17,12 @@ import sys
 import pytest
 import torch
 
+import dnr
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # measured with `dnr train` / `dnr train --method static` (README "Results")
-MEASURED = {"dnr": {"clean": 0.737, "pgd": 0.451}, "static": {"clean": 0.747, "pgd": 0.525}}
+MEASURED = {"dnr": {"clean": CLEAN_DNR, "pgd": PGD_DNR}, "static": {"clean": CLEAN_STATIC, "pgd": PGD_STATIC}}
 MARGIN = 0.04
 
 
@@ -32,10 +34,17 @@ def _train(tmp_path, *flags, name="run") -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def main_jobs(tmp_path_factory):
+    """The README's first two commands, once for the module: {method: summary}."""
+    tmp = tmp_path_factory.mktemp("main-job")
+    return {m: _train(tmp, "--method", m, name=m) for m in ("dnr", "static")}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["dnr", "static"])
-def test_main_job_reaches_measured_accuracy(tmp_path, method):
-    result = _train(tmp_path, "--method", method)
+def test_main_job_reaches_measured_accuracy(main_jobs, method):
+    result = main_jobs[method]
     prunable = sum(layer["prunable"] for layer in result["layers"] if layer["masked"])
     active = sum(layer["active"] for layer in result["layers"] if layer["masked"])
     assert active == round(0.05 * prunable)  # exact global budget: 20x
@@ -45,27 +54,32 @@ def test_main_job_reaches_measured_accuracy(tmp_path, method):
     assert result["pgd"] < result["fgsm"] <= result["clean"] + 0.02  # the attacks bite, PGD hardest
 
 
-FULL_DATA = pathlib.Path("/usr/share/datasets/fashion-mnist")
-# the report grid's cells {dnr, static}-irregular-d0.05-s0 (configs/compare-fashion-mnist.yaml): the first
-# 4,000 training images, PGD-7 adversarial training for 4 epochs, PGD-20 on the first 500 test images
-GRID_CELL = ["--data-root", str(FULL_DATA), "--train-size", "4000", "--test-size", "500", "--epochs", "4",
-             "--attack-steps", "7", "--alpha", "0.025", "--eps", "0.1", "--eval-every", "0", "--density", "0.05",
-             "--seed", "0", "--threads", "1", "--no-plots"]
-MEASURED_FULL = {"dnr": {"clean": 0.748, "pgd": 0.492}, "static": {"clean": 0.728, "pgd": 0.468}}
+def _strong_attack_accuracy(run_dir, examples) -> float:
+    """Accuracy under APGD-CE then APGD-T (DLR, targeted), 50 steps each, from the independent torchattacks
+    package: AutoAttack's two gradient attacks, which PGD-20 over-estimates the static mask against."""
+    torchattacks = pytest.importorskip("torchattacks")
+    from dnr.harness import load_trained_model
+
+    model, cfg, _ = load_trained_model(str(run_dir))
+    test = dnr.data.fashion_mnist("test")
+    x, y = test.tensors[0][:examples], test.tensors[1][:examples]
+    ok = model(x).argmax(1) == y
+    for attack in (torchattacks.APGD(model, norm="Linf", eps=cfg.eps, steps=50, n_restarts=1, loss="ce", seed=0),
+                   torchattacks.APGDT(model, norm="Linf", eps=cfg.eps, steps=50, n_restarts=1, n_classes=10, seed=0)):
+        idx = ok.nonzero().flatten()
+        with torch.no_grad():
+            ok[idx] = model(attack(x[idx], y[idx])).argmax(1) == y[idx]
+    return float(ok.float().mean())
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (FULL_DATA / "train-images-idx3-ubyte.gz").is_file(),
-                    reason="needs the full Fashion-MNIST files (apt install dataset-fashion-mnist)")
-def test_dnr_beats_a_static_mask_in_the_report_setting(tmp_path):
-    res = {m: _train(tmp_path, *GRID_CELL, "--method", m, name=m) for m in ("dnr", "static")}
-    for method, r in res.items():
-        assert r["density"] == pytest.approx(0.05, abs=1e-4)
-        assert r["clean"] >= MEASURED_FULL[method]["clean"] - MARGIN
-        assert r["pgd"] >= MEASURED_FULL[method]["pgd"] - MARGIN
-    # same data, budget, seed and initial mask: rewiring gives the better sparse model
-    assert res["dnr"]["clean"] > res["static"]["clean"]
-    assert res["dnr"]["pgd"] > res["static"]["pgd"]
+def test_dnr_beats_a_static_mask_in_the_main_job(main_jobs):
+    """The product's claim, where it is robust: same data, budget, seed and initial mask, and DNR's model is the
+    more robust one under a strong attack. Measured (README "Results"; APGD-CE + APGD-T on the 1,000 embedded
+    test images, seeds 0-2 x 1-2 threads) DNR leads by SPREAD; the test asserts a lead of CLAIM_MARGIN
+    points on the first 500 images."""
+    acc = {m: _strong_attack_accuracy(r["run_dir"], 500) for m, r in main_jobs.items()}
+    assert acc["dnr"] >= acc["static"] + CLAIM_MARGIN, acc
 
 
 def test_readme_example_is_the_tested_file():
