@@ -7,7 +7,7 @@
     dnr eval runs/r18/model.pt --steps 50 --restarts 5 [--autoattack]
     dnr report runs/r18
     dnr info runs/r18/model.pt
-    dnr compare --config configs/compare-fashion-mnist.yaml --out runs/compare [--jobs 2]
+    dnr compare --config configs/compare-fashion-mnist.yaml --out runs/compare [--jobs 2] [--models M ...]
     dnr compare --report-only runs/compare        # rebuild compare.md / compare.json / plots from the run files
 
 Errors (bad option or value, missing data, damaged checkpoint, NaN loss) print one line
@@ -130,13 +130,17 @@ def _add_report(sub) -> None:
 def _add_compare(sub) -> None:
     p = sub.add_parser(
         "compare", formatter_class=_Formatter,
-        help="train and evaluate a grid of methods x modes x densities x seeds, one report",
-        description="Train every cell of a grid (methods x modes x densities x seeds) from one compare config, "
+        help="train and evaluate grids of models x methods x modes x densities x seeds, one report",
+        description="Train every cell of one or several grids (models x methods x modes x densities x seeds) "
+                    "from one compare config, "
                     "evaluate each with dnr.evaluation.robust_evaluation and write OUT/compare.md, "
                     "OUT/compare.json and OUT/plots/. Rerunning reuses finished cells and resumes interrupted "
                     "ones.\n\nConfig keys (YAML or JSON): preset, train (TrainConfig options shared by all cells), "
-                    "methods, modes, densities, seeds, eval (test_size, pgd_steps, restarts, fgsm, autoattack, "
-                    "autoattack_examples, sweep_eps, sweep_steps, sweep_examples, eps, alpha), title.",
+                    "models (default: train's model), methods, modes, densities, seeds, eval (test_size, pgd_steps, "
+                    "restarts, fgsm, autoattack, autoattack_examples, sweep_eps, sweep_steps, sweep_examples, eps, "
+                    "alpha), grids (a list of {methods, modes, densities, seeds, eval, train}: the cells are their "
+                    "union; a grid's missing keys come from the top level, its eval / train override the top "
+                    "level's for its cells), title.",
         epilog="example: dnr compare --config configs/compare-fashion-mnist.yaml --out runs/compare --jobs 2")
     p.add_argument("report_dir", nargs="?", default=None, metavar="OUT",
                    help="with --report-only: the output folder (same as --out)")
@@ -145,11 +149,14 @@ def _add_compare(sub) -> None:
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="cells trained in parallel processes (default 1)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads per cell (default: torch's default with --jobs 1, else 1)")
-    p.add_argument("--methods", nargs="+", default=None, metavar="M", help="override the config's methods")
-    p.add_argument("--modes", nargs="+", default=None, metavar="MODE", help="override the config's modes")
+    p.add_argument("--models", nargs="+", default=None, metavar="NAME", help="override the config's models")
+    p.add_argument("--methods", nargs="+", default=None, metavar="M",
+                   help="override the config's methods (the top-level list and every grid's)")
+    p.add_argument("--modes", nargs="+", default=None, metavar="MODE", help="override the config's modes (likewise)")
     p.add_argument("--densities", nargs="+", type=float, default=None, metavar="D",
-                   help="override the config's densities")
-    p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="S", help="override the config's seeds")
+                   help="override the config's densities (likewise)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="S",
+                   help="override the config's seeds (likewise)")
     p.add_argument("--report-only", action="store_true",
                    help="only rebuild the report of OUT from its per-cell files (no training or evaluation)")
     p.set_defaults(func=cmd_compare)
@@ -371,10 +378,9 @@ def cmd_compare(args) -> int:
         for name in hcompare.OUTPUT_FILES:
             check_output_file(os.path.join(args.out, name), argument="option --out", inputs=[args.config],
                               own_output=True)
-        spec = hcompare.load_compare_config(args.config)
-        for key in ("methods", "modes", "densities", "seeds"):
-            if getattr(args, key) is not None:
-                spec[key] = getattr(args, key)
+        spec = hcompare.override_lists(hcompare.load_compare_config(args.config), methods=args.methods,
+                                       modes=args.modes, densities=args.densities, seeds=args.seeds,
+                                       models=args.models)
         argv = getattr(args, "_argv", None)
         argv = sys.argv[1:] if argv is None else argv
         import shlex
