@@ -23,7 +23,6 @@ import sys
 import time
 import warnings
 
-import torch
 
 from . import distributed
 from ._files import DamagedFileError, FileWriteError, OutputRefused, atomic_open, check_output_dir, check_output_file
@@ -34,8 +33,7 @@ from .harness import config as hconfig
 from .harness import errors as herrors
 from .harness import report as hreport
 from .harness import run as hrun
-from .harness.callbacks import ConsoleLog
-from .harness.evaluate import final_evaluation
+from .harness import evaluate as hevaluate
 from .nn import density_report
 
 __all__ = ["build_parser", "main"]
@@ -260,89 +258,26 @@ def _interruptible(run_dir: str, train):
         return None
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise hconfig.ConfigError(f"option --device: got {name!r}, but CUDA is not available here")
-    return name
-
-
-# dnr eval's options and the TrainConfig fields whose rules they follow
-_EVAL_OPTIONS = {"test_size": "test_size", "batch_size": "eval_batch_size", "steps": "eval_steps",
-                 "restarts": "eval_restarts", "eps": "eval_eps", "alpha": "eval_alpha", "seed": "seed"}
-
-
 def cmd_eval(args) -> int:
-    given = {field: getattr(args, name) for name, field in _EVAL_OPTIONS.items() if getattr(args, name) is not None}
-    hconfig.validate_options(given, flags={field: "--" + name.replace("_", "-")
-                                           for name, field in _EVAL_OPTIONS.items()})
-    device = _device(args.device)
+    numbers = {name: getattr(args, name) for name in hevaluate.EVAL_OPTION_FIELDS}
+    hevaluate.check_evaluation_options(**numbers)  # before anything is loaded
+    device = hevaluate.resolve_device(args.device)
     if args.out:
         check_output_file(args.out, argument="option --out", force=args.force,
                           inputs=[args.checkpoint, ckpt.resolve_checkpoint_path(args.checkpoint)])
     model, cfg, state = hrun.load_trained_model(args.checkpoint, device)
-    if args.data_root is not None:
-        cfg.data_root = args.data_root
-    if args.batch_size is not None:
-        cfg.eval_batch_size = args.batch_size
-    if args.test_size is not None:
-        cfg.test_size = args.test_size
-    restarts = cfg.eval_restarts if args.restarts is None else args.restarts
-    eps = cfg.resolved_eval_eps if args.eps is None else args.eps
-    steps = cfg.eval_steps if args.steps is None else args.steps
-    alpha = args.alpha if args.alpha is not None else (
-        cfg.resolved_eval_alpha if args.eps is None and args.steps is None else hconfig.default_pgd_alpha(eps, steps))
-    loader = hbuild.make_test_loader(cfg)
-    log = ConsoleLog(quiet=args.quiet, progress=True)
-    seed = cfg.seed if args.seed is None else args.seed
-    res = final_evaluation(model, loader, eps=eps, alpha=alpha, steps=steps, restarts=restarts,
-                                seed=seed, log=log, fgsm=not args.no_fgsm, pgd=not args.no_pgd)
-    out = {"checkpoint": state["path"], "model": cfg.model, "dataset": cfg.dataset, "method": cfg.method,
-           "mode": cfg.mode, "n": res["n"], "clean": res["clean"], "fgsm": res["fgsm"], "pgd": res["pgd"],
-           "autoattack": None, "eps": eps, "alpha": alpha, "pgd_steps": steps, "pgd_restarts": restarts,
-           "seed": seed}
-    if args.sanity:
-        from . import evaluation
-        pgd_steps = (steps, 50) if steps < 50 else (steps,)
-        sweep = sorted({0.0, eps / 2, eps, 2 * eps, 0.3, 0.5})
-        progress = None if args.quiet else True
-        try:
-            robust = evaluation.robust_evaluation(
-                model, loader, eps=eps, alpha=args.alpha, pgd_steps=pgd_steps, restarts=restarts,
-                fgsm=not args.no_fgsm, autoattack=args.autoattack, sweep_eps=sweep, seed=seed, device=device,
-                progress=progress)
-        except ImportError as err:
-            if not args.autoattack:
-                raise
-            raise _torchattacks_missing() from err
-        print(evaluation.format_sanity(robust), file=sys.stderr, flush=True)
-        out["robust"] = robust
-        if args.autoattack:
-            out["autoattack"] = robust["autoattack"]
-    elif args.autoattack:
-        out["autoattack"] = _autoattack(model, loader, eps, seed, device)
-    report = density_report(model)
-    out.update(density=report.density, compression=report.compression)
-    text = json.dumps(out, indent=2)
+    res = hevaluate.evaluate_trained(model, cfg, device=device, data_root=args.data_root, fgsm=not args.no_fgsm,
+                                     pgd=not args.no_pgd, autoattack=args.autoattack, sanity=args.sanity,
+                                     quiet=args.quiet, **numbers)
+    if "robust" in res:
+        from .evaluation import format_sanity
+        print(format_sanity(res["robust"]), file=sys.stderr, flush=True)
+    text = json.dumps({"checkpoint": state["path"], **res}, indent=2)
     print(text)
     if args.out:
         with atomic_open(args.out, "w") as f:
             f.write(text + "\n")
     return 0
-
-
-def _autoattack(model, loader, eps, seed, device) -> float:
-    from . import evaluation
-    try:
-        return evaluation.autoattack_accuracy(model, loader, eps=eps, seed=seed, device=device)["acc"]
-    except ImportError:
-        raise _torchattacks_missing() from None
-
-
-def _torchattacks_missing() -> hconfig.ConfigError:
-    from .evaluation import AUTOATTACK_INSTALL_HINT
-    return hconfig.ConfigError(f"option --autoattack needs the torchattacks package: {AUTOATTACK_INSTALL_HINT}")
 
 
 def cmd_report(args) -> int:
