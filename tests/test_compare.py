@@ -11,6 +11,7 @@ import pytest
 
 from dnr import cli
 from dnr.harness import compare
+from dnr.harness.compare import report as compare_report
 from dnr.harness.config import ConfigError
 from dnr.harness import RunError
 
@@ -276,7 +277,7 @@ def test_report_without_matplotlib(grid, tmp_path, monkeypatch):
     def no_matplotlib(*a, **k):
         raise ImportError("No module named 'matplotlib'")
 
-    monkeypatch.setattr(compare, "_plots", no_matplotlib)
+    monkeypatch.setattr(compare_report, "draw_plots", no_matplotlib)
     res = compare.write_compare_report(out)
     assert res["plots"] == [] and "matplotlib" in res["note"]
     assert not os.path.exists(os.path.join(out, "plots"))
@@ -285,3 +286,183 @@ def test_report_without_matplotlib(grid, tmp_path, monkeypatch):
     data = _load(os.path.join(out, "compare.json"))
     assert all(c["status"] == "evaluated" and c["run_dir"].startswith(out) for c in data["cells"])
     assert data["aggregate"] == _load(os.path.join(grid[0], "compare.json"))["aggregate"]
+
+
+# ---------------------------------------------------------------------------------------- models and grids
+def _cfg(**cell):
+    """The training config a cell must get: the preset, the shared train block, then the cell's keys."""
+    from dnr.harness.config import resolve_config
+    return resolve_config("fashion-mnist-quick", None, dict(TRAIN, **cell)).to_dict()
+
+
+def test_old_single_grid_config_plans_the_same_cells():
+    """No models, no grids: the cells (names, order, configs, eval) of the original format, unchanged."""
+    spec = compare.validate_compare_spec(SPEC)
+    cells = compare.plan_cells(spec)
+    expected = [("dense-at-s0", "dense-at", None, 1.0, 0), ("dense-at-s1", "dense-at", None, 1.0, 1),
+                ("static-irregular-d0.1-s0", "static", "irregular", 0.1, 0),
+                ("static-irregular-d0.1-s1", "static", "irregular", 0.1, 1),
+                ("dnr-irregular-d0.1-s0", "dnr", "irregular", 0.1, 0),
+                ("dnr-irregular-d0.1-s1", "dnr", "irregular", 0.1, 1)]
+    assert [(c["key"], c["method"], c["mode"], c["target_density"], c["seed"]) for c in cells] == expected
+    for c in cells:
+        assert c["config"] == _cfg(method=c["method"], mode=c["mode"] or "irregular", density=c["target_density"],
+                                   seed=c["seed"])
+        assert c["model_name"] == "small_cnn" and c["eval"] == spec["eval"]
+    assert spec["eval"]["restarts"] == 1 and spec["eval"]["sweep_eps"] == [0.1, 0.3]
+    assert spec["grids"] is None and spec["models"] is None
+
+
+GRIDS = [{"methods": ["dense-at", "dnr"], "modes": ["irregular"], "densities": [0.1], "seeds": [0, 1],
+          "eval": {"restarts": 2}},
+         {"methods": ["dnr", "static"], "modes": ["channel"], "densities": [0.5], "seeds": [0],
+          "train": {"lr": 0.02}}]
+MULTI = {"preset": "fashion-mnist-quick", "train": TRAIN, "models": ["small_cnn", "wide_cnn"], "grids": GRIDS,
+         "eval": EVAL, "title": "two models"}
+
+
+def test_plan_of_models_and_grids():
+    cells = compare.plan_cells(MULTI)
+    got = [(c["key"], c["model_name"], c["method"], c["mode"], c["target_density"], c["seed"], c["grids"])
+           for c in cells]
+    expected = []
+    for m in ("small_cnn", "wide_cnn"):
+        expected += [(f"{m}-dense-at-s0", m, "dense-at", None, 1.0, 0, ["grids[0]"]),
+                     (f"{m}-dense-at-s1", m, "dense-at", None, 1.0, 1, ["grids[0]"]),
+                     (f"{m}-dnr-irregular-d0.1-s0", m, "dnr", "irregular", 0.1, 0, ["grids[0]"]),
+                     (f"{m}-dnr-irregular-d0.1-s1", m, "dnr", "irregular", 0.1, 1, ["grids[0]"]),
+                     (f"{m}-dnr-channel-d0.5-s0", m, "dnr", "channel", 0.5, 0, ["grids[1]"]),
+                     (f"{m}-static-channel-d0.5-s0", m, "static", "channel", 0.5, 0, ["grids[1]"])]
+    assert got == expected
+    for c in cells:
+        in_first = c["grids"] == ["grids[0]"]
+        assert c["eval"]["restarts"] == (2 if in_first else 1)  # the grid's eval over the top level's
+        assert c["eval"]["pgd_steps"] == [2, 3] and c["eval"]["sweep_eps"] == [0.1, 0.3]
+        assert c["config"] == _cfg(model=c["model_name"], method=c["method"], mode=c["mode"] or "irregular",
+                                   density=c["target_density"], seed=c["seed"], **({} if in_first else {"lr": 0.02}))
+    # one model named: no prefix, so the folders of a single-model config keep their names
+    one = compare.plan_cells(dict(MULTI, models=["wide_cnn"]))
+    assert [c["key"] for c in one] == [k.split("-", 1)[1] for k, *_ in expected[:6]]
+    assert {c["config"]["model"] for c in one} == {"wide_cnn"}
+
+
+def test_grids_take_missing_keys_from_the_top_level_and_merge_equal_cells():
+    spec = dict(MULTI, models=None, methods=["dnr"], modes=["irregular"], densities=[0.1], seeds=[0],
+                grids=[{"seeds": [0, 1]}, {"densities": [0.1, 0.2]}])
+    cells = compare.plan_cells(spec)
+    assert [(c["key"], c["grids"]) for c in cells] == [
+        ("dnr-irregular-d0.1-s0", ["grids[0]", "grids[1]"]), ("dnr-irregular-d0.1-s1", ["grids[0]"]),
+        ("dnr-irregular-d0.2-s0", ["grids[1]"])]
+
+
+@pytest.mark.parametrize("second, words", [
+    ({"eval": {"restarts": 3}}, ["dnr-irregular-d0.1-s0", "grids[0]", "grids[1]", "evaluation settings", "restarts"]),
+    ({"train": {"lr": 0.5}}, ["dnr-irregular-d0.1-s0", "grids[0]", "grids[1]", "training configs", "lr"]),
+])
+def test_a_cell_planned_twice_with_different_settings_is_an_error(second, words, tmp_path):
+    grids = [{"methods": ["dnr"], "modes": ["irregular"], "densities": [0.1], "seeds": [0]},
+             dict({"methods": ["dnr", "static"], "modes": ["irregular"], "densities": [0.1], "seeds": [0]}, **second)]
+    with pytest.raises(ConfigError) as err:
+        compare.run_compare(dict(MULTI, models=None, grids=grids), str(tmp_path / "out"), log=None)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"models": ["small_cnn", "nope"]}, ["'models'", "'nope'", "one of"]),
+    ({"models": ["wide_cnn"], "train": dict(TRAIN, model="small_cnn")}, ["'train'", "small_cnn", "models"]),
+    ({"grids": []}, ["'grids'", "non-empty"]),
+    ({"grids": [{"methods": ["dnr"], "colour": 1}]}, ["'grids[0]'", "'colour'"]),
+    ({"grids": [{"modes": ["irregular"]}]}, ["'grids[0].methods'", "missing"]),
+    ({"grids": [dict(GRIDS[0], eval={"restarts": 0})]}, ["grids[0].eval.restarts", "0", ">= 1"]),
+    ({"grids": [dict(GRIDS[0], train={"seed": 1})]}, ["grids[0].train", "seed", "per cell"]),
+    ({"grids": [dict(GRIDS[1], densities=[1.0])]}, ["model small_cnn", "method dnr", "grids[0]", "density"]),
+])
+def test_bad_models_and_grids_fail_before_training(change, words, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        compare.run_compare(dict(MULTI, **change), str(tmp_path / "out"), log=None)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_flags_override_every_grid():
+    raw = compare.override_lists(MULTI, methods=["dnr"], seeds=[3], models=["wide_cnn"])
+    cells = compare.plan_cells(raw)
+    assert [c["key"] for c in cells] == ["dnr-irregular-d0.1-s3", "dnr-channel-d0.5-s3"]
+    assert MULTI["grids"][0]["methods"] == ["dense-at", "dnr"]  # the loaded config is not changed
+
+
+@pytest.fixture(scope="module")
+def multi_grid(tmp_path_factory):
+    """A real two-model, two-grid run (one seed, 2 x 3 cells) through cli.main."""
+    base = tmp_path_factory.mktemp("compare_multi")
+    grids = [{"methods": ["dense-at", "dnr"], "modes": ["irregular"], "densities": [0.1], "seeds": [0],
+              "eval": {"restarts": 2, "pgd_steps": [2]}},
+             {"methods": ["dnr"], "modes": ["channel"], "densities": [0.5], "seeds": [0]}]
+    cfg = base / "grid.json"
+    cfg.write_text(json.dumps(dict(MULTI, grids=grids)))
+    out = str(base / "out")
+    assert cli.main(["compare", "--config", str(cfg), "--out", out, "--threads", "1"]) == 0
+    return out, str(cfg)
+
+
+MULTI_KEYS = [f"{m}-{k}" for m in ("small_cnn", "wide_cnn")
+              for k in ("dense-at-s0", "dnr-irregular-d0.1-s0", "dnr-channel-d0.5-s0")]
+
+
+def test_multi_grid_cells_get_their_model_and_their_grids_evaluation(multi_grid):
+    out = multi_grid[0]
+    assert sorted(os.listdir(os.path.join(out, "runs"))) == sorted(MULTI_KEYS)
+    for key in MULTI_KEYS:
+        run_dir = os.path.join(out, "runs", key)
+        assert _load(os.path.join(run_dir, "config.json"))["model"] == key.split("-")[0]
+        settings = _load(os.path.join(run_dir, "robust_eval.json"))["settings"]
+        if "channel" in key:  # grids[1]: the top-level eval block
+            assert (settings["restarts"], settings["pgd_steps"]) == (1, [2, 3])
+        else:  # grids[0]'s own eval block
+            assert (settings["restarts"], settings["pgd_steps"]) == (2, [2])
+    data = _load(os.path.join(out, "compare.json"))
+    assert {c["key"]: c["model_name"] for c in data["cells"]} == {k: k.split("-")[0] for k in MULTI_KEYS}
+    assert all(c["status"] == "evaluated" for c in data["cells"])
+
+
+def test_multi_grid_report_has_a_table_per_model_and_mode_from_the_run_files(multi_grid):
+    out = multi_grid[0]
+    md = open(os.path.join(out, "compare.md")).read()
+    for model in ("small_cnn", "wide_cnn"):
+        for mode in ("irregular", "channel"):
+            table = md.split(f"## {model}: {mode} sparsity\n")[1].split("\n## ")[0]
+            rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+            keys = [f"{model}-dense-at-s0", f"{model}-dnr-{mode}-d{0.1 if mode == 'irregular' else 0.5}-s0"]
+            assert len(rows) == 2 and rows[0].startswith("| dense-at (dense) | 1 |") and rows[1].startswith("| dnr |")
+            for row, key in zip(rows, keys):  # one seed: mean = the run's own number, std 0, "(1 seed)"
+                res = _load(os.path.join(out, "runs", key, "robust_eval.json"))["result"]
+                assert f"{100 * res['clean']:.2f} ± 0.00 (1 seed)" in row
+                assert f"{100 * res['pgd']['2']:.2f} ± 0.00 (1 seed)" in row
+        wins = md.split(f"### {model}\n")[1].split("### ")[0]
+        assert "vs dense-at (dense, 1x), clean:" in wins and f"Overall ({model}):" in wins
+    data = _load(os.path.join(out, "compare.json"))
+    assert {(g["model_name"], g["method"], g["mode"]) for g in data["aggregate"]} == {
+        (m, meth, mode) for m in ("small_cnn", "wide_cnn")
+        for meth, mode in (("dense-at", None), ("dnr", "irregular"), ("dnr", "channel"))}
+    assert {w["model_name"] for w in data["wins"]} == {"small_cnn", "wide_cnn"}
+    for w in data["wins"]:  # PGD: the most steps both sides were evaluated with (grids[1] has PGD-3, dense-at not)
+        assert w["metric"] in ("clean", "PGD-2")
+    for name in ("clean_vs_compression-small_cnn.png", "robust_vs_compression-wide_cnn.png"):
+        assert os.path.isfile(os.path.join(out, "plots", name)), name
+
+
+def test_multi_grid_rerun_reuses_each_cell_with_its_own_evaluation(multi_grid, monkeypatch, capsys):
+    out, cfg = multi_grid
+
+    def no(*a, **k):
+        raise AssertionError("must not be called on a rerun")
+
+    import dnr.harness.run as hrun
+    import dnr.evaluation as ev
+    monkeypatch.setattr(hrun, "fit", no)
+    monkeypatch.setattr(ev, "robust_evaluation", no)
+    assert cli.main(["compare", "--config", cfg, "--out", out, "--threads", "1"]) == 0
+    assert capsys.readouterr().out.count(": reused") == len(MULTI_KEYS)

@@ -15,7 +15,7 @@ from typing import IO, Iterable, Iterator
 
 __all__ = ["atomic_path", "atomic_open", "sha256_file", "FileWriteError", "OutputRefused", "DamagedFileError",
            "check_output_file", "check_output_dir", "protected_reason", "is_dnr_checkpoint", "read_json",
-           "read_jsonl", "RUN_FILES"]
+           "write_json", "read_jsonl", "RUN_FILES"]
 
 # The files of a run directory (one that holds config.json) that no command may replace from outside:
 # they are the run's record, its checkpoints and its final model. Reports and plots are derived from
@@ -252,6 +252,12 @@ def read_json(path: str | os.PathLike):
     except json.JSONDecodeError as err:
         raise DamagedFileError(f"{path!r} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
                                "it was damaged or not written to the end") from None
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as indented JSON, atomically (a reader sees the old file or the whole new one)."""
+    with atomic_open(path, "w") as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
 
 
 def read_jsonl(path: str | os.PathLike) -> list:

@@ -7,7 +7,7 @@
     dnr eval runs/r18/model.pt --steps 50 --restarts 5 [--autoattack]
     dnr report runs/r18
     dnr info runs/r18/model.pt
-    dnr compare --config configs/compare-fashion-mnist.yaml --out runs/compare [--jobs 2]
+    dnr compare --config configs/compare-fashion-mnist.yaml --out runs/compare [--jobs 2] [--models M ...]
     dnr compare --report-only runs/compare        # rebuild compare.md / compare.json / plots from the run files
 
 Errors (bad option or value, missing data, damaged checkpoint, NaN loss) print one line
@@ -23,7 +23,6 @@ import sys
 import time
 import warnings
 
-import torch
 
 from . import distributed
 from ._files import DamagedFileError, FileWriteError, OutputRefused, atomic_open, check_output_dir, check_output_file
@@ -34,8 +33,7 @@ from .harness import config as hconfig
 from .harness import errors as herrors
 from .harness import report as hreport
 from .harness import run as hrun
-from .harness.callbacks import ConsoleLog
-from .harness.evaluate import final_evaluation
+from .harness import evaluate as hevaluate
 from .nn import density_report
 
 __all__ = ["build_parser", "main"]
@@ -130,13 +128,17 @@ def _add_report(sub) -> None:
 def _add_compare(sub) -> None:
     p = sub.add_parser(
         "compare", formatter_class=_Formatter,
-        help="train and evaluate a grid of methods x modes x densities x seeds, one report",
-        description="Train every cell of a grid (methods x modes x densities x seeds) from one compare config, "
+        help="train and evaluate grids of models x methods x modes x densities x seeds, one report",
+        description="Train every cell of one or several grids (models x methods x modes x densities x seeds) "
+                    "from one compare config, "
                     "evaluate each with dnr.evaluation.robust_evaluation and write OUT/compare.md, "
                     "OUT/compare.json and OUT/plots/. Rerunning reuses finished cells and resumes interrupted "
                     "ones.\n\nConfig keys (YAML or JSON): preset, train (TrainConfig options shared by all cells), "
-                    "methods, modes, densities, seeds, eval (test_size, pgd_steps, restarts, fgsm, autoattack, "
-                    "autoattack_examples, sweep_eps, sweep_steps, sweep_examples, eps, alpha), title.",
+                    "models (default: train's model), methods, modes, densities, seeds, eval (test_size, pgd_steps, "
+                    "restarts, fgsm, autoattack, autoattack_examples, sweep_eps, sweep_steps, sweep_examples, eps, "
+                    "alpha), grids (a list of {methods, modes, densities, seeds, eval, train}: the cells are their "
+                    "union; a grid's missing keys come from the top level, its eval / train override the top "
+                    "level's for its cells), title.",
         epilog="example: dnr compare --config configs/compare-fashion-mnist.yaml --out runs/compare --jobs 2")
     p.add_argument("report_dir", nargs="?", default=None, metavar="OUT",
                    help="with --report-only: the output folder (same as --out)")
@@ -145,11 +147,14 @@ def _add_compare(sub) -> None:
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="cells trained in parallel processes (default 1)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads per cell (default: torch's default with --jobs 1, else 1)")
-    p.add_argument("--methods", nargs="+", default=None, metavar="M", help="override the config's methods")
-    p.add_argument("--modes", nargs="+", default=None, metavar="MODE", help="override the config's modes")
+    p.add_argument("--models", nargs="+", default=None, metavar="NAME", help="override the config's models")
+    p.add_argument("--methods", nargs="+", default=None, metavar="M",
+                   help="override the config's methods (the top-level list and every grid's)")
+    p.add_argument("--modes", nargs="+", default=None, metavar="MODE", help="override the config's modes (likewise)")
     p.add_argument("--densities", nargs="+", type=float, default=None, metavar="D",
-                   help="override the config's densities")
-    p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="S", help="override the config's seeds")
+                   help="override the config's densities (likewise)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="S",
+                   help="override the config's seeds (likewise)")
     p.add_argument("--report-only", action="store_true",
                    help="only rebuild the report of OUT from its per-cell files (no training or evaluation)")
     p.set_defaults(func=cmd_compare)
@@ -253,89 +258,26 @@ def _interruptible(run_dir: str, train):
         return None
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise hconfig.ConfigError(f"option --device: got {name!r}, but CUDA is not available here")
-    return name
-
-
-# dnr eval's options and the TrainConfig fields whose rules they follow
-_EVAL_OPTIONS = {"test_size": "test_size", "batch_size": "eval_batch_size", "steps": "eval_steps",
-                 "restarts": "eval_restarts", "eps": "eval_eps", "alpha": "eval_alpha", "seed": "seed"}
-
-
 def cmd_eval(args) -> int:
-    given = {field: getattr(args, name) for name, field in _EVAL_OPTIONS.items() if getattr(args, name) is not None}
-    hconfig.validate_options(given, flags={field: "--" + name.replace("_", "-")
-                                           for name, field in _EVAL_OPTIONS.items()})
-    device = _device(args.device)
+    numbers = {name: getattr(args, name) for name in hevaluate.EVAL_OPTION_FIELDS}
+    hevaluate.check_evaluation_options(**numbers)  # before anything is loaded
+    device = hevaluate.resolve_device(args.device)
     if args.out:
         check_output_file(args.out, argument="option --out", force=args.force,
                           inputs=[args.checkpoint, ckpt.resolve_checkpoint_path(args.checkpoint)])
     model, cfg, state = hrun.load_trained_model(args.checkpoint, device)
-    if args.data_root is not None:
-        cfg.data_root = args.data_root
-    if args.batch_size is not None:
-        cfg.eval_batch_size = args.batch_size
-    if args.test_size is not None:
-        cfg.test_size = args.test_size
-    restarts = cfg.eval_restarts if args.restarts is None else args.restarts
-    eps = cfg.resolved_eval_eps if args.eps is None else args.eps
-    steps = cfg.eval_steps if args.steps is None else args.steps
-    alpha = args.alpha if args.alpha is not None else (
-        cfg.resolved_eval_alpha if args.eps is None and args.steps is None else hconfig.default_pgd_alpha(eps, steps))
-    loader = hbuild.make_test_loader(cfg)
-    log = ConsoleLog(quiet=args.quiet, progress=True)
-    seed = cfg.seed if args.seed is None else args.seed
-    res = final_evaluation(model, loader, eps=eps, alpha=alpha, steps=steps, restarts=restarts,
-                                seed=seed, log=log, fgsm=not args.no_fgsm, pgd=not args.no_pgd)
-    out = {"checkpoint": state["path"], "model": cfg.model, "dataset": cfg.dataset, "method": cfg.method,
-           "mode": cfg.mode, "n": res["n"], "clean": res["clean"], "fgsm": res["fgsm"], "pgd": res["pgd"],
-           "autoattack": None, "eps": eps, "alpha": alpha, "pgd_steps": steps, "pgd_restarts": restarts,
-           "seed": seed}
-    if args.sanity:
-        from . import evaluation
-        pgd_steps = (steps, 50) if steps < 50 else (steps,)
-        sweep = sorted({0.0, eps / 2, eps, 2 * eps, 0.3, 0.5})
-        progress = None if args.quiet else True
-        try:
-            robust = evaluation.robust_evaluation(
-                model, loader, eps=eps, alpha=args.alpha, pgd_steps=pgd_steps, restarts=restarts,
-                fgsm=not args.no_fgsm, autoattack=args.autoattack, sweep_eps=sweep, seed=seed, device=device,
-                progress=progress)
-        except ImportError as err:
-            if not args.autoattack:
-                raise
-            raise _torchattacks_missing() from err
-        print(evaluation.format_sanity(robust), file=sys.stderr, flush=True)
-        out["robust"] = robust
-        if args.autoattack:
-            out["autoattack"] = robust["autoattack"]
-    elif args.autoattack:
-        out["autoattack"] = _autoattack(model, loader, eps, seed, device)
-    report = density_report(model)
-    out.update(density=report.density, compression=report.compression)
-    text = json.dumps(out, indent=2)
+    res = hevaluate.evaluate_trained(model, cfg, device=device, data_root=args.data_root, fgsm=not args.no_fgsm,
+                                     pgd=not args.no_pgd, autoattack=args.autoattack, sanity=args.sanity,
+                                     quiet=args.quiet, **numbers)
+    if "robust" in res:
+        from .evaluation import format_sanity
+        print(format_sanity(res["robust"]), file=sys.stderr, flush=True)
+    text = json.dumps({"checkpoint": state["path"], **res}, indent=2)
     print(text)
     if args.out:
         with atomic_open(args.out, "w") as f:
             f.write(text + "\n")
     return 0
-
-
-def _autoattack(model, loader, eps, seed, device) -> float:
-    from . import evaluation
-    try:
-        return evaluation.autoattack_accuracy(model, loader, eps=eps, seed=seed, device=device)["acc"]
-    except ImportError:
-        raise _torchattacks_missing() from None
-
-
-def _torchattacks_missing() -> hconfig.ConfigError:
-    from .evaluation import AUTOATTACK_INSTALL_HINT
-    return hconfig.ConfigError(f"option --autoattack needs the torchattacks package: {AUTOATTACK_INSTALL_HINT}")
 
 
 def cmd_report(args) -> int:
@@ -371,10 +313,9 @@ def cmd_compare(args) -> int:
         for name in hcompare.OUTPUT_FILES:
             check_output_file(os.path.join(args.out, name), argument="option --out", inputs=[args.config],
                               own_output=True)
-        spec = hcompare.load_compare_config(args.config)
-        for key in ("methods", "modes", "densities", "seeds"):
-            if getattr(args, key) is not None:
-                spec[key] = getattr(args, key)
+        spec = hcompare.override_lists(hcompare.load_compare_config(args.config), methods=args.methods,
+                                       modes=args.modes, densities=args.densities, seeds=args.seeds,
+                                       models=args.models)
         argv = getattr(args, "_argv", None)
         argv = sys.argv[1:] if argv is None else argv
         import shlex

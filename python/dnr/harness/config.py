@@ -20,7 +20,7 @@ from ..rewiring.schedule import REWIRE_SETTINGS
 from ..evaluation import default_pgd_alpha  # the one rule for the evaluation's PGD step size
 
 __all__ = ["ConfigError", "TrainConfig", "PRESETS", "PUBLISHED", "DEFAULT_PRESET", "resolve_config",
-           "validate_options", "SEED_RANGE", "load_config_file", "add_config_arguments", "config_overrides_from_args"]
+           "validate_options", "require", "coerce_value", "check_number", "check_choice", "check_list", "SEED_RANGE", "load_config_file", "add_config_arguments", "config_overrides_from_args"]
 
 # The compression methods (--method) are those of the dnr.methods registry: methods.available().
 LR_SCHEDULES = ("cosine", "step", "constant")
@@ -244,8 +244,7 @@ class TrainConfig:
                 raise ConfigError(f"option {flag(f.name)}: got {value!r}, expected one of {list(meta['choices'])}")
 
         def need(name, ok, expected):
-            if not ok:
-                raise ConfigError(f"option {flag(name)}: got {getattr(self, name)!r}, expected {expected}")
+            require(f"option {flag(name)}", getattr(self, name), ok, expected)
 
         need("density", 0.0 < self.density <= 1.0, "a number in (0, 1]")
         if self.prune_rate is not None:
@@ -306,33 +305,91 @@ def _flag(name: str) -> str:
 
 def _coerce(flag: str, value: Any, meta: dict) -> Any:
     """Convert a value read from a file or the CLI to the field's type, or raise ConfigError naming ``flag``."""
-    typ = meta["type"]
     if meta["nargs"]:
         if not isinstance(value, (list, tuple)):
             value = [value]
         return [_coerce(flag, v, {**meta, "nargs": None}) for v in value]
+    return coerce_value(f"option {flag}", value, meta["type"])
+
+
+# ---------------------------------------------------------------------------------------- shared checks
+# The one implementation of "a value of this type, in this range": TrainConfig.validate uses it for its
+# fields, and the other specs (dnr compare's config, dnr eval's flags) use it for theirs, each naming the
+# value the way its user wrote it (``subject``: "option --lr", "compare config key 'seeds'").
+
+def require(subject: str, value: Any, ok: bool, expected: str) -> None:
+    """Raise ConfigError("<subject>: got <value>, expected <expected>") unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{subject}: got {value!r}, expected {expected}")
+
+
+def coerce_value(subject: str, value: Any, typ: type, *, from_text: bool = True, optional: bool = False) -> Any:
+    """``value`` as a bool / int / finite float / str, or ConfigError naming ``subject``.
+
+    Args:
+        from_text: also accept the text forms a command line gives ("3", "0.5", "yes"); a typed file
+            (JSON, YAML) already has the right types, so its specs pass False.
+        optional: None is allowed (and returned).
+    """
+    if value is None and optional:
+        return None
+    none = " (or null)" if optional else ""
     if typ is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+        if from_text and isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"option {flag}: got {value!r}, expected true or false")
+        raise ConfigError(f"{subject}: got {value!r}, expected true or false{none}")
     if typ is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and
-                                                                       value.strip().lstrip("-").isdigit())):
-            raise ConfigError(f"option {flag}: got {value!r}, expected an integer")
+        text_int = from_text and isinstance(value, str) and value.strip().lstrip("-").isdigit()
+        if isinstance(value, bool) or not (isinstance(value, int) or text_int):
+            raise ConfigError(f"{subject}: got {value!r}, expected an integer{none}")
         return int(value)
     if typ is float:
+        ok_type = not isinstance(value, bool) and (from_text or isinstance(value, (int, float)))
         try:
-            out = float(value) if not isinstance(value, bool) else math.nan
+            out = float(value) if ok_type else math.nan
         except (TypeError, ValueError):
             out = math.nan
         if not math.isfinite(out):
-            raise ConfigError(f"option {flag}: got {value!r}, expected a finite number")
+            raise ConfigError(f"{subject}: got {value!r}, expected a finite number{none}")
         return out
     if not isinstance(value, str):
-        raise ConfigError(f"option {flag}: got {value!r}, expected a string")
+        raise ConfigError(f"{subject}: got {value!r}, expected a string{none}")
     return value
+
+
+def check_number(subject: str, value: Any, typ: type = float, *, lo: float | None = None, lo_open: bool = False,
+                 hi: float | None = None, optional: bool = False, from_text: bool = False):
+    """A number of type ``typ`` (int or float) in [lo, hi] (or (lo, hi] with ``lo_open``); None if optional."""
+    value = coerce_value(subject, value, typ, from_text=from_text, optional=optional)
+    if value is None:
+        return None
+    kind = "an integer" if typ is int else "a number"
+    bounds = [f"{'>' if lo_open else '>='} {lo:g}" if lo is not None else None,
+              f"<= {hi:g}" if hi is not None else None]
+    expected = f"{kind} {' and '.join(b for b in bounds if b)}".strip()
+    require(subject, value, (lo is None or (value > lo if lo_open else value >= lo)) and (hi is None or value <= hi),
+            expected)
+    return value
+
+
+def check_choice(subject: str, value: Any, choices, what: str = "") -> Any:
+    """``value`` if it is one of ``choices``, else ConfigError listing them."""
+    require(subject, value, isinstance(value, str) and value in choices,
+            f"one of {list(choices)}" + (f" ({what})" if what else ""))
+    return value
+
+
+def check_list(subject: str, value: Any) -> list:
+    """A non-empty list without duplicates (a single value is a list of one)."""
+    if value is None:
+        raise ConfigError(f"{subject} is missing: give a non-empty list")
+    if not isinstance(value, (list, tuple)):
+        value = [value]
+    require(subject, list(value), bool(value), "a non-empty list")
+    require(subject, list(value), len(set(map(repr, value))) == len(value), "a list without duplicates")
+    return list(value)
 
 
 # ---------------------------------------------------------------------------------------- presets

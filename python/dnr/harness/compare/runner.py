@@ -1,0 +1,275 @@
+"""The runner of ``dnr compare``: plan the cells, train each (or reuse / resume it), evaluate it with its
+own evaluation settings, then write the report.
+
+Reuse: a run directory with summary.json whose config.json equals the cell's config is not retrained; one
+with a checkpoint but no summary is resumed; robust_eval.json is reused only when its evaluation settings
+(including the SHA-256 of model.pt) equal the cell's current ones. A run directory whose config differs
+from the cell's is an error (nothing is overwritten).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import platform
+import shutil
+import time
+from typing import Callable
+
+from ... import evaluation
+from ..._files import read_json, sha256_file, write_json
+from ..config import ConfigError, TrainConfig, check_number, require
+from ..errors import RunError
+from ..run import CHECKPOINT, RESUME_MUTABLE
+from .report import write_compare_report
+from .spec import CompareSpec, evaluation_settings
+
+# what compare_spec.json records about each cell (the report reads it back)
+CELL_FIELDS = ("key", "model_name", "method", "mode", "target_density", "seed", "grids", "eval", "run_dir", "config")
+
+__all__ = ["CELL_FIELDS", "run_compare", "run_cell", "cell_state", "machine_info"]
+
+
+def _configs_equal(a: dict, b: dict) -> bool:
+    strip = lambda c: {k: v for k, v in c.items() if k not in RESUME_MUTABLE}  # noqa: E731
+    return json.loads(json.dumps(strip(a))) == json.loads(json.dumps(strip(b)))
+
+
+def cell_state(run_dir: str, config: dict) -> str:
+    """'done' (summary.json, same config), 'resume' (checkpoint, same config), 'fresh' (nothing there),
+    'restart' (same config, killed before its first checkpoint); raises RunError when the directory holds
+    a run with a different config."""
+    cfg_path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        if os.path.exists(os.path.join(run_dir, CHECKPOINT)):
+            return "resume"
+        return "fresh"
+    saved = read_json(cfg_path)
+    if not _configs_equal(saved, config):
+        diff = sorted(k for k in set(saved) | set(config) if k not in RESUME_MUTABLE and saved.get(k) != config.get(k))
+        raise RunError(f"run directory {run_dir!r} holds a run with a different config ({', '.join(diff)}); "
+                       "delete it or choose another --out")
+    if os.path.isfile(os.path.join(run_dir, "summary.json")):
+        return "done"
+    if os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
+        return "resume"
+    return "restart"
+
+
+# ---------------------------------------------------------------------------------------- one cell
+def _model_stats(model, cfg: TrainConfig) -> dict:
+    import torch
+    from ...nn import density_report
+    from ..builders import dataset_meta
+    _, c, s, _, _, _ = dataset_meta(cfg.dataset)
+    rep = density_report(model, input_size=(c, s, s))
+    if rep.prunable:
+        active, prunable = rep.active, rep.prunable
+    else:  # a dense model: every conv / linear weight is active
+        prunable = sum(m.weight.numel() for m in model.modules()
+                       if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+        active = prunable
+    return {"active_weights": int(active), "prunable_weights": int(prunable), "total_params": int(rep.total_params),
+            "nonzero_params": int(rep.nonzero_params), "flops_dense": rep.flops_dense,
+            "flops_masked": rep.flops_masked, "flops_effective": rep.flops_effective}
+
+
+def run_cell(task: dict) -> dict:
+    """Train (or reuse / resume) and evaluate one cell; the worker of ``run_compare`` (picklable in, out).
+
+    task: {key, run_dir, config, eval, seed, threads, worker (bool: set torch threads to threads or 1)}.
+    Returns {key, status, train_wall_seconds, eval_wall_seconds, eval_reused}."""
+    import torch
+    from ..builders import make_test_loader
+    from ..run import fit, load_trained_model
+    saved_threads = torch.get_num_threads()
+    if task.get("worker"):
+        torch.set_num_threads(task.get("threads") or 1)
+    elif task.get("threads"):
+        torch.set_num_threads(task["threads"])
+    try:
+        run_dir, config = task["run_dir"], task["config"]
+        state = cell_state(run_dir, config)
+        t0 = time.perf_counter()
+        if state == "restart":  # killed before its first checkpoint: nothing worth keeping
+            shutil.rmtree(run_dir)
+            state = "fresh"
+        if state == "fresh":
+            cfg = TrainConfig(**config).validate()
+            os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+            fit(cfg, run_dir, quiet=True, progress=False)
+            status = "trained"
+        elif state == "resume":
+            fit(None, None, resume=run_dir, quiet=True, progress=False)
+            status = "resumed"
+        else:
+            status = "reused"
+        train_wall = time.perf_counter() - t0
+        if status != "reused":
+            write_json(os.path.join(run_dir, "compare_train.json"),
+                        {"status": status, "train_wall_seconds": train_wall})
+
+        model_path = os.path.join(run_dir, "model.pt")
+        settings = evaluation_settings(task["eval"], task["seed"], sha256_file(model_path))
+        eval_path = os.path.join(run_dir, "robust_eval.json")
+        if os.path.isfile(eval_path):
+            old = read_json(eval_path)
+            if old.get("settings") == json.loads(json.dumps(settings)):
+                return {"key": task["key"], "run_dir": run_dir, "status": status, "train_wall_seconds": train_wall,
+                        "eval_wall_seconds": 0.0, "eval_reused": True}
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        t1 = time.perf_counter()
+        model, cfg, _ = load_trained_model(model_path, device)
+        ev = task["eval"]
+        eval_cfg = dataclasses.replace(cfg, test_size=ev["test_size"])
+        loader = make_test_loader(eval_cfg)
+        try:
+            result = evaluation.robust_evaluation(
+                model, loader, eps=ev["eps"], alpha=ev["alpha"], pgd_steps=tuple(ev["pgd_steps"]),
+                restarts=ev["restarts"], fgsm=ev["fgsm"], autoattack=ev["autoattack"],
+                autoattack_examples=ev["autoattack_examples"], sweep_eps=list(ev["sweep_eps"]) or None,
+                sweep_steps=ev["sweep_steps"], sweep_examples=ev["sweep_examples"], seed=task["seed"],
+                device=device)
+        except ImportError as err:
+            if not ev["autoattack"]:
+                raise
+            raise ConfigError(f"compare config key 'eval.autoattack' is true but AutoAttack is unavailable ({err}): "
+                              f"{evaluation.AUTOATTACK_INSTALL_HINT}, or set eval.autoattack: false") from None
+        stats = _model_stats(model.cpu(), cfg)
+        eval_wall = time.perf_counter() - t1
+        write_json(eval_path, {"settings": settings, "device": device, "result": result, "model": stats,
+                                "eval_wall_seconds": eval_wall})
+        return {"key": task["key"], "run_dir": run_dir, "status": status, "train_wall_seconds": train_wall,
+                "eval_wall_seconds": eval_wall, "eval_reused": False}
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+# ---------------------------------------------------------------------------------------- the grid
+def machine_info() -> dict:
+    import torch
+    from ... import __version__
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = f"cuda ({torch.cuda.get_device_name(0)})"
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "device": device, "processor": platform.processor() or platform.machine(),
+            "dnr": __version__}
+
+
+def run_compare(spec: dict, out_dir: str, *, jobs: int = 1, threads: int | None = None, command: str | None = None,
+                log: Callable[[str], None] | None = print) -> dict:
+    """Train and evaluate every cell of ``spec`` into ``out_dir``, then write the report.
+
+    Args:
+        spec: a compare config (see :mod:`dnr.harness.compare.spec`; validated here) or a CompareSpec.
+        out_dir: output folder (created; rerunning into it reuses finished cells).
+        jobs: cells run in parallel (spawned processes); 1 = in this process, one after the other.
+        threads: torch CPU threads per cell (default: unchanged for jobs=1, 1 per worker otherwise).
+        command: the command line that regenerates the report (shown in compare.md).
+        log: progress lines (one per cell started / finished); None for silence.
+
+    Returns:
+        what :func:`write_compare_report` returns (compare.json's content plus the written paths).
+    """
+    require("option --jobs", jobs, isinstance(jobs, int) and not isinstance(jobs, bool) and jobs >= 1,
+            "an integer >= 1")
+    check_number("option --threads", threads, int, lo=1, optional=True)
+    if not isinstance(spec, CompareSpec):
+        spec = CompareSpec.from_mapping(spec, threads=threads)
+    cells = spec.plan(threads=threads)
+    if any(c["eval"]["autoattack"] for c in cells):
+        try:
+            importlib.import_module("torchattacks")
+        except ImportError:
+            raise ConfigError("compare config key 'eval.autoattack' is true but the torchattacks package is not "
+                              f"installed: {evaluation.AUTOATTACK_INSTALL_HINT}, or set eval.autoattack: false") from None
+    say = log or (lambda _msg: None)
+    out_dir = os.path.abspath(out_dir)
+    runs = os.path.join(out_dir, "runs")
+    for c in cells:
+        c["run_dir"] = os.path.join(runs, c["key"])
+        cell_state(c["run_dir"], c["config"])  # a conflicting run directory fails before any training
+    os.makedirs(runs, exist_ok=True)
+    write_json(os.path.join(out_dir, "compare_spec.json"),
+               {"spec": spec.to_dict(), "command": command, "machine": machine_info(), "jobs": jobs,
+                "threads": threads, "cells": [{k: c[k] for k in CELL_FIELDS} for c in cells]})
+    tasks = [{"key": c["key"], "run_dir": c["run_dir"], "config": c["config"], "eval": c["eval"],
+              "seed": c["seed"], "threads": threads, "worker": jobs > 1} for c in cells]
+    total = len(tasks)
+    say(f"compare: {total} cells ({_shape(spec)}; density-independent methods once per "
+        f"{'(model, seed)' if spec.models and len(spec.models) > 1 else 'seed'}), {jobs} job(s), output {out_dir}")
+    t_start = time.perf_counter()
+    done = [0]
+
+    def started(task):
+        say(f"[start] {task['key']}")
+
+    def finished(res, t):
+        done[0] += 1
+        say(_finished_line(res, t, done[0], total))
+
+    if jobs == 1:
+        for task in tasks:
+            started(task)
+            t = time.perf_counter()
+            finished(run_cell(task), time.perf_counter() - t)
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+        pending = list(tasks)
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            running: dict = {}
+            try:
+                while pending or running:
+                    while pending and len(running) < jobs:
+                        task = pending.pop(0)
+                        started(task)
+                        running[pool.submit(run_cell, task)] = (task, time.perf_counter())
+                    ready, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
+                    for fut in ready:
+                        task, t = running.pop(fut)
+                        finished(fut.result(), time.perf_counter() - t)
+            except BaseException:
+                for fut in running:
+                    fut.cancel()
+                raise
+    say(f"compare: all {total} cells done in {time.perf_counter() - t_start:.0f} s")
+    out = write_compare_report(out_dir)
+    say(f"report: {out['report']}")
+    say(f"plots: {out['plots_dir']} ({', '.join(os.path.basename(p) for p in out['plots'])})" if out["plots"]
+        else (out["note"] or "no plots"))
+    return out
+
+
+def _shape(spec: CompareSpec) -> str:
+    """The grid's shape in words, for the first progress line."""
+    grids = ["{} methods x {} modes x {} densities x {} seeds".format(
+        len(g.methods), len(g.modes), len(g.densities), len(g.seeds)) for g in spec.grids]
+    models = f"{len(spec.models)} models x " if spec.models and len(spec.models) > 1 else ""
+    return models + (grids[0] if len(grids) == 1 else "the union of " + " + ".join(f"({g})" for g in grids))
+
+
+def _finished_line(res: dict, seconds: float, i: int, total: int) -> str:
+    line = f"[done {i}/{total}] {res['key']}: {res['status']}"
+    try:
+        with open(os.path.join(res["run_dir"], "robust_eval.json")) as f:
+            ev = json.load(f)
+        r = ev["result"]
+        pgd_max = max(r["pgd"], key=int) if r.get("pgd") else None
+        parts = [f"clean {_pc(r.get('clean'))}"]
+        if pgd_max is not None:
+            parts.append(f"PGD-{pgd_max} {_pc(r['pgd'][pgd_max])}")
+        if r.get("autoattack") is not None:
+            parts.append(f"AA {_pc(r['autoattack'])}")
+        line += "  " + "  ".join(parts)
+    except (OSError, KeyError, ValueError, TypeError):
+        pass
+    return (line + f"  train {res['train_wall_seconds']:.0f} s  eval {res['eval_wall_seconds']:.0f} s"
+            f"{' (reused)' if res.get('eval_reused') else ''}  {seconds:.0f} s")
+
+
+def _pc(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
