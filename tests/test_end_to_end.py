@@ -22,7 +22,8 @@ import dnr
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # measured with `dnr train` / `dnr train --method static` (README "Results")
-MEASURED = {"dnr": {"clean": CLEAN_DNR, "pgd": PGD_DNR}, "static": {"clean": CLEAN_STATIC, "pgd": PGD_STATIC}}
+MEASURED = {"dnr": {"clean": 0.759, "pgd": 0.519}, "static": {"clean": 0.752, "pgd": 0.523}}
+CLAIM_MARGIN = 0.0  # see test_dnr_beats_a_static_mask_in_the_main_job
 MARGIN = 0.04
 
 
