@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, default=0.05, help="fraction of weights kept (0.05 = 20x)")
     p.add_argument("--mode", choices=["irregular", "channel"], default="irregular", help="sparsity unit")
     p.add_argument("--method", choices=["dnr", "static"], default="dnr",
-                   help="dnr rewires every epoch; static keeps the random initial mask")
+                   help="dnr rewires every few steps (budget-aware default); static keeps the random initial mask")
     p.add_argument("--eps", type=float, default=0.1, help="L-inf radius for training and evaluation")
     p.add_argument("--alpha", type=float, default=0.025, help="PGD step size during training")
     p.add_argument("--attack-steps", type=int, default=5, help="PGD steps during training")
