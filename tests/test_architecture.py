@@ -127,3 +127,73 @@ def test_lower_layers_never_reach_the_harness(layer):
             m = parent[m]
             chain.append(m)
         pytest.fail(f"{layer} reaches {bad[0]}: " + " -> ".join(reversed(chain)))
+
+
+def _private_uses(modules: dict[str, str]) -> list[str]:
+    """``from M import _helper`` and ``M._helper`` where M is another module of the package and
+    ``_helper`` is not itself a module (``from .. import _ext`` is an import of a module)."""
+    found = []
+    for name, path in modules.items():
+        is_pkg = path.endswith("__init__.py")
+        here = name.split(".") if is_pkg else name.split(".")[:-1]
+        tree = ast.parse(open(path).read(), path)
+        module_aliases = {}  # local name -> package module it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(here[:len(here) - (node.level - 1)] + ([node.module] if node.module else [])) \
+                    if node.level else (node.module or "")
+                if base.split(".")[0] != "dnr":
+                    continue
+                for a in node.names:
+                    full = f"{base}.{a.name}"
+                    if full in modules:
+                        module_aliases[a.asname or a.name] = full
+                    elif a.name.startswith("_") and not a.name.startswith("__"):
+                        found.append(f"{path}:{node.lineno}: from {base} import {a.name}")
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.split(".")[0] == "dnr" and a.asname:
+                        module_aliases[a.asname] = a.name
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id in module_aliases and node.attr.startswith("_")
+                    and not node.attr.startswith("__")
+                    and f"{module_aliases[node.value.id]}.{node.attr}" not in modules):
+                found.append(f"{path}:{node.lineno}: {node.value.id}.{node.attr}")
+    return found
+
+
+def test_the_private_use_reader_sees_both_forms(tmp_path):
+    pkg = tmp_path / "dnr"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def _helper():\n    pass\n")
+    (pkg / "b.py").write_text("from .a import _helper\nfrom . import a\na._helper()\nfrom . import _ok\n")
+    (pkg / "_ok.py").write_text("")
+    mods = {n: str(pkg / f) for n, f in (("dnr", "__init__.py"), ("dnr.a", "a.py"), ("dnr.b", "b.py"),
+                                         ("dnr._ok", "_ok.py"))}
+    assert [f.split(": ", 1)[1] for f in _private_uses(mods)] == ["from dnr.a import _helper", "a._helper"]
+
+
+def test_no_module_uses_another_modules_underscore_helpers():
+    found = _private_uses(_modules())
+    assert not found, "promote these to public names: " + "; ".join(found)
+
+
+REPO = os.path.dirname(os.path.dirname(ROOT))
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(REPO, "docs")), reason="needs the source checkout")
+def test_the_docs_the_code_cites_exist():
+    import re
+    cited = set()
+    for top in ("python", "csrc"):
+        for folder, _, files in os.walk(os.path.join(REPO, top)):
+            for f in files:
+                if f.endswith((".py", ".h", ".cpp", ".cu", ".cuh")):
+                    text = open(os.path.join(folder, f), errors="replace").read()
+                    # the repository's own docs/ (not ../shared/docs, which lives outside the repository)
+                    cited |= {m.rstrip(".") for m in re.findall(r"(?<![\w/.])docs/[\w./-]+", text)}
+    assert "docs/method.md" in cited
+    missing = sorted(c for c in cited if not os.path.exists(os.path.join(REPO, c)))
+    assert not missing, f"cited but not in the repository: {missing}"

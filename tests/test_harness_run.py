@@ -106,7 +106,7 @@ def test_quickstart_runs_on_the_fit_driver():
 
 def test_progress_bars_on_a_terminal(monkeypatch, capsys):
     pytest.importorskip("tqdm")
-    from dnr.harness.callbacks import ConsoleLog
+    from dnr.harness.console import ConsoleLog
     from dnr.harness.evaluate import final_evaluation
     from dnr.models import small_cnn
     monkeypatch.setattr("sys.stderr.isatty", lambda: True)

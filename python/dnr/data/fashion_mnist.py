@@ -26,6 +26,7 @@ __all__ = [
     "default_fashion_mnist_root",
     "embedded_root",
     "fashion_mnist",
+    "find_split_file",
     "mnist",
     "read_split",
 ]
@@ -72,7 +73,9 @@ def _layout() -> str:
     return "expected layout: " + ", ".join(f"<root>/{n}[.gz]" for n in names)
 
 
-def _find(root: str, name: str, dataset: str) -> str:
+def find_split_file(root: str, name: str, dataset: str) -> str:
+    """The path of IDX file ``name`` in ``root`` (``name.gz`` or ``name``); FileNotFoundError naming
+    ``dataset`` and the expected layout when neither exists."""
     # .gz first: that is how the datasets are distributed.
     for candidate in (name + ".gz", name):
         p = os.path.join(root, candidate)
@@ -101,8 +104,8 @@ def read_split(dataset: str, split, root, subset) -> tuple[np.ndarray, np.ndarra
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{dataset}: root={root!r} is not an existing folder; {_layout()}")
 
-    img_path = _find(root, SPLIT_FILES[split][0], dataset)
-    lab_path = _find(root, SPLIT_FILES[split][1], dataset)
+    img_path = find_split_file(root, SPLIT_FILES[split][0], dataset)
+    lab_path = find_split_file(root, SPLIT_FILES[split][1], dataset)
     images = read_idx(img_path)
     labels = read_idx(lab_path)
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):

@@ -22,7 +22,7 @@ import sys
 import numpy as np
 
 from .._files import sha256_file
-from .fashion_mnist import SPLIT_FILES, _find, default_fashion_mnist_root, embedded_root
+from .fashion_mnist import SPLIT_FILES, find_split_file, default_fashion_mnist_root, embedded_root
 from .idx import read_idx, write_idx
 
 NUM_CLASSES = 10
@@ -55,8 +55,8 @@ def make_subset(source: str, dest: str, seed: int = 0, train_per_class: int = 60
     os.makedirs(dest, exist_ok=True)
     for split, per_class in (("train", train_per_class), ("test", test_per_class)):
         img_name, lab_name = SPLIT_FILES[split]
-        img_src = _find(source, img_name, "make_embedded_subset")
-        lab_src = _find(source, lab_name, "make_embedded_subset")
+        img_src = find_split_file(source, img_name, "make_embedded_subset")
+        lab_src = find_split_file(source, lab_name, "make_embedded_subset")
         images, labels = read_idx(img_src), read_idx(lab_src)
         idx = select_indices(labels, per_class, rng)
         write_idx(os.path.join(dest, img_name + ".gz"), images[idx])

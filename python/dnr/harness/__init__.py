@@ -2,8 +2,10 @@
 
     config      TrainConfig, presets, config files and CLI flags (the one place options are validated)
     builders    dataset, model (prepared by the compression method), data order, optimizer, LR schedule
-    trainer     one process's training loop; callbacks: console, metrics and log files; evaluate: the
-                evaluation policy; checkpoint: atomic checkpoints and exact resume
+    trainer     one process's training loop: build, restore, epochs, final evaluation
+    callbacks   what a run reports and writes (Callback hooks: progress, per-epoch evaluation,
+                checkpoints, metrics and log files, TensorBoard, console lines); console: ConsoleLog
+    evaluate    the evaluation policy; checkpoint: atomic checkpoints and exact resume
     run         ``fit``: the driver (what to train or resume, process settings)
     compare     ``dnr compare``: spec, runner, report
     report      report.md and plots of a run

@@ -24,7 +24,7 @@ from .. import attacks, distributed, evaluation
 from ..evaluation import default_pgd_alpha
 from ..nn import density_report
 from .builders import make_test_loader
-from .callbacks import ConsoleLog
+from .console import ConsoleLog
 from .config import ConfigError, TrainConfig, validate_options
 
 __all__ = ["final_evaluation", "sharded_evaluation", "evaluate_trained", "attack_settings", "sanity_settings",

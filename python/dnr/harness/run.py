@@ -40,7 +40,7 @@ import torch
 from .. import distributed
 from .._files import read_json
 from .builders import build_model_for
-from .callbacks import ConsoleLog
+from .console import ConsoleLog
 from .checkpoint import (CheckpointError, CheckpointFallbackWarning, load_checkpoint, load_model_state,
                          previous_checkpoint_path)
 from .config import ConfigError, TrainConfig

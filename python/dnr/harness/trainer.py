@@ -1,19 +1,19 @@
-"""The trainer: one process's training of a run, from its config to its summary.
+"""The trainer: one process's training of a run, from its config to its summary. It reads top to bottom:
 
-    build (builders) -> restore a checkpoint -> per epoch: train_epoch (engine: attack, loss, step; the
-    method's hooks run after every step) -> method.epoch_end -> evaluate -> metrics files, checkpoint
-    -> final evaluation, model.pt, summary.json, report
+    build the parts (builders) -> restore a checkpoint -> callbacks.on_run_start
+    -> per epoch: train_epoch (engine: attack, loss, step; method.after_step after every step)
+                  -> method.epoch_end -> the metrics row -> callbacks.on_epoch_end (evaluation, checkpoint,
+                  metrics files, TensorBoard, console line)
+    -> final evaluation -> callbacks.on_run_end (model.pt, summary.json, report)
 
-The compression method (:mod:`dnr.methods`) is reached only through its interface; the driver
-(:mod:`dnr.harness.run`) decides what to train or resume and sets up the process.
-
-Environment (tests only): ``DNR_STEP_DELAY=SECONDS`` sleeps after every optimizer step, so a test can
-kill a run at a known point.
+Training is the trainer's; everything it reports or writes is a callback's (:mod:`dnr.harness.callbacks`
+documents the hooks and the order it calls them in). The compression method (:mod:`dnr.methods`) is
+reached only through its interface; the driver (:mod:`dnr.harness.run`) decides what to train or resume
+and sets up the process.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -23,19 +23,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import distributed, methods
-from .._files import FileWriteError
 from ..data.loader import BatchLoader
 from ..engine import train_epoch
-from ..nn import masked_layers
 from .builders import (EpochBatchSampler, build_dataset, build_model_for, lr_factor, make_optimizer, make_test_loader,
                        prepare_user_model)
-from .callbacks import CSV_COLUMNS, ConsoleLog, epoch_line, epoch_row, write_metrics, write_text_atomic
-from .checkpoint import CheckpointError, load_model_state, rng_state, save_checkpoint, set_rng_state
+from .callbacks import (CallbackList, Checkpoints, ConsoleLines, EpochEvaluation, ProgressBar, RunFiles, StepDelay,
+                        TensorBoard, TrainingRun, epoch_row)
+from .checkpoint import CheckpointError, load_model_state, set_rng_state
 from .config import ConfigError
+from .console import ConsoleLog
 from .errors import TrainingDiverged
 from .evaluate import final_evaluation
 
-__all__ = ["train", "finish", "CHECKPOINT"]
+__all__ = ["train", "CHECKPOINT"]
 
 CHECKPOINT = os.path.join("checkpoints", "last.pt")
 
@@ -48,11 +48,7 @@ def train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data) -> d
     main = rank == 0  # rank 0 prints and writes the run directory
     if not main:
         log = ConsoleLog(True, False)
-    if cfg.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ConfigError("option --tensorboard needs the tensorboard package: pip install tensorboard") from None
+    tensorboard = TensorBoard() if cfg.tensorboard else None  # checks the package before any work
 
     # Everything that can fail on bad input happens before the run directory is touched.
     data_gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed + 1, rank))
@@ -89,167 +85,130 @@ def train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data) -> d
     method.attach(model, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: lr_factor(cfg, k, total_steps, steps_per_epoch))
-
     grad_sync = distributed.GradientSync(optimizer) if world > 1 else None
     # the training steps run the compiled module (same parameters and buffers); evaluation, checkpoints and
     # the rewiring use the model itself
     train_model = model if cfg.compile == "off" else torch.compile(model, mode=cfg.compile)
-    # the model parameters are compared by check_replicas via the model's state dict
-    model_params = {id(p) for p in model.parameters()}
-
-    def replica_state() -> dict:
-        """Optimizer tensors outside the model's state dict that every rank must hold bitwise alike."""
-        out = {}
-        for gi, group in enumerate(optimizer.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if id(p) not in model_params:
-                    out[f"optimizer.group{gi}.param{pi}"] = p
-                for key, value in optimizer.state.get(p, {}).items():
-                    if torch.is_tensor(value) and value.numel() > 1:
-                        out[f"optimizer.group{gi}.param{pi}.{key}"] = value
-        return out
-
-    epoch, batch, step, rows, totals, elapsed = 0, 0, 0, [], None, 0.0
+    run = TrainingRun(cfg=cfg, run_dir=run_dir, log=log, model=model, method=method, optimizer=optimizer,
+                      scheduler=scheduler, data_gen=data_gen, loader_gen=loader_gen, steps_per_epoch=steps_per_epoch,
+                      rank=rank, world=world)
     if state is not None:
-        if state.get("world_size", 1) != world:
-            raise CheckpointError(f"checkpoint {state['path']!r} was written by {state.get('world_size', 1)} "
-                                  f"processes; resume it with as many (this is {world}): each one's random "
-                                  "streams are part of the exact resume")
-        if state.get("steps_per_epoch") != steps_per_epoch:
-            raise CheckpointError(f"checkpoint {state['path']!r} was written with {state.get('steps_per_epoch')} "
-                                  f"steps per epoch but the data now gives {steps_per_epoch}: the training set changed")
-        load_model_state(model, state)
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            # checkpoints before the method interface kept DNR's state under "controller"
-            method.load_state_dict(state["method"] if state.get("method") is not None else state.get("controller"))
-        except (KeyError, ValueError, RuntimeError) as err:
-            raise CheckpointError(f"checkpoint {state['path']!r}: cannot restore the training state ({err})") from None
-        streams = state["ranks"][rank] if world > 1 else state
-        data_gen.set_state(streams["data_generator"])
-        loader_gen.set_state(streams["loader_generator"])
-        set_rng_state(streams["rng"])
-        epoch, batch, step = state["epoch"], state["batch"], state["step"]
-        rows, totals, elapsed = list(state["metrics"]), state["epoch_totals"], state["elapsed"]
-        log(f"resuming {run_dir} at epoch {epoch + 1}, batch {batch}/{steps_per_epoch} (optimizer step {step})")
+        restore(run, state)
     # every rank has passed the checks above on an untouched run directory before rank 0 writes to it
     distributed.barrier()
-    if state is None and main:
-        try:
-            os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        except OSError as err:
-            raise FileWriteError(run_dir, err.strerror or str(err), err.errno) from None
-        write_text_atomic(os.path.join(run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2) + "\n")
-        initial = {name: layer.density for name, layer in masked_layers(model)}
-        write_text_atomic(os.path.join(run_dir, "initial_density.json"), json.dumps(initial, indent=2) + "\n")
-    writer = SummaryWriter(os.path.join(run_dir, "tensorboard")) if cfg.tensorboard and main else None
-    ckpt_path = os.path.join(run_dir, CHECKPOINT)
-    delay = float(os.environ.get("DNR_STEP_DELAY", "0") or 0)
 
-    def save(epoch_: int, batch_: int, totals_: dict | None) -> None:
-        """Write the training state (rank 0; a collective: every rank calls it at the same step)."""
-        streams = {"rng": rng_state(), "data_generator": data_gen.get_state(),
-                   "loader_generator": loader_gen.get_state()}
-        extra = {}
-        if world > 1:
-            distributed.average_buffers(model)
-            extra = {"world_size": world, "ranks": distributed.all_gather_objects(streams)}
-        if not main:
-            return
-        save_checkpoint(ckpt_path, keep_previous=True, state={**extra,
-            "kind": "train", "config": cfg.to_dict(), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "method": method.state_dict(),
-            **streams, "epoch": epoch_, "batch": batch_,
-            "step": step, "epoch_totals": dict(totals_) if totals_ is not None else None, "metrics": rows,
-            "elapsed": elapsed + time.perf_counter() - t0, "steps_per_epoch": steps_per_epoch,
-        })
+    # The callbacks, in the order each hook runs them: the evaluation completes the epoch's row before the
+    # checkpoint and the files record it; the step delay (tests) comes before the step's checkpoint.
+    checkpoint_path = os.path.join(run_dir, CHECKPOINT)
+    callbacks = CallbackList([ProgressBar(), EpochEvaluation(eval_loader), StepDelay(),
+                              Checkpoints(checkpoint_path, cfg.checkpoint_every),
+                              *([RunFiles()] if main else []),
+                              *([tensorboard] if tensorboard is not None and main else []),
+                              ConsoleLines()])
+    callbacks.on_run_start(run)
 
-    t0 = time.perf_counter()
+    run.started = time.perf_counter()
     attack = dict(eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps, beta=cfg.beta if cfg.adversarial else 1.0,
                   attack_bn_mode=cfg.attack_bn_mode, channels_last=cfg.channels_last,
                   autocast_dtype=torch.bfloat16 if cfg.precision == "bf16" else None)
-    while epoch < cfg.epochs:
-        sampler.set_epoch(epoch, batch)
-        epoch_totals = totals if totals is not None else {"loss": 0.0, "clean_correct": 0, "adv_correct": 0, "n": 0}
-        bar = log.bar(total=steps_per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        start_batch = batch
+    while run.epoch < cfg.epochs:
+        epoch = run.epoch
+        sampler.set_epoch(epoch, run.batch)
+        if run.totals is None:
+            run.totals = {"loss": 0.0, "clean_correct": 0, "adv_correct": 0, "n": 0}
         lr_at_start = cfg.lr * lr_factor(cfg, epoch * steps_per_epoch, total_steps, steps_per_epoch)
-        done = [batch]  # batches of this epoch finished so far
+        start_batch = run.batch
+        callbacks.on_epoch_start(run)
 
-        def on_batch(i: int, out: dict) -> None:
-            nonlocal step
-            step += 1
-            b = start_batch + i + 1
-            done[0] = b
-            record = method.after_step(step)
+        def after_step(i: int, out: dict) -> None:
+            """The engine's per-step callback: count the step, run the method's hook, then the callbacks."""
+            run.step += 1
+            run.batch = start_batch + i + 1
+            record = method.after_step(run.step)
             if record is not None:
-                message = method.epoch_message(record)
-                if message:
-                    log(message)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{out['loss']:.3f}")
-            if writer is not None:
-                writer.add_scalar("train/loss", out["loss"], step)
-            if delay:
-                time.sleep(delay)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and b < steps_per_epoch:
-                save(epoch, b, epoch_totals)
-                log(f"checkpoint step {step} (epoch {epoch + 1}, batch {b}/{steps_per_epoch}): {ckpt_path}")
+                callbacks.on_method_record(run, record)
+            callbacks.on_batch_end(run, out)
 
         try:
             stats = train_epoch(train_model, loader, optimizer, device=device, lr_scheduler=scheduler,
-                                progress=on_batch, totals=epoch_totals, penalty=method.loss_term,
+                                progress=after_step, totals=run.totals, penalty=method.loss_term,
                                 grad_sync=grad_sync, **attack)
         except FloatingPointError as err:
-            b = done[0] + 1
-            last = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
+            last = checkpoint_path if os.path.exists(checkpoint_path) else "none written yet"
             raise TrainingDiverged(
-                f"training stopped: non-finite loss at optimizer step {step + 1} (epoch {epoch + 1}, batch "
-                f"{b}/{steps_per_epoch}): {str(err).split(':')[0]}; last good checkpoint: {last}") from None
+                f"training stopped: non-finite loss at optimizer step {run.step + 1} (epoch {epoch + 1}, batch "
+                f"{run.batch + 1}/{steps_per_epoch}): {str(err).split(':')[0]}; last good checkpoint: {last}") from None
         finally:
-            if bar is not None:
-                bar.close()
+            callbacks.on_steps_end(run)
         record = method.epoch_end(epoch, last=epoch == cfg.epochs - 1)
         if world > 1:  # evaluate and save one model: the ranks' BatchNorm statistics averaged, all else equal
             distributed.average_buffers(model)
-            distributed.check_replicas(model, replica_state())
-        row = epoch_row(cfg, model, method, lr_at_start, stats, epoch, step, epoch * steps_per_epoch)
-        message = method.epoch_message(record) if record is not None else None
-        if message:
-            log(message)
-        if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            t_eval = time.perf_counter()
-            res = final_evaluation(model, eval_loader, eps=cfg.resolved_eval_eps, alpha=cfg.resolved_eval_alpha,
-                                   steps=cfg.eval_steps, restarts=1, seed=cfg.seed + 3 + epoch, log=log, fgsm=False,
-                                   desc=f"eval epoch {epoch + 1}")
-            row.update(test_clean_acc=res["clean"], test_pgd_acc=res["pgd"], eval_seconds=time.perf_counter() - t_eval)
-        rows.append(row)
-        epoch, batch, totals = epoch + 1, 0, None
-        save(epoch, 0, None)
-        if main:
-            write_metrics(run_dir, rows, {"rewiring.jsonl": [], **method.log_records()})
-        if writer is not None:
-            for key in CSV_COLUMNS[2:]:
-                if isinstance(row.get(key), (int, float)):
-                    writer.add_scalar(f"epoch/{key}", row[key], epoch)
-            writer.flush()
-        log(epoch_line(cfg, row))
-    train_seconds = elapsed + time.perf_counter() - t0
-    return finish(cfg, method, model, run_dir, test_loader, train_seconds, log, writer, input_shape,
-                  user_model is not None, world)
+            distributed.check_replicas(model, replica_state(model, optimizer))
+        row = epoch_row(cfg, model, method, lr_at_start, stats, epoch, run.step, epoch * steps_per_epoch)
+        if record is not None:
+            callbacks.on_method_record(run, record)
+        run.rows.append(row)
+        run.epoch, run.batch, run.totals = epoch + 1, 0, None
+        callbacks.on_epoch_end(run, row)
+
+    summary = final_summary(run, test_loader, input_shape, user_model is not None)
+    callbacks.on_run_end(run, summary)
+    return summary
 
 
-def finish(cfg, method, model, run_dir, test_loader, train_seconds, log, writer, input_shape, user_model,
-           world: int = 1) -> dict:
-    """Final evaluation on the test set, model.pt, summary.json and the report (written by rank 0 only)."""
-    log(f"final evaluation on {len(test_loader.dataset)} test examples (clean, FGSM, PGD-{cfg.eval_steps})")
+def restore(run: TrainingRun, state: dict) -> None:
+    """Load a training checkpoint into ``run``'s parts (model, optimizer, scheduler, method, random streams)
+    and position; the checks first, so a mismatched checkpoint changes nothing."""
+    if state.get("world_size", 1) != run.world:
+        raise CheckpointError(f"checkpoint {state['path']!r} was written by {state.get('world_size', 1)} "
+                              f"processes; resume it with as many (this is {run.world}): each one's random "
+                              "streams are part of the exact resume")
+    if state.get("steps_per_epoch") != run.steps_per_epoch:
+        raise CheckpointError(f"checkpoint {state['path']!r} was written with {state.get('steps_per_epoch')} "
+                              f"steps per epoch but the data now gives {run.steps_per_epoch}: the training set changed")
+    load_model_state(run.model, state)
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        # checkpoints before the method interface kept DNR's state under "controller"
+        run.method.load_state_dict(state["method"] if state.get("method") is not None else state.get("controller"))
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {state['path']!r}: cannot restore the training state ({err})") from None
+    streams = state["ranks"][run.rank] if run.world > 1 else state
+    run.data_gen.set_state(streams["data_generator"])
+    run.loader_gen.set_state(streams["loader_generator"])
+    set_rng_state(streams["rng"])
+    run.epoch, run.batch, run.step = state["epoch"], state["batch"], state["step"]
+    run.rows, run.totals, run.elapsed = list(state["metrics"]), state["epoch_totals"], state["elapsed"]
+    run.resumed = True
+    run.log(f"resuming {run.run_dir} at epoch {run.epoch + 1}, batch {run.batch}/{run.steps_per_epoch} "
+            f"(optimizer step {run.step})")
+
+
+def replica_state(model, optimizer) -> dict:
+    """Optimizer tensors outside the model's state dict that every data-parallel rank must hold bitwise
+    alike (the model's own are compared through its state dict by ``distributed.check_replicas``)."""
+    model_params = {id(p) for p in model.parameters()}
+    out = {}
+    for gi, group in enumerate(optimizer.param_groups):
+        for pi, p in enumerate(group["params"]):
+            if id(p) not in model_params:
+                out[f"optimizer.group{gi}.param{pi}"] = p
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.numel() > 1:
+                    out[f"optimizer.group{gi}.param{pi}.{key}"] = value
+    return out
+
+
+def final_summary(run: TrainingRun, test_loader, input_shape, user_model: bool) -> dict:
+    """Final evaluation on the test set (clean, FGSM, PGD) and the run's summary (``summary.json``)."""
+    cfg, model = run.cfg, run.model
+    train_seconds = run.train_seconds()
+    run.log(f"final evaluation on {len(test_loader.dataset)} test examples (clean, FGSM, PGD-{cfg.eval_steps})")
     res = final_evaluation(model, test_loader, eps=cfg.resolved_eval_eps, alpha=cfg.resolved_eval_alpha,
-                           steps=cfg.eval_steps, restarts=cfg.eval_restarts, seed=cfg.seed, log=log)
-    report = method.report(model, input_shape)
-    summary = {
+                           steps=cfg.eval_steps, restarts=cfg.eval_restarts, seed=cfg.seed, log=run.log)
+    report = run.method.report(model, input_shape)
+    return {
         "method": cfg.method, "mode": cfg.mode, "model": type(model).__name__ if user_model else cfg.model,
         "dataset": cfg.dataset,
         "density": report["density"], "effective_density": report["effective_density"],
@@ -258,24 +217,7 @@ def finish(cfg, method, model, run_dir, test_loader, train_seconds, log, writer,
         "alpha": cfg.resolved_eval_alpha, "clean": res["clean"], "fgsm": res["fgsm"], "pgd": res["pgd"],
         "pgd_steps": cfg.eval_steps, "pgd_restarts": cfg.eval_restarts, "test_examples": res["n"],
         "flops_dense": report["flops_dense"], "flops_effective": report["flops_effective"],
-        "train_seconds": train_seconds, "seed": cfg.seed, "processes": world, "run_dir": run_dir,
-        "model_path": os.path.join(run_dir, "model.pt"),
+        "train_seconds": train_seconds, "seed": cfg.seed, "processes": run.world, "run_dir": run.run_dir,
+        "model_path": os.path.join(run.run_dir, "model.pt"),
         "layers": report["layers"],
     }
-    if not distributed.is_main():
-        return summary
-    save_checkpoint(summary["model_path"], {"kind": "model", "config": cfg.to_dict(), "model": model.state_dict(),
-                                            "summary": {k: v for k, v in summary.items() if k != "layers"}})
-    if writer is not None:
-        for key in ("clean", "fgsm", "pgd"):
-            writer.add_scalar(f"final/{key}", res[key], cfg.epochs)
-        writer.close()
-    summary_path = os.path.join(run_dir, "summary.json")
-    write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
-    if cfg.plots:
-        from .report import write_report
-        out = write_report(run_dir)
-        summary.update(report=out["report"], plots=out["plots"], plots_dir=out["plots_dir"],
-                       plots_note=out["note"])
-        write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
-    return summary
