@@ -169,11 +169,9 @@ class TrainConfig:
         that are set."""
         settings = dict(REWIRE_SETTINGS[self.rewire])
         settings["schedule"] = self.prune_schedule
-        for option, key in (("prune_rate", "prune_rate"), ("prune_rate_min", "prune_rate_min"),
-                            ("rewire_every", "rewire_every"), ("rewire_until", "rewire_until"),
-                            ("regrowth", "regrowth")):
+        for option in ("prune_rate", "prune_rate_min", "rewire_every", "rewire_until", "regrowth"):
             if getattr(self, option) is not None:
-                settings[key] = getattr(self, option)
+                settings[option] = getattr(self, option)
         if self.min_active is not None:  # an integral value counts units, a fraction is relative
             settings["min_active"] = int(self.min_active) if self.min_active >= 1 else float(self.min_active)
         return settings

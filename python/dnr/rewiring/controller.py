@@ -175,7 +175,7 @@ class DNR:
         """Call at the end of every epoch: rewires unless ``last`` (DNR skips the last epoch) or
         ``rewire_every`` is set. Returns the rewiring record or None."""
         self.epochs += 1
-        if last or self.rewire_every is not None or self.steps >= self.rewire_until * self.total_steps:
+        if last or self.rewire_every is not None or self.steps >= self._horizon:
             return None
         return self.rewire()
 
@@ -224,16 +224,7 @@ class DNR:
                 score[~before] = math.inf
                 after[torch.topk(score, pruned[i], largest=False).indices] = False
             if regrown[i]:
-                if self.regrowth == "momentum":
-                    score = unit_scores(momenta[i], self.mode)
-                elif self.regrowth == "gradient":
-                    score = unit_scores(self._gradient(name, layer), self.mode)
-                elif self._meter is not None and self._meter.scores(name) is not None:
-                    score = self._meter.scores(name).float().to(after.device)
-                elif self.regrowth in ("auto", "output_gradient"):
-                    score = unit_scores(momenta[i], self.mode)
-                else:
-                    score = torch.rand(after.numel(), generator=self.generator).to(after.device)
+                score = self._regrowth_scores(name, layer, momenta[i], after.device)
                 score[after] = -math.inf
                 after[torch.topk(score, regrown[i]).indices] = True
             layer.set_mask(expand_units(after, layer.weight, self.mode))
@@ -314,19 +305,32 @@ class DNR:
             self.generator.set_state(state["generator"])
 
     # ----------------------------------------------------------------- internals
+    @property
+    def _horizon(self) -> float:
+        """rewire_until * T: no rewiring at or after this step."""
+        return self.rewire_until * self.total_steps
+
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         apply_masks(self.model)
         self.steps += 1
-        if (self.rewire_every is not None and self.steps % self.rewire_every == 0
-                and self.steps < self.rewire_until * self.total_steps):
+        if self.rewire_every is not None and self.steps % self.rewire_every == 0 and self.steps < self._horizon:
             self.rewire()
 
-    def _gradient(self, name: str, layer) -> torch.Tensor:
-        grad = layer.weight.grad
-        if grad is None:
-            raise RuntimeError(f"regrowth='gradient' needs layer {name!r}'s dense weight gradient: rewire after "
-                               "backward() and before zero_grad()")
-        return grad
+    def _regrowth_scores(self, name: str, layer, momentum: torch.Tensor, device) -> torch.Tensor:
+        """float [num_units]: the regrowth criterion's score of every unit of ``layer`` (higher regrows first)."""
+        if self.regrowth == "gradient":
+            grad = layer.weight.grad
+            if grad is None:
+                raise RuntimeError(f"regrowth='gradient' needs layer {name!r}'s dense weight gradient: rewire "
+                                   "after backward() and before zero_grad()")
+            return unit_scores(grad, self.mode)
+        if self.regrowth == "random":
+            return torch.rand(num_units(layer.weight, self.mode), generator=self.generator).to(device)
+        # output_gradient / auto: the channel signal where the layer has one (the meter exists only for them)
+        signal = self._meter.scores(name) if self._meter is not None else None
+        if signal is not None:
+            return signal.float().to(device)
+        return unit_scores(momentum, self.mode)  # momentum, and auto / output_gradient without a signal
 
     def _momentum(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         buf = self.optimizer.state.get(weight, {}).get(self._momentum_key)
