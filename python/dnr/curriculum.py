@@ -8,8 +8,9 @@ T = the run's optimizer steps, eps / alpha = the run's attack radius and step si
 - ``none``: plain adversarial training, ``lambda_t = 1``; the attack is exactly ``attacks.pgd(eps, alpha)``.
 - ``eps``: a ramp of the radius, ``eps_t = lambda_t * eps`` and ``alpha_t = lambda_t * alpha`` (the step
   keeps its ratio to the radius, so the same number of steps reaches the ball's boundary), with
-  ``lambda_t = ramp(t / (ramp * T))``: ``u`` (linear) or ``(1 - cos(pi u)) / 2`` (cosine), ``u`` capped
-  at 1. A step with ``eps_t = 0`` trains on the clean batch (no attack is run).
+  ``lambda_t = ramp(u)``, ``u = min(1, (t + 1) / (ramp * T))``: ``u`` (linear) or ``(1 - cos(pi u)) / 2``
+  (cosine); the ramp's last step (t + 1 = ramp * T) is the first at full strength. A step with
+  ``eps_t = 0`` trains on the clean batch (no attack is run).
 - ``p-sat``: per-example difficulty from the softmax probability of the true class. The radius is the
   full ``eps``; an example's PGD stops for good at the first iterate where ``p_y(x_adv) < (1 - lambda_t) *
   prob`` (``lambda_t`` the same ramp; :func:`dnr.attacks.pgd`'s ``stop_prob``, per-sample step sizes of
@@ -17,8 +18,9 @@ T = the run's optimizer steps, eps / alpha = the run's attack radius and step si
   no example stops (plain PGD).
 - ``h-sat``: ``lambda`` starts at 0 and, at each Hessian measurement (every ``every`` steps, on the
   step's own batch and adversarial examples), advances by ``every / (ramp * T)`` only if the top
-  eigenvalue of the adversarial loss is at most ``threshold`` (when given) or at most ``ratio`` times the
-  value measured at the last advance (the first measurement always advances). Unobstructed, it is the
+  eigenvalue lambda_max of the adversarial loss is at most ``threshold`` (when given), else if it grew by
+  at most the factor ``ratio`` since the previous measurement (``h <= max(h_prev, ratio * h_prev)``; the
+  first measurement always advances). Unobstructed, it is the
   linear ``eps`` ramp taken in stairs; held back, it may not reach 1 (the run's metrics say where it got).
   The radius and step are ``lambda * eps`` and ``lambda * alpha`` as for ``eps``.
 
@@ -49,8 +51,9 @@ RAMP_SHAPES = ("linear", "cosine")
 
 
 def ramp_value(t: int, ramp_steps: float, shape: str = "linear") -> float:
-    """The ramp's lambda at step ``t``: 0 at t = 0, 1 from ``ramp_steps`` on (linear or cosine)."""
-    u = min(1.0, t / ramp_steps)
+    """The ramp's lambda at step ``t`` (0-based): ``u = min(1, (t + 1) / ramp_steps)`` (linear) or
+    ``(1 - cos(pi u)) / 2`` (cosine); 1 from step ``ramp_steps - 1`` on."""
+    u = min(1.0, (t + 1) / ramp_steps)
     return u if shape == "linear" else 0.5 * (1.0 - math.cos(math.pi * u))
 
 
@@ -232,7 +235,7 @@ class ProbabilitySAT(Curriculum):
 
 class HessianSAT(Curriculum):
     """``h-sat``: lambda advances by ``every / (ramp * T)`` at a measurement whose top Hessian eigenvalue is
-    at most ``threshold`` (or at most ``ratio`` x the one at the last advance)."""
+    at most ``threshold`` (or grew by at most ``ratio`` since the previous measurement)."""
 
     name = "h-sat"
 
@@ -240,7 +243,7 @@ class HessianSAT(Curriculum):
         super().__init__(**kwargs)
         self.increment = min(1.0, self.every / (self.ramp * self.total_steps))
         self.lam = 0.0
-        self.reference: float | None = None  # lambda_max at the last advance
+        self.reference: float | None = None  # lambda_max at the previous measurement
 
     def difficulty(self, step=None):
         return self.lam  # changes only at measurements
@@ -251,12 +254,12 @@ class HessianSAT(Curriculum):
     def measured(self, lambda_max):
         if self.threshold is not None:
             ok = lambda_max <= self.threshold
-        else:
-            ok = self.reference is None or lambda_max <= self.ratio * self.reference
+        else:  # max(): a negative previous value (non-convex point) must not make every later one "too high"
+            ok = self.reference is None or lambda_max <= max(self.reference, self.ratio * self.reference)
+        self.reference = lambda_max
         if ok:
             # a count of increments, not a running sum: lambda reaches exactly 1 after ceil(1 / increment)
             self.lam = min(1.0, round(self.lam / self.increment + 1) * self.increment)
-            self.reference = lambda_max
         return ok
 
     def _extra_state(self):

@@ -29,20 +29,42 @@ def hessian_vector_product(grads: Sequence[torch.Tensor], params: Sequence[torch
     return [torch.zeros_like(p) if h is None else h for h, p in zip(hv, params)]
 
 
+def _power_iteration(grads, params, iters, tol, generator, shift: float = 0.0) -> float:
+    """The eigenvalue of largest magnitude of H - shift * I (Rayleigh quotient of the last unit vector)."""
+    v = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
+    value = None
+    for _ in range(iters):
+        norm = torch.sqrt(sum((t * t).sum() for t in v))
+        v = [t / norm for t in v]
+        hv = hessian_vector_product(grads, params, v)
+        if shift:
+            hv = [h - shift * t for h, t in zip(hv, v)]
+        new = float(sum((a * b).sum() for a, b in zip(v, hv)))
+        v = [h.detach() for h in hv]
+        converged = value is not None and abs(new - value) <= tol * abs(new)
+        value = new
+        if converged or not any(bool(h.any()) for h in v):
+            break
+    return value
+
+
 def hessian_top_eigenvalue(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                            batch, iters: int = 20, *, params=None, tol: float = 0.0,
                            generator: torch.Generator | None = None, bn_mode: str = "eval") -> float:
-    """The eigenvalue of largest magnitude of the Hessian of ``loss_fn(model(x), y)`` w.r.t. ``params``
-    (default: every parameter that requires gradients), by power iteration: ``v <- H v / |H v|`` from a
-    standard normal ``v``, ``iters`` times, returning the Rayleigh quotient ``v^T H v`` of the last unit
-    ``v`` (signed; for a loss near a minimum this is the top eigenvalue, lambda_max).
+    """lambda_max, the largest (algebraic) eigenvalue of the Hessian of ``loss_fn(model(x), y)`` w.r.t.
+    ``params`` (default: every parameter that requires gradients), by power iteration on Hessian-vector
+    products: ``v <- H v / |H v|`` from a standard normal ``v``, ``iters`` times, giving the Rayleigh
+    quotient ``mu`` of the eigenvalue of largest magnitude. When ``mu < 0`` (a non-convex point, e.g. at
+    initialisation, where the most negative eigenvalue can dominate) a second power iteration on the
+    shifted ``H - mu I`` (whose eigenvalues are >= 0, the largest being ``lambda_max - mu``) gives
+    lambda_max.
 
     Args:
         loss_fn: ``loss_fn(logits, y) -> scalar`` (e.g. ``torch.nn.functional.cross_entropy``).
         batch: ``(x [B, ...], y [B])``.
-        iters: power-iteration steps (Hessian-vector products), >= 1.
+        iters: power-iteration steps (Hessian-vector products) per power iteration, >= 1.
         tol: stop early once the estimate changes by at most ``tol`` relative (0: run all ``iters``).
-        generator: the start vector's random stream (a CPU generator; default the global one).
+        generator: the start vectors' random stream (a CPU generator; default the global one).
         bn_mode: "eval" (default) or "train" (BatchNorm on batch statistics; its running statistics are
             restored afterwards), as in :func:`dnr.attacks.module_mode`. Every module's mode is restored.
 
@@ -66,16 +88,7 @@ def hessian_top_eigenvalue(model: nn.Module, loss_fn: Callable[[torch.Tensor, to
             return 0.0  # a loss linear in every parameter: H = 0
         grads = [grads[i] for i in keep]
         params = [params[i] for i in keep]
-        v = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
-        value = None
-        for _ in range(iters):
-            norm = torch.sqrt(sum((t * t).sum() for t in v))
-            v = [t / norm for t in v]
-            hv = hessian_vector_product(grads, params, v)
-            new = float(sum((a * b).sum() for a, b in zip(v, hv)))
-            v = [h.detach() for h in hv]
-            converged = value is not None and abs(new - value) <= tol * abs(new)
-            value = new
-            if converged or not any(bool(h.any()) for h in v):
-                break
-    return value
+        mu = _power_iteration(grads, params, iters, tol, generator)
+        if mu >= 0:
+            return mu
+        return _power_iteration(grads, params, iters, tol, generator, shift=mu) + mu

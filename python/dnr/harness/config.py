@@ -136,8 +136,8 @@ class TrainConfig:
                                       "others never)", type=int, optional=True)
     curriculum_threshold: float | None = _f(None, "h-sat: advance while the top Hessian eigenvalue is at most "
                                             "this (>= 0); none: use --curriculum-ratio", type=float, optional=True)
-    curriculum_ratio: float = _f(1.5, "h-sat: advance while the top Hessian eigenvalue is at most this times "
-                                 "the one at the last advance (>= 1)", type=float)
+    curriculum_ratio: float = _f(1.5, "h-sat without a threshold: advance while the top Hessian eigenvalue grows "
+                                 "by at most this factor between measurements (>= 1)", type=float)
     curriculum_iters: int = _f(10, "power-iteration steps (Hessian-vector products) per measurement", type=int)
     # evaluation
     eval_eps: float | None = _f(None, "L-inf radius for evaluation (default: --eps)", type=float, optional=True)
