@@ -62,8 +62,11 @@ def test_p_sat_stop_probability_follows_its_formula(monkeypatch, shape):
         u = min(1.0, (t + 1) / (ramp * T))
         lam = u if shape == "linear" else (1 - math.cos(math.pi * u)) / 2
         assert (e, a) == (0.2, 0.05)  # the full radius and step at every step
-        assert stop == pytest.approx((1 - lam) * prob, abs=1e-12)
-    assert calls[-1][2] == 0.0  # after the ramp: plain PGD
+        if lam < 1:
+            assert stop == pytest.approx((1 - lam) * prob, abs=1e-12)
+        else:  # after the ramp: plain PGD (a bound of 0 would stop nothing: pgd without the checks)
+            assert stop is None
+    assert calls[-1][2] is None and calls[0][2] > 0
 
 
 def test_none_is_plain_pgd_with_the_run_budget(monkeypatch):

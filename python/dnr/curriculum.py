@@ -136,7 +136,7 @@ class Curriculum:
         stop = self.stop_prob()
         if eps_t == 0.0 and eps > 0:  # the schedule's radius 0: nothing to attack, the clean batch
             x_adv = x.detach()
-        elif stop is None:
+        elif not stop:  # None, or 0 (P-SAT after its ramp): nothing stops, plain PGD without the checks
             x_adv = attacks.pgd(model, x, y, eps_t, alpha_t, steps, bn_mode=bn_mode, generator=generator)
         else:
             x_adv = attacks.pgd(model, x, y, eps_t, alpha_t, steps, bn_mode=bn_mode, generator=generator,
