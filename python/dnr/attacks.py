@@ -307,7 +307,9 @@ def _pgd_once(model, x0, y, eps_t, alpha_t, steps, random_start, targeted, loss_
         else:
             grad, logits = _input_grad(model, x_adv, y, loss_fn, fn, with_logits=True)
             with torch.no_grad():
-                p_true = logits.float().softmax(dim=1).gather(1, y.view(-1, 1)).squeeze(1)
+                # at least float32 (bf16 autocast logits), float64 stays float64
+                p_true = (logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=1)
+                          .gather(1, y.view(-1, 1)).squeeze(1))
                 below = p_true < stop_prob.to(p_true.dtype)
                 stopped = below if stopped is None else stopped | below  # once stopped, stays stopped
                 if bool(stopped.all()):
