@@ -20,14 +20,15 @@ T = the run's optimizer steps, eps / alpha = the run's attack radius and step si
   step's own batch and adversarial examples), advances by ``every / (ramp * T)`` only if the top
   eigenvalue lambda_max of the adversarial loss is at most ``threshold`` (when given), else if it grew by
   at most the factor ``ratio`` since the previous measurement (``h <= max(h_prev, ratio * h_prev)``; the
-  first measurement always advances). Unobstructed, it is the
-  linear ``eps`` ramp taken in stairs; held back, it may not reach 1 (the run's metrics say where it got).
+  first measurement always advances). Unobstructed, it is the linear ``eps`` ramp taken in stairs;
+  held back, it may not reach 1 (the run's metrics say where it got).
   The radius and step are ``lambda * eps`` and ``lambda * alpha`` as for ``eps``.
 
-Any schedule can also measure the top Hessian eigenvalue (``measure_every`` > 0, e.g. plain AT, to
+Any schedule can also measure the top Hessian eigenvalue (``every`` > 0, e.g. plain AT, to
 compare with H-SAT): a measurement draws its power-iteration start from its own generator (seeded by the
 run's seed and the step), computes parameter gradients with ``torch.autograd.grad`` (no ``.grad``
-changes) and restores the BatchNorm statistics, so it changes nothing in the training.
+changes) in train mode (the loss the optimizer sees) and restores the BatchNorm statistics, so it changes
+nothing in the training.
 
 The state (step counter, H-SAT's lambda and reference, the measurements, the epoch's running sums) is in
 ``state_dict`` and the run's checkpoints, so a resume is exact.
