@@ -57,7 +57,8 @@ def hessian_top_eigenvalue(model: nn.Module, loss_fn: Callable[[torch.Tensor, to
     quotient ``mu`` of the eigenvalue of largest magnitude. When ``mu < 0`` (a non-convex point, e.g. at
     initialisation, where the most negative eigenvalue can dominate) a second power iteration on the
     shifted ``H - mu I`` (whose eigenvalues are >= 0, the largest being ``lambda_max - mu``) gives
-    lambda_max.
+    lambda_max. Each estimate is a Rayleigh quotient, so with few ``iters`` it is a lower bound of
+    lambda_max that tightens as ``iters`` grows.
 
     Args:
         loss_fn: ``loss_fn(logits, y) -> scalar`` (e.g. ``torch.nn.functional.cross_entropy``).
