@@ -133,6 +133,26 @@ def test_pgd_early_stopping_matches_a_per_example_loop(device):
     assert 0 < int(moved.sum()) < 16
 
 
+def test_p_sat_examples_match_the_per_example_loop_at_its_bound():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    with torch.no_grad():
+        model[3].weight.mul_(8)  # true-class probabilities from 0.01 to 0.54: some examples stop, some do not
+    x, y = torch.rand(16, 3, 2, 2, dtype=torch.float64), torch.randint(0, 4, (16,))
+    c = cur.create("p-sat", total_steps=10, ramp=1.0, prob=0.3)
+    c.adversarial_examples(model, x, y, eps=0.3, alpha=0.08, steps=6)  # step 0
+    bound = (1 - 0.2) * 0.3  # step 1: lambda = 2 / 10
+    got = c.adversarial_examples(model, x, y, eps=0.3, alpha=0.08, steps=6, generator=torch.Generator().manual_seed(5))
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    want = _per_example_pgd(model, x, y, 0.3, 0.08, 6, torch.full((16,), bound, dtype=torch.float64), noise)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    start = (x + (2 * noise - 1) * 0.3).clamp(0, 1)
+    plain = _per_example_pgd(model, x, y, 0.3, 0.08, 6, torch.zeros(16, dtype=torch.float64), noise)
+    at_start = (got == start).flatten(1).all(1)
+    full = (got == plain).flatten(1).all(1)
+    assert at_start.any() and (~at_start).any() and (~full).any()  # some stop at their start, some move: not plain PGD
+
+
 def test_pgd_stop_prob_bounds_and_plain_equivalence():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
