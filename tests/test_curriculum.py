@@ -252,6 +252,7 @@ def test_unknown_curriculum_name():
     (dict(curriculum="none", curriculum_iters=0), r"option --curriculum-iters: got 0"),
     (dict(curriculum="eps", method="dense"), r"option --curriculum: got 'eps', but --method dense"),
     (dict(curriculum="eps", beta=1.0), r"option --curriculum: got 'eps'.*--beta 1"),
+    (dict(curriculum_every=5, method="dense"), r"option --curriculum-every: got 5, but --method dense"),
     (dict(curriculum="h-sat", compile="default"), r"option --curriculum-every: Hessian measurements need"),
 ])
 def test_bad_curriculum_options_give_one_line_config_errors(values, match):

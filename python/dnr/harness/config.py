@@ -339,10 +339,15 @@ class TrainConfig:
                                   subject=lambda arg: f"option {flag(options[arg])}")
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        if self.curriculum != "none" and not (self.adversarial and self.beta < 1.0):
+        attacked = self.adversarial and self.beta < 1.0
+        if self.curriculum != "none" and not attacked:
             raise ConfigError(f"option {flag('curriculum')}: got {self.curriculum!r}, but --method {self.method} with "
                               f"--beta {self.beta:g} trains without an attack (a curriculum needs an adversarial "
                               "method and --beta < 1)")
+        if self.curriculum_every and not attacked:
+            raise ConfigError(f"option {flag('curriculum_every')}: got {self.curriculum_every}, but --method "
+                              f"{self.method} with --beta {self.beta:g} trains without an attack (the measurement is "
+                              "of the adversarial loss; expected 0 or none)")
         if self.curriculum_settings(1)["every"] and self.compile != "off":
             raise ConfigError(f"option {flag('curriculum_every')}: Hessian measurements need double backward, "
                               f"which torch.compile does not give; got --compile {self.compile}, expected off")
