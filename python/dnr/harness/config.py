@@ -100,6 +100,17 @@ class TrainConfig:
                                 optional=True)
     rsr_l1: float = _f(5e-5, "rsr: weight of the L1 penalty on the prunable weights", type=float)
     rsr_noise_init: float = _f(0.25, "rsr: initial trainable noise scale of every channel", type=float)
+    # cap / cap-robust (CaP, cascaded projection; dnr.methods.cap): dense AT, projection, fine-tuning
+    cap_flops: float | None = _f(None, "cap: fraction of the dense conv + linear FLOPs to keep, in (0, 1] (0.5 = 2x "
+                                 "fewer; default: --density), allocated as one kept fraction of every channel space",
+                                 type=float, optional=True)
+    cap_ranks: list | None = _f(None, "cap: per-layer ranks LAYER=RANK (a conv/linear layer's output channels kept; "
+                                "overrides --cap-flops)", type=str, nargs="+", optional=True)
+    cap_steps: int = _f(200, "cap: SGD steps on the projections (0: their PCA initialisation only)", type=int)
+    cap_lr: float = _f(0.01, "cap: learning rate of the projections' SGD (momentum 0.9, QR retraction)", type=float)
+    cap_gamma: float = _f(1.0, "cap: weight of the feature-reconstruction term in the projections' loss", type=float)
+    cap_calibration: int = _f(1024, "cap: training examples for the PCA initialisation and the projections' SGD",
+                              type=int)
     # optimisation
     epochs: int = _f(6, "training epochs", type=int)
     batch_size: int = _f(128, "training batch size", type=int)
@@ -291,6 +302,12 @@ class TrainConfig:
             need("admm_every", self.admm_every >= 1, "an integer >= 1 (or none)")
         need("rsr_l1", self.rsr_l1 >= 0, "a number >= 0")
         need("rsr_noise_init", self.rsr_noise_init >= 0, "a number >= 0")
+        if self.cap_flops is not None:
+            need("cap_flops", 0.0 < self.cap_flops <= 1.0, "a number in (0, 1]")
+        need("cap_steps", self.cap_steps >= 0, "an integer >= 0")
+        need("cap_lr", self.cap_lr > 0, "a number > 0")
+        need("cap_gamma", self.cap_gamma >= 0, "a number >= 0")
+        need("cap_calibration", self.cap_calibration >= 1, "an integer >= 1")
         problem = method.check_config(self)  # the method's own rules (e.g. two phases need two epochs)
         if problem:
             raise ConfigError(problem)

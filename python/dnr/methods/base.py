@@ -82,6 +82,21 @@ class CompressionMethod:
         saved models through it before loading their state dict."""
         return model
 
+    def check_model(self, model: nn.Module, input_size: tuple[int, ...]) -> str | None:
+        """An extra rule of this method on the built model (inputs ``input_size`` [C, H, W]): None when
+        fine, else a one-line problem that names the option (the harness raises it as a ConfigError before
+        any work). Runs on a fresh run and on resume."""
+        return None
+
+    def use_training_data(self, dataset, input_size: tuple[int, ...]) -> None:
+        """Called once before ``attach`` with the run's training set (``dataset[i]`` = (x, y)) and the
+        inputs' shape, for a method that computes from data (CaP's calibration and projection training)."""
+
+    def restructure(self, model: nn.Module, model_state: dict, *, input_size: tuple[int, ...]) -> None:
+        """Before a saved ``model_state`` is loaded into ``model`` (resume, ``dnr eval``, ``dnr export``): give
+        ``model`` the structure the state was saved from, for a method that changes the architecture
+        during training (CaP swaps in a smaller network). Default: nothing to do."""
+
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, total_steps: int,
                steps_per_epoch: int) -> None:
         """Called once before training (before the LR scheduler is built, so a method may add parameter
