@@ -52,7 +52,8 @@ class TrainConfig:
     train_size: int | None = _f(None, "use only the first N training examples", type=int, optional=True)
     test_size: int | None = _f(None, "use only the first N test examples", type=int, optional=True)
     augment: bool = _f(False, "training-set augmentation (random crop + flip for colour datasets)", type=bool)
-    model: str = _f("small_cnn", "architecture: small_cnn or wide_cnn (28x28 inputs), vgg16, resnet18 (dnr.models.build_model)",
+    model: str = _f("small_cnn", "architecture: small_cnn or wide_cnn (28x28 inputs), vgg16, resnet18, vgg_cnn (VGG-style, 28x28) "
+                    "(dnr.models.build_model)",
                     type=str)
     # method and sparsity
     method: str = _f("dnr", "compression method, a name of the dnr.methods registry", type=str)
@@ -435,6 +436,13 @@ for _data in ("cifar10", "cifar100", "tiny-imagenet"):
     for _model in (("vgg16",) if _data == "tiny-imagenet" else ("vgg16", "resnet18")):
         for _mode in ("irregular", "channel"):
             PRESETS[f"{_data}-{_model}-{_mode}"] = dict(_PAPER, dataset=_data, model=_model, mode=_mode)
+
+# CaP (cascaded projection, --method cap): the quick Fashion-MNIST setting at 2x fewer FLOPs, and the paper's
+# CIFAR-10 settings for VGG16 and ResNet-18 at 4x fewer FLOPs (CaP's own target); half of the epochs are dense
+# AT, half fine-tuning of the projected network
+PRESETS["fashion-mnist-small_cnn-cap"] = dict(PRESETS[DEFAULT_PRESET], method="cap", cap_flops=0.5)
+for _model in ("vgg16", "resnet18"):
+    PRESETS[f"cifar10-{_model}-cap"] = dict(_PAPER, dataset="cifar10", model=_model, method="cap", cap_flops=0.25)
 
 
 def load_config_file(path: str) -> dict:
