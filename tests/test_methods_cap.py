@@ -79,3 +79,21 @@ def test_parse_cap_ranks():
         parse_cap_ranks(["a=1", "a=2"])
     with pytest.raises(ValueError, match="expected LAYER=RANK"):
         parse_cap_ranks(["a=x"])
+
+
+def test_the_cap_report_configs_plan_a_cell_per_flop_fraction():
+    """dnr compare: cap's densities are its FLOP fractions (density_axis), dense-at stays one reference cell."""
+    from dnr.harness import compare
+
+    root = os.path.join(os.path.dirname(__file__), "..", "docs", "cap")
+    for name in ("compare-cap.yaml", "smoke.yaml"):
+        spec = compare.validate_compare_spec(compare.load_compare_config(os.path.join(root, name)))
+        cells = compare.plan_cells(spec)
+        keys = {c["key"] for c in cells}
+        for model in ("small_cnn", "vgg_cnn"):
+            for method in ("cap", "cap-robust"):
+                for d in (0.5, 0.25):
+                    assert f"{model}-{method}-irregular-d{d:g}-s0" in keys, name
+            assert f"{model}-dense-at-s0" in keys
+        cap = [c for c in cells if c["method"] == "cap"]
+        assert {c["config"]["density"] for c in cap} == {0.5, 0.25}

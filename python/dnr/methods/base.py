@@ -47,6 +47,7 @@ class CompressionMethod:
         phased: prunes once after a first phase of ``cfg.pre_epochs`` epochs; the learning-rate
             schedule restarts there (learning-rate rewinding).
         needs_sparse_target: the config's density must be < 1.
+        density_axis: ``dnr compare`` gives it a cell per density (None: when ``sparse``).
         checkpoint_formats / export_formats: the formats its models can be saved / exported in.
     """
 
@@ -56,6 +57,9 @@ class CompressionMethod:
     adversarial: ClassVar[bool] = True
     phased: ClassVar[bool] = False
     needs_sparse_target: ClassVar[bool] = False
+    #: ``dnr compare`` trains the method at each density of a grid (None: exactly when ``sparse``; CaP reads
+    #: the density as its FLOP fraction, so it sets True)
+    density_axis: ClassVar[bool | None] = None
     checkpoint_formats: ClassVar[tuple[str, ...]] = CHECKPOINT_FORMATS
     export_formats: ClassVar[tuple[str, ...]] = EXPORT_FORMATS
 

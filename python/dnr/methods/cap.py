@@ -66,6 +66,7 @@ def parse_cap_ranks(pairs) -> dict[str, int]:
 class CascadedProjection(CompressionMethod):
     description = "CaP: dense AT, cascaded projection to --cap-flops of the FLOPs, AT fine-tuning"
     phased = True
+    density_axis = True  # dnr compare: a cell per density, read as the FLOP fraction kept (without --cap-flops)
     robust = False  # the projections' loss: CE (cap) or the hybrid clean + PGD loss (cap-robust)
 
     def __init__(self, cfg: Any):
