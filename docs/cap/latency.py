@@ -52,13 +52,14 @@ def main(argv=None) -> int:
     if os.path.exists(args.out):
         parser.error(f"--out {args.out!r} exists; remove it or choose another file")
     torch.set_num_threads(args.threads)
-    cells = sorted(d for d in os.listdir(args.compare_dir)
-                   if os.path.isfile(os.path.join(args.compare_dir, d, "model.pt")))
+    root = os.path.join(args.compare_dir, "runs")  # dnr compare keeps its cells there
+    root = root if os.path.isdir(root) else args.compare_dir
+    cells = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "model.pt")))
     if not cells:
         parser.error(f"{args.compare_dir!r} holds no cell with a model.pt")
     results = {}
     for cell in cells:
-        results[cell] = measure(os.path.join(args.compare_dir, cell, "model.pt"), args.min_time)
+        results[cell] = measure(os.path.join(root, cell, "model.pt"), args.min_time)
         r = results[cell]
         print(f"{cell}: {r['params']:,} params, {r['flops']:,} FLOPs, {r['ms_batch1']:.3f} ms (batch 1), "
               f"{r['ms_batch64']:.2f} ms (batch 64)", flush=True)
