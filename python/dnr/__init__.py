@@ -20,3 +20,6 @@ from .rewiring import DNR
 
 __all__ = ["__version__", "attacks", "data", "engine", "evaluation", "methods", "ops", "hybrid_loss", "HybridLoss", "MaskedConv2d",
            "MaskedLinear", "Normalize", "sparsify", "density_report", "apply_masks", "masked_layers", "DNR"]
+
+from . import compress  # noqa: E402  (CaP: dnr.compress.cascaded_projection)
+__all__ += ["compress"]

@@ -16,6 +16,7 @@ there raises an error that names the layer and the reason.
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from dataclasses import dataclass, field
@@ -163,8 +164,6 @@ def find_projection_spaces(model: nn.Module, example: torch.Tensor) -> SpacePlan
     The model itself is not modified (a deep copy is traced). Raises ProjectionError when the model
     cannot be traced; structures that a space cannot pass are recorded in that space's ``problem``.
     """
-    import copy
-
     work = copy.deepcopy(model).eval()
     gm = trace_with_shapes(work, example)
     modules = dict(gm.named_modules())
