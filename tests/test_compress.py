@@ -213,6 +213,12 @@ def test_resnet18_shared_residual_spaces_and_shapes():
     assert out.get_submodule("layer4.1.conv1").in_channels == stream and out.linear.in_features == stream
     assert out.get_submodule("layer2.0.shortcut.0").in_channels == ranks["conv1"]
     assert out(x).shape == (2, 10)
+    # full rank, every space projected by a permutation (shared across each residual sum), BatchNorms folded:
+    # the float64 network equals the original
+    model64 = randomise_norms(model).double()
+    plan = find_projection_spaces(model64, x[:1].double())
+    net = build_projected(plan, permutations(plan, torch.float64, "cpu"))
+    torch.testing.assert_close(net(x.double()), model64(x.double()), atol=1e-8, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------ export
