@@ -34,7 +34,18 @@ def test_paper_presets_hold_the_paper_settings(name):
 def test_preset_list_covers_every_paper_setting():
     expected = {f"{d}-{m}-{u}" for d in ("cifar10", "cifar100") for m in ("vgg16", "resnet18")
                 for u in ("irregular", "channel")} | {"tiny-imagenet-vgg16-irregular", "tiny-imagenet-vgg16-channel"}
-    assert set(PRESETS) == expected | {"fashion-mnist-quick"}
+    cap = {"fashion-mnist-small_cnn-cap", "cifar10-vgg16-cap", "cifar10-resnet18-cap"}  # CaP (dnr.methods.cap)
+    assert set(PRESETS) == expected | {"fashion-mnist-quick"} | cap
+
+
+@pytest.mark.parametrize("name,model,flops", [("fashion-mnist-small_cnn-cap", "small_cnn", 0.5),
+                                              ("cifar10-vgg16-cap", "vgg16", 0.25),
+                                              ("cifar10-resnet18-cap", "resnet18", 0.25)])
+def test_cap_presets(name, model, flops):
+    cfg = resolve_config(name)
+    assert (cfg.method, cfg.model, cfg.cap_flops, cfg.phased) == ("cap", model, flops, True)
+    if name.startswith("cifar10"):  # the paper's training settings
+        assert (cfg.epochs, cfg.eps, cfg.attack_steps) == (200, 8 / 255, 7)
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])

@@ -51,8 +51,14 @@ def _metrics(run_dir):
 # admm and rsr: the kill lands in their first phase (ADMM Z/U/rho, RSR noise scales and RNG), the prune
 # happens after the resume (end of epoch 2)
 # dnr also augments its batches (the batched loader's draws come from the checkpointed data generator)
-@pytest.mark.parametrize("method, extra", [("dnr", ["--augment"]), ("admm", []), ("rsr", [])],
-                         ids=["dnr", "admm", "rsr"])
+# cap: --phase-split 0.34 projects at the end of epoch 1 (step 5), so the kill lands in the fine-tuning of the
+# projected network and the resume rebuilds its smaller structure (and the optimizer on its parameters);
+# cap-robust projects at the end of epoch 2, after the resume
+@pytest.mark.parametrize("method, extra", [
+    ("dnr", ["--augment"]), ("admm", []), ("rsr", []),
+    ("cap", ["--cap-flops", "0.5", "--cap-steps", "3", "--cap-calibration", "128", "--phase-split", "0.34"]),
+    ("cap-robust", ["--cap-flops", "0.5", "--cap-steps", "2", "--cap-calibration", "128"])],
+    ids=["dnr", "admm", "rsr", "cap", "cap-robust"])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, method, extra):
     ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
     _train(*TINY, *extra, "--method", method, "--out", ref)
@@ -90,7 +96,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, method, e
         s_ref, s_res = json.load(f), json.load(g)
     for key in ("clean", "fgsm", "pgd", "density"):
         assert s_ref[key] == s_res[key], key
-    log = "rewiring.jsonl" if method == "dnr" else "pruning.jsonl"
+    log = {"dnr": "rewiring.jsonl", "cap": "projection.jsonl", "cap-robust": "projection.jsonl"}.get(method, "pruning.jsonl")
     with open(os.path.join(ref, log)) as f, open(os.path.join(killed, log)) as g:
         text = f.read()
         assert text and text == g.read()

@@ -10,7 +10,8 @@ from torch.nn import functional as F
 
 from dnr.models import MODEL_NAMES, VGG16_CONFIG, BasicBlock, build_model, resnet18, small_cnn, vgg16, wide_cnn
 
-CNN28 = ("small_cnn", "wide_cnn")  # the 28x28 single-channel models
+CNN28 = ("small_cnn", "wide_cnn")  # the 28x28 single-channel models with a two-layer head
+INPUT28 = CNN28 + ("vgg_cnn",)  # every 28x28 single-channel model
 from dnr.nn import MaskedConv2d, Normalize, masked_layers, sparsify
 
 MEAN3, STD3 = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -25,8 +26,8 @@ def _built(name, num_classes, channels, size, normalized=True):
 
 def fresh(name, num_classes=10, channels=None, size=None, normalized=True):
     """A copy of a cached model (building VGG16/ResNet-18 takes a while on a loaded CPU)."""
-    channels = channels or (1 if name in CNN28 else 3)
-    size = size or (28 if name in CNN28 else 32)
+    channels = channels or (1 if name in INPUT28 else 3)
+    size = size or (28 if name in INPUT28 else 32)
     return copy.deepcopy(_built(name, num_classes, channels, size, normalized))
 
 
@@ -173,12 +174,12 @@ def expected_norm(conv_name: str) -> str:
 @pytest.mark.parametrize("name", MODEL_NAMES)
 @pytest.mark.parametrize("mode", ["irregular", "channel"])
 def test_sparsify_each_model(name, mode):
-    c, size = (1, 28) if name in CNN28 else (3, 32)
+    c, size = (1, 28) if name in INPUT28 else (3, 32)
     model = fresh(name)
     total = weights(model)
     sparsify(model, density=0.1, mode=mode, generator=torch.Generator().manual_seed(0))
     layers = masked_layers(model)
-    n_convs = {"small_cnn": 3, "wide_cnn": 3, "vgg16": 13, "resnet18": 20}[name]
+    n_convs = {"small_cnn": 3, "wide_cnn": 3, "vgg16": 13, "resnet18": 20, "vgg_cnn": 6}[name]
     convs = [(n, l) for n, l in layers if isinstance(l, MaskedConv2d)]
     assert len(convs) == n_convs
     active = sum(int(l.mask.sum()) for _, l in layers)
@@ -209,7 +210,7 @@ def test_sparsify_each_model(name, mode):
 
 # ---------------------------------------------------------------- registry errors
 def test_build_model_errors():
-    with pytest.raises(ValueError, match="unknown model name 'resnet50'; expected one of small_cnn, wide_cnn, vgg16, resnet18"):
+    with pytest.raises(ValueError, match="unknown model name 'resnet50'; expected one of small_cnn, wide_cnn, vgg16, resnet18, vgg_cnn"):
         build_model("resnet50", 10, 3, 32)
     with pytest.raises(ValueError, match="small_cnn: input_size must be 28, got 32"):
         build_model("small_cnn", 10, 1, 32)
@@ -223,4 +224,6 @@ def test_build_model_errors():
         build_model("vgg16", 0, 3, 32)
     with pytest.raises(ValueError, match="both mean and std"):
         build_model("vgg16", 10, 3, 32, MEAN3, None)
-    assert MODEL_NAMES == ("small_cnn", "wide_cnn", "vgg16", "resnet18")
+    assert MODEL_NAMES == ("small_cnn", "wide_cnn", "vgg16", "resnet18", "vgg_cnn")
+    with pytest.raises(ValueError, match="input_size must be a multiple of 4"):
+        build_model("vgg_cnn", 10, 1, 30)

@@ -53,7 +53,8 @@ class TrainConfig:
     train_size: int | None = _f(None, "use only the first N training examples", type=int, optional=True)
     test_size: int | None = _f(None, "use only the first N test examples", type=int, optional=True)
     augment: bool = _f(False, "training-set augmentation (random crop + flip for colour datasets)", type=bool)
-    model: str = _f("small_cnn", "architecture: small_cnn or wide_cnn (28x28 inputs), vgg16, resnet18 (dnr.models.build_model)",
+    model: str = _f("small_cnn", "architecture: small_cnn or wide_cnn (28x28 inputs), vgg16, resnet18, vgg_cnn (VGG-style, 28x28) "
+                    "(dnr.models.build_model)",
                     type=str)
     # method and sparsity
     method: str = _f("dnr", "compression method, a name of the dnr.methods registry", type=str)
@@ -101,6 +102,17 @@ class TrainConfig:
                                 optional=True)
     rsr_l1: float = _f(5e-5, "rsr: weight of the L1 penalty on the prunable weights", type=float)
     rsr_noise_init: float = _f(0.25, "rsr: initial trainable noise scale of every channel", type=float)
+    # cap / cap-robust (CaP, cascaded projection; dnr.methods.cap): dense AT, projection, fine-tuning
+    cap_flops: float | None = _f(None, "cap: fraction of the dense conv + linear FLOPs to keep, in (0, 1] (0.5 = 2x "
+                                 "fewer; default: --density), allocated as one kept fraction of every channel space",
+                                 type=float, optional=True)
+    cap_ranks: list | None = _f(None, "cap: per-layer ranks LAYER=RANK (a conv/linear layer's output channels kept; "
+                                "overrides --cap-flops)", type=str, nargs="+", optional=True)
+    cap_steps: int = _f(200, "cap: SGD steps on the projections (0: their PCA initialisation only)", type=int)
+    cap_lr: float = _f(0.01, "cap: learning rate of the projections' SGD (momentum 0.9, QR retraction)", type=float)
+    cap_gamma: float = _f(1.0, "cap: weight of the feature-reconstruction term in the projections' loss", type=float)
+    cap_calibration: int = _f(1024, "cap: training examples for the PCA initialisation and the projections' SGD",
+                              type=int)
     # optimisation
     epochs: int = _f(6, "training epochs", type=int)
     batch_size: int = _f(128, "training batch size", type=int)
@@ -322,6 +334,12 @@ class TrainConfig:
         need("rsr_l1", self.rsr_l1 >= 0, "a number >= 0")
         need("rsr_noise_init", self.rsr_noise_init >= 0, "a number >= 0")
         self._validate_curriculum(flag)
+        if self.cap_flops is not None:
+            need("cap_flops", 0.0 < self.cap_flops <= 1.0, "a number in (0, 1]")
+        need("cap_steps", self.cap_steps >= 0, "an integer >= 0")
+        need("cap_lr", self.cap_lr > 0, "a number > 0")
+        need("cap_gamma", self.cap_gamma >= 0, "a number >= 0")
+        need("cap_calibration", self.cap_calibration >= 1, "an integer >= 1")
         problem = method.check_config(self)  # the method's own rules (e.g. two phases need two epochs)
         if problem:
             raise ConfigError(problem)
@@ -474,6 +492,13 @@ for _data in ("cifar10", "cifar100", "tiny-imagenet"):
     for _model in (("vgg16",) if _data == "tiny-imagenet" else ("vgg16", "resnet18")):
         for _mode in ("irregular", "channel"):
             PRESETS[f"{_data}-{_model}-{_mode}"] = dict(_PAPER, dataset=_data, model=_model, mode=_mode)
+
+# CaP (cascaded projection, --method cap): the quick Fashion-MNIST setting at 2x fewer FLOPs, and the paper's
+# CIFAR-10 settings for VGG16 and ResNet-18 at 4x fewer FLOPs (CaP's own target); half of the epochs are dense
+# AT, half fine-tuning of the projected network
+PRESETS["fashion-mnist-small_cnn-cap"] = dict(PRESETS[DEFAULT_PRESET], method="cap", cap_flops=0.5)
+for _model in ("vgg16", "resnet18"):
+    PRESETS[f"cifar10-{_model}-cap"] = dict(_PAPER, dataset="cifar10", model=_model, method="cap", cap_flops=0.25)
 
 
 def load_config_file(path: str) -> dict:

@@ -37,9 +37,9 @@ import warnings
 
 import torch
 
-from .. import distributed
+from .. import distributed, methods
 from .._files import read_json
-from .builders import build_model_for
+from .builders import build_model_for, dataset_meta
 from .console import ConsoleLog
 from .checkpoint import (CheckpointError, CheckpointFallbackWarning, load_checkpoint, load_model_state,
                          previous_checkpoint_path)
@@ -62,6 +62,9 @@ def load_trained_model(path: str, device: str = "cpu") -> tuple[torch.nn.Module,
     except (TypeError, ConfigError) as err:
         raise CheckpointError(f"checkpoint {state['path']!r} has an invalid config: {err}") from None
     model = build_model_for(cfg)
+    _, in_channels, side, _, _, _ = dataset_meta(cfg.dataset)
+    # a method that changed the architecture during training (CaP) rebuilds it from the saved shapes
+    methods.create(cfg).restructure(model, state["model"], input_size=(in_channels, side, side))
     load_model_state(model, state)
     return model.to(device).eval(), cfg, state
 

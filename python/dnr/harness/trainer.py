@@ -67,6 +67,10 @@ def train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data) -> d
     model = (prepare_user_model(user_model, cfg, method) if user_model is not None else build_model_for(cfg)).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    problem = method.check_model(model, input_shape)  # e.g. CaP's ranks against the model's layers
+    if problem:
+        raise ConfigError(problem)
+    method.use_training_data(train_set, input_shape)
     sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed, rank, world)
     if world > 1:
         distributed.broadcast_module(model)  # a user's model may be initialised differently on each rank
@@ -99,6 +103,7 @@ def train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data) -> d
                       scheduler=scheduler, data_gen=data_gen, loader_gen=loader_gen, steps_per_epoch=steps_per_epoch,
                       rank=rank, world=world, curriculum=curriculum)
     if state is not None:
+        method.restructure(model, state["model"], input_size=input_shape)  # a method that changed the model
         restore(run, state)
     # every rank has passed the checks above on an untouched run directory before rank 0 writes to it
     distributed.barrier()

@@ -47,6 +47,7 @@ class CompressionMethod:
         phased: prunes once after a first phase of ``cfg.pre_epochs`` epochs; the learning-rate
             schedule restarts there (learning-rate rewinding).
         needs_sparse_target: the config's density must be < 1.
+        density_axis: ``dnr compare`` gives it a cell per density (None: when ``sparse``).
         checkpoint_formats / export_formats: the formats its models can be saved / exported in.
     """
 
@@ -56,6 +57,9 @@ class CompressionMethod:
     adversarial: ClassVar[bool] = True
     phased: ClassVar[bool] = False
     needs_sparse_target: ClassVar[bool] = False
+    #: ``dnr compare`` trains the method at each density of a grid (None: exactly when ``sparse``; CaP reads
+    #: the density as its FLOP fraction, so it sets True)
+    density_axis: ClassVar[bool | None] = None
     checkpoint_formats: ClassVar[tuple[str, ...]] = CHECKPOINT_FORMATS
     export_formats: ClassVar[tuple[str, ...]] = EXPORT_FORMATS
 
@@ -81,6 +85,21 @@ class CompressionMethod:
         layers; returns the model to train). Must be deterministic given ``seed``: the harness rebuilds
         saved models through it before loading their state dict."""
         return model
+
+    def check_model(self, model: nn.Module, input_size: tuple[int, ...]) -> str | None:
+        """An extra rule of this method on the built model (inputs ``input_size`` [C, H, W]): None when
+        fine, else a one-line problem that names the option (the harness raises it as a ConfigError before
+        any work). Runs on a fresh run and on resume."""
+        return None
+
+    def use_training_data(self, dataset, input_size: tuple[int, ...]) -> None:
+        """Called once before ``attach`` with the run's training set (``dataset[i]`` = (x, y)) and the
+        inputs' shape, for a method that computes from data (CaP's calibration and projection training)."""
+
+    def restructure(self, model: nn.Module, model_state: dict, *, input_size: tuple[int, ...]) -> None:
+        """Before a saved ``model_state`` is loaded into ``model`` (resume, ``dnr eval``, ``dnr export``): give
+        ``model`` the structure the state was saved from, for a method that changes the architecture
+        during training (CaP swaps in a smaller network). Default: nothing to do."""
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, total_steps: int,
                steps_per_epoch: int) -> None:

@@ -7,11 +7,11 @@ from torch import nn
 from ._common import check_positive_int, input_normalization
 from .resnet import resnet18
 from .small_cnn import small_cnn, wide_cnn
-from .vgg import vgg16
+from .vgg import vgg16, vgg_cnn
 
 __all__ = ["MODEL_NAMES", "build_model"]
 
-MODEL_NAMES = ("small_cnn", "wide_cnn", "vgg16", "resnet18")
+MODEL_NAMES = ("small_cnn", "wide_cnn", "vgg16", "resnet18", "vgg_cnn")
 
 
 def build_model(name: str, num_classes: int, in_channels: int, input_size: int, mean=None, std=None) -> nn.Module:
@@ -19,7 +19,7 @@ def build_model(name: str, num_classes: int, in_channels: int, input_size: int, 
 
     Args:
         name: one of MODEL_NAMES: "small_cnn" and "wide_cnn" (input_size must be 28), "vgg16" (a multiple of 32),
-            "resnet18" (>= 8).
+            "resnet18" (>= 8), "vgg_cnn" (a VGG-style CNN for 28x28 inputs; a multiple of 4).
         num_classes: logits per example.
         in_channels: input channels.
         input_size: side of the square input.
@@ -41,5 +41,5 @@ def build_model(name: str, num_classes: int, in_channels: int, input_size: int, 
         input_normalization(mean, std, in_channels, name)  # same checks as the other models
         builder = small_cnn if name == "small_cnn" else wide_cnn
         return builder(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
-    builder = vgg16 if name == "vgg16" else resnet18
+    builder = {"vgg16": vgg16, "resnet18": resnet18, "vgg_cnn": vgg_cnn}[name]
     return builder(num_classes=num_classes, in_channels=in_channels, input_size=input_size, mean=mean, std=std)

@@ -265,7 +265,8 @@ class CompareSpec:
         for method in grid.methods:
             probe = _resolve(self.preset, grid, model, method, grid.modes[0], min(grid.densities), grid.seeds[0],
                              threads, models_given=self.models is not None)
-            if probe.sparse:
+            per_density = probe.method_class.density_axis
+            if probe.sparse if per_density is None else per_density:
                 for mode in grid.modes:
                     for d in grid.densities:
                         for seed in grid.seeds:
