@@ -16,7 +16,9 @@ from . import attacks, data, engine, evaluation, methods, models, ops
 from .losses import HybridLoss, hybrid_loss
 from .nn import (MaskedConv2d, MaskedLinear, Normalize, apply_masks, density_report, masked_layers,
                  sparsify)
+from .nn import BlockCirculantConv2d, BlockCirculantLinear, circulant  # block-circulant layers (CirCNN)
 from .rewiring import DNR
 
 __all__ = ["__version__", "attacks", "data", "engine", "evaluation", "methods", "ops", "hybrid_loss", "HybridLoss", "MaskedConv2d",
-           "MaskedLinear", "Normalize", "sparsify", "density_report", "apply_masks", "masked_layers", "DNR"]
+           "MaskedLinear", "Normalize", "sparsify", "density_report", "apply_masks", "masked_layers", "DNR",
+           "BlockCirculantLinear", "BlockCirculantConv2d", "circulant"]

@@ -100,6 +100,10 @@ class TrainConfig:
                                 optional=True)
     rsr_l1: float = _f(5e-5, "rsr: weight of the L1 penalty on the prunable weights", type=float)
     rsr_noise_init: float = _f(0.25, "rsr: initial trainable noise scale of every channel", type=float)
+    # block-circulant layers (--method circulant, CirCNN; issue 16)
+    block_size: int = _f(8, "circulant: block size k of the block-circulant weights (each k x k block stored as "
+                         "one vector: about k x fewer weights); --prune-first/--prune-last also decide whether the "
+                         "first/last layer is converted", type=int)
     # optimisation
     epochs: int = _f(6, "training epochs", type=int)
     batch_size: int = _f(128, "training batch size", type=int)
@@ -291,6 +295,7 @@ class TrainConfig:
             need("admm_every", self.admm_every >= 1, "an integer >= 1 (or none)")
         need("rsr_l1", self.rsr_l1 >= 0, "a number >= 0")
         need("rsr_noise_init", self.rsr_noise_init >= 0, "a number >= 0")
+        need("block_size", self.block_size >= 1, "an integer >= 1")  # circulant (issue 16)
         problem = method.check_config(self)  # the method's own rules (e.g. two phases need two epochs)
         if problem:
             raise ConfigError(problem)
@@ -418,6 +423,13 @@ for _data in ("cifar10", "cifar100", "tiny-imagenet"):
     for _model in (("vgg16",) if _data == "tiny-imagenet" else ("vgg16", "resnet18")):
         for _mode in ("irregular", "channel"):
             PRESETS[f"{_data}-{_model}-{_mode}"] = dict(_PAPER, dataset=_data, model=_model, mode=_mode)
+
+# block-circulant presets (--method circulant, issue 16): the quick job's budget on the small CNN, and the
+# paper-scale recipe at k = 16 (about DNR's 20x) for VGG16 and ResNet-18
+PRESETS["fashion-mnist-circulant"] = dict(PRESETS["fashion-mnist-quick"], method="circulant", block_size=8)
+for _model in ("vgg16", "resnet18"):
+    PRESETS[f"cifar10-{_model}-circulant"] = dict(_PAPER, dataset="cifar10", model=_model, method="circulant",
+                                                  block_size=16)
 
 
 def load_config_file(path: str) -> dict:

@@ -4,6 +4,7 @@
     static                   a fixed random mask (dnr.methods.static)
     dnr                      dynamic network rewiring (dnr.methods.dnr, wrapping dnr.rewiring.DNR)
     oneshot, admm, rsr       train, prune once, fine-tune (dnr.methods.phased)
+    circulant                block-circulant weights with FFT products, CirCNN (dnr.methods.circulant)
 
 A user's method::
 
@@ -22,6 +23,7 @@ This layer never imports the harness.
 from .base import CHECKPOINT_FORMATS, EXPORT_FORMATS, CompressionMethod, MaskedMethod
 from .registry import PluginError, UnknownMethodError, available, create, get, import_plugins, register
 from . import dense, static, dnr, phased  # noqa: E402,F401  (register the built-ins, in this order)
+from . import circulant  # noqa: E402,F401  (block-circulant layers, issue 16)
 
 __all__ = ["CompressionMethod", "MaskedMethod", "CHECKPOINT_FORMATS", "EXPORT_FORMATS", "register", "get",
            "available", "create", "import_plugins", "PluginError", "UnknownMethodError"]
