@@ -37,7 +37,7 @@ from torch import nn
 
 __all__ = ["BlockCirculantLinear", "BlockCirculantConv2d", "BlockCirculantLayer", "block_circulant_matmul",
            "block_circulant_conv2d", "block_circulant_dense", "circulant", "circulant_layers", "circulant_report",
-           "check_block_size", "blocks", "fft_flops", "project_to_vectors"]
+           "check_block_size", "blocks", "fft_flops", "project_to_vectors", "densify_circulant"]
 
 ExcludeSpec = Union[None, str, type, Callable[[str, nn.Module], bool], Iterable[Union[str, type]]]
 
@@ -333,22 +333,30 @@ class BlockCirculantConv2d(BlockCirculantLayer, nn.Module):
 
 
 def project_to_vectors(weight: torch.Tensor, block_size: int) -> torch.Tensor:
-    """The vectors of the block-circulant matrix nearest to ``weight`` (Frobenius norm).
+    """The vectors of the block-circulant matrix nearest to ``weight`` (least squares over its entries).
 
-    Shapes: weight [m, n, *taps] -> vectors [ceil(m/k), ceil(n/k), k, *taps]. Each zero-padded k x k block is
-    averaged along its wrapped diagonals: ``vectors[i, j, d] = mean_r W_ij[r, (r - d) mod k]``.
+    Shapes: weight [m, n, *taps] -> vectors [ceil(m/k), ceil(n/k), k, *taps]. Each vector entry is the mean of
+    the layer's entries on its wrapped diagonal, ``vectors[i, j, d] = mean W_ij[r, (r - d) mod k]`` over the
+    positions inside the layer (a block cropped at the edge has fewer; an entry with none is 0). A weight that
+    already is block-circulant is reproduced exactly.
     """
     k = block_size
     m, n = weight.shape[:2]
     p, q = blocks(m, k), blocks(n, k)
     padded = weight.new_zeros((p * k, q * k, *weight.shape[2:]))
     padded[:m, :n] = weight
-    full = padded.reshape(p, k, q, k, *weight.shape[2:]).transpose(1, 2)      # [p, q, k (r), k (c), *taps]
-    r = torch.arange(k, device=weight.device)
-    d = torch.arange(k, device=weight.device)
-    cols = (r[None, :] - d[:, None]) % k                                      # [k (d), k (r)]: c = (r - d) mod k
-    gathered = full[:, :, r[None, :].expand(k, k), cols]                      # [p, q, k (d), k (r), *taps]
-    return gathered.mean(dim=3)
+    inside = torch.zeros((p * k, q * k), dtype=weight.dtype, device=weight.device)
+    inside[:m, :n] = 1
+
+    def diagonals(t: torch.Tensor) -> torch.Tensor:  # [p*k, q*k, *] -> [p, q, k (d), k (r), *]
+        full = t.reshape(p, k, q, k, *t.shape[2:]).transpose(1, 2)
+        r = torch.arange(k, device=t.device)
+        cols = (r[None, :] - r[:, None]) % k  # [d, r]: the column c = (r - d) mod k of diagonal d in row r
+        return full[:, :, r[None, :].expand(k, k), cols]
+
+    total = diagonals(padded).sum(dim=3)
+    count = diagonals(inside).sum(dim=3).reshape(p, q, k, *([1] * (weight.dim() - 2)))
+    return total / count.clamp_min(1)
 
 
 # ---------------------------------------------------------------------------------------- model conversion
@@ -422,6 +430,29 @@ def circulant(model: nn.Module, block_size: int, exclude: ExcludeSpec = None, *,
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
     return model
+
+
+@torch.no_grad()
+def densify_circulant(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every block-circulant layer replaced by the plain ``nn.Linear`` /
+    ``nn.Conv2d`` holding its ``dense_weight()`` (same function; used where the FFT form cannot go, e.g. an
+    ONNX exporter without FFT operators, and as the dense reference of sizes and timings)."""
+    import copy
+    out = copy.deepcopy(model)
+    for name, m in circulant_layers(out):
+        w = m.vectors
+        if isinstance(m, BlockCirculantConv2d):
+            plain = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+                              dilation=m.dilation, bias=m.bias is not None, device=w.device, dtype=w.dtype)
+        else:
+            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=w.device, dtype=w.dtype)
+        plain.weight.copy_(m.dense_weight())
+        if m.bias is not None:
+            plain.bias.copy_(m.bias)
+        plain.train(m.training)
+        parent, _, attr = name.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, attr, plain)
+    return out
 
 
 def circulant_report(model: nn.Module, input_size=None) -> dict:
