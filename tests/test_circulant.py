@@ -262,3 +262,43 @@ def test_low_precision_inputs_compute_in_float32():
     y = layer(x.bfloat16())
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), layer(x.bfloat16().float()), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_eval_mode_weight_spectrum_cache_follows_the_vectors(kind):
+    """Eval mode without a gradient to the vectors reuses the weight spectrum; an optimizer step, load_state_dict
+    and a mode switch renew it, so the output always equals the uncached FFT form of the current vectors."""
+    if kind == "linear":
+        layer, x = BlockCirculantLinear(12, 8, 4, dtype=torch.float64), torch.randn(3, 12, dtype=torch.float64)
+    else:
+        layer, x = BlockCirculantConv2d(6, 8, 3, 4, padding=1, dtype=torch.float64), \
+            torch.randn(2, 6, 5, 5, dtype=torch.float64)
+
+    def fresh():
+        dense = layer.dense_weight().detach()
+        return F.linear(x, dense, layer.bias) if kind == "linear" else F.conv2d(x, dense, layer.bias, padding=1)
+
+    layer.eval()
+    layer.vectors.requires_grad_(False)  # a frozen model, as during an attack
+    first = layer(x)
+    assert "_spectrum_cache" in layer.__dict__
+    cached = layer.__dict__["_spectrum_cache"][1]
+    torch.testing.assert_close(layer(x), first, atol=0, rtol=0)
+    assert layer.__dict__["_spectrum_cache"][1] is cached  # reused, not recomputed
+    layer.vectors.requires_grad_(True)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer.train()
+    layer(x).square().sum().backward()
+    optimizer.step()
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), fresh(), atol=1e-10, rtol=0)
+        layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()})
+        torch.testing.assert_close(layer(x), fresh(), atol=1e-10, rtol=0)
+        layer.vectors.data.mul_(2)  # not seen by the version counter: a mode switch drops the cache
+        layer.eval()
+        torch.testing.assert_close(layer(x), fresh(), atol=1e-10, rtol=0)
+    # training mode never caches (the spectrum is part of the autograd graph)
+    layer.train()
+    layer(x)
+    assert "_spectrum_cache" not in layer.__dict__

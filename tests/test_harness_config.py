@@ -34,7 +34,8 @@ def test_paper_presets_hold_the_paper_settings(name):
 def test_preset_list_covers_every_paper_setting():
     expected = {f"{d}-{m}-{u}" for d in ("cifar10", "cifar100") for m in ("vgg16", "resnet18")
                 for u in ("irregular", "channel")} | {"tiny-imagenet-vgg16-irregular", "tiny-imagenet-vgg16-channel"}
-    assert set(PRESETS) == expected | {"fashion-mnist-quick"}
+    circulant = {"fashion-mnist-circulant", "cifar10-vgg16-circulant", "cifar10-resnet18-circulant"}  # issue 16
+    assert set(PRESETS) == expected | {"fashion-mnist-quick"} | circulant
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])

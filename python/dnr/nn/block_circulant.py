@@ -22,7 +22,11 @@ weight's, and ``benchmarks/bench_circulant.py`` records that saved size next to 
 Convolutions (:class:`BlockCirculantConv2d`): at every kernel tap ``(u, v)`` the ``C_out x C_in`` matrix
 ``W[:, :, u, v]`` is block-circulant over channel blocks, with vectors ``[p, q, k, kh, kw]``. The FFT form
 is an rfft over each channel block of the input, one complex convolution per frequency (a grouped conv
-with ``k // 2 + 1`` groups), and an irfft over the output channel blocks.
+with ``k // 2 + 1`` groups, computed as a real conv of the stacked real and imaginary parts), and an irfft
+over the output channel blocks.
+
+In eval mode, while no gradient flows to the vectors (inference, attacks on a frozen model), a layer keeps
+its weight spectrum between forward passes (``BlockCirculantLayer.weight_spectrum``).
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from torch import nn
 
 __all__ = ["BlockCirculantLinear", "BlockCirculantConv2d", "BlockCirculantLayer", "block_circulant_matmul",
            "block_circulant_conv2d", "block_circulant_dense", "circulant", "circulant_layers", "circulant_report",
-           "check_block_size", "blocks", "fft_flops", "project_to_vectors", "densify_circulant"]
+           "check_block_size", "blocks", "fft_flops", "project_to_vectors", "densify_circulant", "linear_spectrum",
+           "conv_spectrum"]
 
 ExcludeSpec = Union[None, str, type, Callable[[str, nn.Module], bool], Iterable[Union[str, type]]]
 
@@ -72,12 +77,23 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------- the products
-def block_circulant_matmul(x: torch.Tensor, vectors: torch.Tensor, out_features: int | None = None) -> torch.Tensor:
+def linear_spectrum(vectors: torch.Tensor) -> torch.Tensor:
+    """The weight's spectrum in the layout of :func:`block_circulant_matmul`'s product.
+
+    Shapes: vectors [p, q, k] (real) -> [k // 2 + 1, q, p] (complex, contiguous).
+    """
+    return torch.fft.rfft(vectors, dim=-1).permute(2, 1, 0).contiguous()
+
+
+def block_circulant_matmul(x: torch.Tensor, vectors: torch.Tensor, out_features: int | None = None, *,
+                           spectrum: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T`` for the block-circulant ``W`` defined by ``vectors``, through rfft / irfft.
 
     Shapes:
         x: [*, n] with ``n <= q * k`` (zero-padded to ``q * k``);
         vectors: [p, q, k], block (i, j) is ``C[r, c] = vectors[i, j, (r - c) mod k]`` (module docstring);
+        spectrum: optional ``linear_spectrum(vectors)`` [k // 2 + 1, q, p], computed once and reused while the
+            vectors do not change (e.g. over the steps of an attack); must be in the computation's dtype;
         returns: [*, out_features] (default ``p * k``), ``out_features <= p * k``.
 
     Float32 / float64 are computed in their own precision; other dtypes in float32 (result cast back).
@@ -97,23 +113,38 @@ def block_circulant_matmul(x: torch.Tensor, vectors: torch.Tensor, out_features:
     xs = x.to(dtype).reshape(-1, n)
     if n < q * k:
         xs = F.pad(xs, (0, q * k - n))
-    spectrum = torch.fft.rfft(xs.reshape(-1, q, k), dim=-1)          # [N, q, f], f = k // 2 + 1
-    weight = torch.fft.rfft(vectors.to(dtype), dim=-1)               # [p, q, f]
+    weight = linear_spectrum(vectors.to(dtype)) if spectrum is None else spectrum      # [f, q, p]
+    x_spectrum = torch.fft.rfft(xs.reshape(-1, q, k), dim=-1)                         # [N, q, f]
     # one complex [N, q] @ [q, p] product per frequency: the sum over input blocks happens here
-    out = torch.bmm(spectrum.permute(2, 0, 1), weight.permute(2, 1, 0))  # [f, N, p]
-    y = torch.fft.irfft(out.permute(1, 2, 0), n=k, dim=-1)             # [N, p, k]
+    out = torch.bmm(x_spectrum.permute(2, 0, 1), weight)                               # [f, N, p]
+    y = torch.fft.irfft(out.permute(1, 2, 0), n=k, dim=-1)                             # [N, p, k]
     y = y.reshape(-1, p * k)[:, :out_features]
     return y.reshape(*lead, out_features).to(x.dtype if x.is_floating_point() else dtype)
 
 
+def conv_spectrum(vectors: torch.Tensor) -> torch.Tensor:
+    """The weight's spectrum as the real grouped-conv kernel of :func:`block_circulant_conv2d`.
+
+    Shapes: vectors [p, q, k, kh, kw] -> [(k // 2 + 1) * 2p, 2q, kh, kw] (real): per frequency the block
+    ``[[Re W, -Im W], [Im W, Re W]]`` that maps ``[Re X; Im X]`` to ``[Re WX; Im WX]`` (a real convolution of
+    the stacked parts is 4-6x faster on CPU than torch's complex convolution, measured).
+    """
+    p, q, k, kh, kw = vectors.shape
+    w = torch.fft.rfft(vectors, dim=2).permute(2, 0, 1, 3, 4)                          # [f, p, q, kh, kw]
+    real, imag = w.real, w.imag
+    block = torch.cat([torch.cat([real, -imag], dim=2), torch.cat([imag, real], dim=2)], dim=1)  # [f, 2p, 2q, ...]
+    return block.reshape(-1, 2 * q, kh, kw)
+
+
 def block_circulant_conv2d(x: torch.Tensor, vectors: torch.Tensor, out_channels: int | None = None, *, stride=1,
-                           padding=0, dilation=1) -> torch.Tensor:
+                           padding=0, dilation=1, spectrum: torch.Tensor | None = None) -> torch.Tensor:
     """``F.conv2d(x, W)`` for the kernel ``W`` that is block-circulant over channels at every tap.
 
     Shapes:
         x: [B, C_in, H, W] with ``C_in <= q * k`` (zero-padded channels);
         vectors: [p, q, k, kh, kw]; at tap (u, v) block (i, j) is
             ``W[i*k + r, j*k + c, u, v] = vectors[i, j, (r - c) mod k, u, v]``;
+        spectrum: optional ``conv_spectrum(vectors)`` (reused while the vectors do not change);
         returns: [B, out_channels, H', W'] (default ``out_channels = p * k``), H', W' as ``F.conv2d``.
     """
     if vectors.dim() != 5:
@@ -131,13 +162,13 @@ def block_circulant_conv2d(x: torch.Tensor, vectors: torch.Tensor, out_channels:
         xs = F.pad(xs, (0, 0, 0, 0, 0, q * k - c_in))
     b, _, h, w = xs.shape
     f = k // 2 + 1
-    spectrum = torch.fft.rfft(xs.reshape(b, q, k, h, w), dim=2)               # [B, q, f, H, W]
-    spectrum = spectrum.transpose(1, 2).reshape(b, f * q, h, w)               # frequency-major groups
-    weight = torch.fft.rfft(vectors.to(dtype), dim=2)                         # [p, q, f, kh, kw]
-    weight = weight.permute(2, 0, 1, 3, 4).reshape(f * p, q, kh, kw)
-    out = F.conv2d(spectrum, weight, stride=stride, padding=padding, dilation=dilation, groups=f)  # [B, f*p, H', W']
+    weight = conv_spectrum(vectors.to(dtype)) if spectrum is None else spectrum        # [f*2p, 2q, kh, kw]
+    x_spectrum = torch.fft.rfft(xs.reshape(b, q, k, h, w), dim=2).transpose(1, 2)     # [B, f, q, H, W]
+    stacked = torch.cat([x_spectrum.real, x_spectrum.imag], dim=2).reshape(b, f * 2 * q, h, w)
+    out = F.conv2d(stacked, weight, stride=stride, padding=padding, dilation=dilation, groups=f)  # [B, f*2p, H', W']
     ho, wo = out.shape[-2:]
-    y = torch.fft.irfft(out.reshape(b, f, p, ho, wo), n=k, dim=1)             # [B, k, p, H', W']
+    out = out.reshape(b, f, 2, p, ho, wo)
+    y = torch.fft.irfft(torch.complex(out[:, :, 0], out[:, :, 1]), n=k, dim=1)       # [B, k, p, H', W']
     y = y.transpose(1, 2).reshape(b, p * k, ho, wo)[:, :out_channels]
     return y.to(x.dtype if x.is_floating_point() else dtype)
 
@@ -191,6 +222,33 @@ class BlockCirculantLayer:
         """Dense weights over stored weights (= k when both sizes are multiples of k)."""
         return self.num_dense / self.num_stored
 
+    def weight_spectrum(self, make: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> torch.Tensor | None:
+        """The vectors' spectrum, cached in eval mode while no gradient flows to the vectors (inference, and the
+        steps of an attack on a frozen model: one weight FFT instead of one per forward pass); None where it must
+        be computed inside the autograd graph (training). The cache is keyed by the vectors' version counter, so
+        an optimizer step, ``load_state_dict`` or any in-place op renews it; a write through ``vectors.data``
+        is not seen: call ``train()``/``eval()``, which drop the cache."""
+        v = self.vectors
+        exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
+        if self.training or (torch.is_grad_enabled() and v.requires_grad) or torch.compiler.is_compiling() \
+                or exporting:
+            return None
+        key = (v._version, v.data_ptr(), v.device, dtype)
+        cache = self.__dict__.get("_spectrum_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, make(v.detach().to(dtype)))
+            self.__dict__["_spectrum_cache"] = cache
+        return cache[1]
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_spectrum_cache", None)
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .double(), .cuda(): new tensors, drop the cache
+        self.__dict__.pop("_spectrum_cache", None)
+        return super()._apply(fn, *args, **kwargs)
+
     def _init_vectors(self, fan_in: int, shape: tuple, device, dtype) -> None:
         # the default init of nn.Linear / nn.Conv2d (kaiming_uniform with a=sqrt(5): U(-1/sqrt(fan_in), ...)):
         # every dense entry is one of the vector entries, so the dense-equivalent layer has that distribution
@@ -236,7 +294,8 @@ class BlockCirculantLinear(BlockCirculantLayer, nn.Module):
         return block_circulant_dense(self.vectors, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = block_circulant_matmul(x, self.vectors, self.out_features)
+        spectrum = self.weight_spectrum(linear_spectrum, _compute_dtype(x, self.vectors))
+        y = block_circulant_matmul(x, self.vectors, self.out_features, spectrum=spectrum)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @classmethod
@@ -307,8 +366,9 @@ class BlockCirculantConv2d(BlockCirculantLayer, nn.Module):
         return block_circulant_dense(self.vectors, self.out_channels, self.in_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spectrum = self.weight_spectrum(conv_spectrum, _compute_dtype(x, self.vectors))
         y = block_circulant_conv2d(x, self.vectors, self.out_channels, stride=self.stride, padding=self.padding,
-                                   dilation=self.dilation)
+                                   dilation=self.dilation, spectrum=spectrum)
         return y if self.bias is None else y + self.bias.to(y.dtype)[:, None, None]
 
     @classmethod
