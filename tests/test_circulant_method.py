@@ -122,3 +122,22 @@ def test_the_layers_are_public_names():
     assert dnr.BlockCirculantLinear is BlockCirculantLinear and dnr.BlockCirculantConv2d is BlockCirculantConv2d
     assert callable(dnr.circulant) and dnr.nn.block_circulant_matmul is not None
     assert "fashion-mnist-circulant" in PRESETS
+
+
+def test_compare_plans_one_circulant_cell_per_density_with_k_from_it():
+    """docs/circulant/compare.yaml: the density axis sets the block size (k = round(1 / density)), one cell per
+    density in the grid's first mode, next to DNR at the same densities."""
+    from dnr.harness.compare.spec import CompareSpec, load_compare_config
+    root = os.path.join(os.path.dirname(__file__), "..", "docs", "circulant")
+    for name in ("compare.yaml", "compare-smoke.yaml"):
+        cells = CompareSpec.from_mapping(load_compare_config(os.path.join(root, name))).plan()
+        circ = [c for c in cells if c["method"] == "circulant"]
+        assert [c["key"] for c in circ] == [f"circulant-irregular-d{d:g}-s0" for d in (0.5, 0.25, 0.125, 0.0625)]
+        for c in circ:
+            cfg = resolve_config(None, {}, {k: v for k, v in c["config"].items()})
+            assert cfg.resolved_block_size == round(1 / c["target_density"])
+        assert {c["target_density"] for c in cells if c["method"] == "dnr"} == {0.5, 0.25, 0.125, 0.0625}
+    two_modes = CompareSpec.from_mapping({"methods": ["circulant"], "modes": ["irregular", "channel"],
+                                          "densities": [0.25], "seeds": [0]}).plan()
+    assert [c["key"] for c in two_modes] == ["circulant-irregular-d0.25-s0"]  # no sparsity mode to vary
+    assert resolve_config(None, {}, {"method": "circulant", "density": 0.25, "block_size": 8}).resolved_block_size == 8

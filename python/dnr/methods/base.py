@@ -48,6 +48,7 @@ class CompressionMethod:
             schedule restarts there (learning-rate rewinding).
         needs_sparse_target: the config's density must be < 1.
         checkpoint_formats / export_formats: the formats its models can be saved / exported in.
+        per_density: a dense-layered method whose compression follows the config's density (compare grids).
     """
 
     name: ClassVar[str] = ""
@@ -58,6 +59,9 @@ class CompressionMethod:
     needs_sparse_target: ClassVar[bool] = False
     checkpoint_formats: ClassVar[tuple[str, ...]] = CHECKPOINT_FORMATS
     export_formats: ClassVar[tuple[str, ...]] = EXPORT_FORMATS
+    #: not sparse, but its compression follows ``cfg.density`` (block-circulant: k = round(1 / density)), so
+    #: ``dnr compare`` plans it one cell per density like a sparse method (in the grid's first mode only)
+    per_density: ClassVar[bool] = False
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

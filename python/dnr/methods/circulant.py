@@ -20,12 +20,14 @@ __all__ = ["BlockCirculant"]
 
 @register("circulant")
 class BlockCirculant(CompressionMethod):
-    """Converts every conv / linear layer to a block-circulant one (``--block-size`` k; ``--prune-first`` /
-    ``--prune-last`` decide whether the first / last layer is converted too) and trains it adversarially."""
+    """Converts every conv / linear layer to a block-circulant one (``--block-size`` k, default round(1 /
+    --density); ``--prune-first`` / ``--prune-last`` decide whether the first / last layer is converted too) and
+    trains it adversarially."""
 
     description = "block-circulant weights, FFT products (CirCNN; --block-size k) + AT"
     # its models have no masks: the sparse file format has nothing to store; compact = the vectors themselves
     export_formats = ("compact", "onnx")
+    per_density = True  # dnr compare: one cell per density, at block size round(1 / density)
 
     @classmethod
     def check_config(cls, cfg) -> str | None:
@@ -43,10 +45,11 @@ class BlockCirculant(CompressionMethod):
         if circulant_layers(model):
             return model
         try:
-            return circulant(model, cfg.block_size, convert_first=cfg.prune_first,
+            return circulant(model, cfg.resolved_block_size, convert_first=cfg.prune_first,
                              convert_last=True if cfg.prune_last is None else cfg.prune_last)
         except ValueError as err:
-            raise ValueError(f"option --block-size: got {cfg.block_size}: {err}") from None
+            given = "" if cfg.block_size is not None else f" (round(1 / --density {cfg.density}))"
+            raise ValueError(f"option --block-size: got {cfg.resolved_block_size}{given}: {err}") from None
 
     def report(self, model: nn.Module, input_size: tuple[int, ...] | None = None) -> dict:
         """Stored (vector) weights against the dense layers': ``density`` = stored / dense weights of the

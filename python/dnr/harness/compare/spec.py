@@ -265,8 +265,9 @@ class CompareSpec:
         for method in grid.methods:
             probe = _resolve(self.preset, grid, model, method, grid.modes[0], min(grid.densities), grid.seeds[0],
                              threads, models_given=self.models is not None)
-            if probe.sparse:
-                for mode in grid.modes:
+            if probe.sparse or probe.method_class.per_density:
+                # a per-density method without masks (circulant) has no sparsity mode: the first one names it
+                for mode in grid.modes if probe.sparse else grid.modes[:1]:
                     for d in grid.densities:
                         for seed in grid.seeds:
                             add(method, mode, d, seed)
