@@ -13,8 +13,8 @@ sizes k in {4, 8, 16, 32, 64}, three ways of computing one layer are timed, forw
 
 Each FFT case is first checked against the dense-matrix form. The ``crossover`` entries give, per shape,
 batch and pass, the smallest k from which the FFT layer is faster than the plain layer (None: at no k of the
-grid). ``saved_bytes_fft`` is what autograd keeps for the FFT layer's backward (the input's spectrum), next
-to the input's own size (the memory a custom autograd function saving the input could save).
+grid). ``saved_bytes_fft`` is what autograd keeps for the FFT layer's backward (linear: the custom function's
+input and vectors; conv: the spectra autograd saves), next to the input's own size.
 
 CPU default: batch 1 and 256 for the linear layers; for the convs batch 1 and ``--conv-batch`` (default 16 on
 CPU, 256 on CUDA), because VGG16's convs at batch 256 take minutes per case on one CPU thread.

@@ -14,10 +14,10 @@ diagonals. Then ``C_ij @ x_j`` is the circular convolution ``w_ij (*) x_j``, so
     y_i = sum_j irfft(rfft(w_ij) * rfft(x_j)) = irfft(sum_j rfft(w_ij) * rfft(x_j))
 
 and the frequency-domain product is summed over the input blocks ``j`` before ONE inverse FFT per output
-block (:func:`block_circulant_matmul`). Backward runs through autograd of the same ops (rfft, a batched
-complex matmul, irfft), whose gradients are FFT-domain products too. A custom autograd function was not
-used: autograd here saves only the input's spectrum (``(k + 2) / k`` times the input's size) and the
-weight's, and ``benchmarks/bench_circulant.py`` records that saved size next to the timings.
+block (:func:`block_circulant_matmul`). Its backward is a custom autograd function (FFT-domain products too)
+that saves only the input and the vectors instead of their spectra: about half the memory that autograd of the
+plain ops kept (``benchmarks/bench_circulant.py`` records ``saved_bytes_fft``). The conv's backward is
+autograd's.
 
 Convolutions (:class:`BlockCirculantConv2d`): at every kernel tap ``(u, v)`` the ``C_out x C_in`` matrix
 ``W[:, :, u, v]`` is block-circulant over channel blocks, with vectors ``[p, q, k, kh, kw]``. The FFT form
@@ -113,13 +113,51 @@ def block_circulant_matmul(x: torch.Tensor, vectors: torch.Tensor, out_features:
     xs = x.to(dtype).reshape(-1, n)
     if n < q * k:
         xs = F.pad(xs, (0, q * k - n))
-    weight = linear_spectrum(vectors.to(dtype)) if spectrum is None else spectrum      # [f, q, p]
-    x_spectrum = torch.fft.rfft(xs.reshape(-1, q, k), dim=-1)                         # [N, q, f]
-    # one complex [N, q] @ [q, p] product per frequency: the sum over input blocks happens here
-    out = torch.bmm(x_spectrum.permute(2, 0, 1), weight)                               # [f, N, p]
-    y = torch.fft.irfft(out.permute(1, 2, 0), n=k, dim=-1)                             # [N, p, k]
-    y = y.reshape(-1, p * k)[:, :out_features]
+    y = _CirculantMatmul.apply(xs, vectors.to(dtype), spectrum)                        # [N, p * k]
+    y = y[:, :out_features]
     return y.reshape(*lead, out_features).to(x.dtype if x.is_floating_point() else dtype)
+
+
+def _frequency_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per frequency f: [N, q, f] x [f, q, p] -> [N, p, f] (complex), the sum over the q input blocks."""
+    return torch.bmm(a.permute(2, 0, 1), b).permute(1, 2, 0)
+
+
+class _CirculantMatmul(torch.autograd.Function):
+    """``xs [N, q*k] -> [N, p*k]`` for vectors [p, q, k]. Saves only ``xs`` and the vectors for backward (which
+    the caller holds anyway) instead of their spectra, and recomputes the two rffts in backward: autograd of the
+    plain ops kept about 4x the input's bytes per layer (``benchmarks/bench_circulant.py``, ``saved_bytes_fft``).
+    The backward uses differentiable ops, so double backward works.
+
+    Backward, with ``X = rfft(x)``, ``W = rfft(w)``, ``G = rfft(grad_y)`` (real signals):
+    ``grad_x = irfft(conj(W) G)`` (the transpose of a circulant block is circulant with the reversed vector) and
+    ``grad_w = irfft(sum_n G conj(X))`` (a circular cross-correlation).
+    """
+
+    @staticmethod
+    def forward(ctx, xs, vectors, spectrum):
+        p, q, k = vectors.shape
+        weight = linear_spectrum(vectors) if spectrum is None else spectrum            # [f, q, p]
+        x_spectrum = torch.fft.rfft(xs.reshape(-1, q, k), dim=-1)                     # [N, q, f]
+        y = torch.fft.irfft(_frequency_product(x_spectrum, weight), n=k, dim=-1)      # [N, p, k]
+        ctx.save_for_backward(xs, vectors)
+        return y.reshape(-1, p * k)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        xs, vectors = ctx.saved_tensors
+        p, q, k = vectors.shape
+        g = torch.fft.rfft(grad_y.reshape(-1, p, k), dim=-1)                           # [N, p, f]
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            weight = torch.fft.rfft(vectors, dim=-1).conj().permute(2, 0, 1)          # [f, p, q]
+            grad_x = torch.fft.irfft(_frequency_product(g, weight), n=k, dim=-1).reshape(-1, q * k)
+        if ctx.needs_input_grad[1]:
+            x_spectrum = torch.fft.rfft(xs.reshape(-1, q, k), dim=-1)                 # [N, q, f]
+            # sum over the batch per frequency: [f, p, N] @ [f, N, q] -> [f, p, q]
+            corr = torch.bmm(g.permute(2, 1, 0), x_spectrum.conj().permute(2, 0, 1))
+            grad_w = torch.fft.irfft(corr.permute(1, 2, 0), n=k, dim=-1)             # [p, q, k]
+        return grad_x, grad_w, None
 
 
 def conv_spectrum(vectors: torch.Tensor) -> torch.Tensor:
