@@ -141,3 +141,14 @@ def test_compare_plans_one_circulant_cell_per_density_with_k_from_it():
                                           "densities": [0.25], "seeds": [0]}).plan()
     assert [c["key"] for c in two_modes] == ["circulant-irregular-d0.25-s0"]  # no sparsity mode to vary
     assert resolve_config(None, {}, {"method": "circulant", "density": 0.25, "block_size": 8}).resolved_block_size == 8
+
+
+def test_trains_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["train", "--method", "circulant", "--block-size", "8", "--train-size", "128", "--test-size", "32",
+            "--batch-size", "64", "--epochs", "1", "--attack-steps", "1", "--eval-steps", "1", "--eval-size", "16",
+            "--threads", "1", "--no-plots", "--no-progress", "--out", str(out)]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    summary = json.load(open(out / "summary.json"))
+    assert summary["method"] == "circulant" and summary["compression"] > 7
+    assert json.load(open(out / "config.json"))["block_size"] == 8
