@@ -31,21 +31,21 @@ its weight spectrum between forward passes (``BlockCirculantLayer.weight_spectru
 
 from __future__ import annotations
 
-import fnmatch
+import copy
 import math
-from typing import Callable, Iterable, Union
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .masked import MaskedLayer
+from .sparsify import ExcludeSpec, exclusion_predicate
+
 __all__ = ["BlockCirculantLinear", "BlockCirculantConv2d", "BlockCirculantLayer", "block_circulant_matmul",
            "block_circulant_conv2d", "block_circulant_dense", "circulant", "circulant_layers", "circulant_report",
            "check_block_size", "blocks", "fft_flops", "project_to_vectors", "densify_circulant", "linear_spectrum",
            "conv_spectrum"]
-
-ExcludeSpec = Union[None, str, type, Callable[[str, nn.Module], bool], Iterable[Union[str, type]]]
-
 
 # ---------------------------------------------------------------------------------------- checks and shapes
 def check_block_size(block_size, *, in_size: int | None = None, out_size: int | None = None,
@@ -487,9 +487,6 @@ def circulant(model: nn.Module, block_size: int, exclude: ExcludeSpec = None, *,
             that is already block-circulant or masked.
         TypeError: ``model``, ``block_size`` or ``exclude`` of the wrong type.
     """
-    from .masked import MaskedLayer  # sibling module
-    from .sparsify import exclusion_predicate
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_block_size(block_size)
@@ -535,7 +532,6 @@ def densify_circulant(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every block-circulant layer replaced by the plain ``nn.Linear`` /
     ``nn.Conv2d`` holding its ``dense_weight()`` (same function; used where the FFT form cannot go, e.g. an
     ONNX exporter without FFT operators, and as the dense reference of sizes and timings)."""
-    import copy
     out = copy.deepcopy(model)
     for name, m in circulant_layers(out):
         w = m.vectors
