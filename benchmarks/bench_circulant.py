@@ -13,8 +13,8 @@ sizes k in {4, 8, 16, 32, 64}, three ways of computing one layer are timed, forw
 
 Each FFT case is first checked against the dense-matrix form. The ``crossover`` entries give, per shape,
 batch and pass, the smallest k from which the FFT layer is faster than the plain layer (None: at no k of the
-grid). ``saved_bytes_fft`` is what autograd keeps for the FFT layer's backward (linear: the custom function's
-input and vectors; conv: the spectra autograd saves), next to the input's own size.
+grid). ``saved_bytes_fft`` is what autograd keeps for the FFT layer's backward beyond the layer's parameters
+(linear: the custom function's input; conv: the spectra autograd saves), next to the input's own size.
 
 CPU default: batch 1 and 256 for the linear layers; for the convs batch 1 and ``--conv-batch`` (default 16 on
 CPU, 256 on CUDA), because VGG16's convs at batch 256 take minutes per case on one CPU thread.
@@ -33,12 +33,15 @@ VGG16_CONVS = [(3, 64, 32), (64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 2
                (256, 512, 4), (512, 512, 4), (512, 512, 2)]
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct tensors autograd saves for backward while ``fn()`` runs."""
+def saved_bytes(fn, params=()) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while ``fn()`` runs, without the storages of
+    ``params`` (the layer's parameters are held anyway)."""
+    held = {q.untyped_storage().data_ptr() for q in params}
     seen = {}
 
     def pack(t):
-        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in held:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -118,7 +121,7 @@ def main():
                 "plain_fwd_ms": plain_fwd,
                 "fft_fwd_bwd_ms": fft_fb, "dense_matrix_fwd_bwd_ms": dense_fb, "plain_fwd_bwd_ms": plain_fb,
                 "speedup_fwd_vs_plain": plain_fwd / fft_fwd, "speedup_fwd_bwd_vs_plain": plain_fb / fft_fb,
-                "saved_bytes_fft": saved_bytes(lambda: layer(x)), "input_bytes": x.numel() * x.element_size(),
+                "saved_bytes_fft": saved_bytes(lambda: layer(x), list(layer.parameters())), "input_bytes": x.numel() * x.element_size(),
             })
     crossover = []
     for kind, n_in, n_out, hw, batch in cases:

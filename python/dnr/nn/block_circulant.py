@@ -15,9 +15,9 @@ diagonals. Then ``C_ij @ x_j`` is the circular convolution ``w_ij (*) x_j``, so
 
 and the frequency-domain product is summed over the input blocks ``j`` before ONE inverse FFT per output
 block (:func:`block_circulant_matmul`). Its backward is a custom autograd function (FFT-domain products too)
-that saves only the input and the vectors instead of their spectra: about half the memory that autograd of the
-plain ops kept (``benchmarks/bench_circulant.py`` records ``saved_bytes_fft``). The conv's backward is
-autograd's.
+that saves only the input and the vectors instead of their spectra: beyond the parameters it keeps the input
+(1.0x its bytes) where autograd of the plain ops kept 3.25x (4096 wide, k = 16, batch 256;
+``benchmarks/bench_circulant.py`` records ``saved_bytes_fft``). The conv's backward is autograd's.
 
 Convolutions (:class:`BlockCirculantConv2d`): at every kernel tap ``(u, v)`` the ``C_out x C_in`` matrix
 ``W[:, :, u, v]`` is block-circulant over channel blocks, with vectors ``[p, q, k, kh, kw]``. The FFT form
@@ -126,7 +126,8 @@ def _frequency_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class _CirculantMatmul(torch.autograd.Function):
     """``xs [N, q*k] -> [N, p*k]`` for vectors [p, q, k]. Saves only ``xs`` and the vectors for backward (which
     the caller holds anyway) instead of their spectra, and recomputes the two rffts in backward: autograd of the
-    plain ops kept about 4x the input's bytes per layer (``benchmarks/bench_circulant.py``, ``saved_bytes_fft``).
+    plain ops kept 3.25x the input's bytes beyond the parameters (``benchmarks/bench_circulant.py``,
+    ``saved_bytes_fft``).
     The backward uses differentiable ops, so double backward works.
 
     Backward, with ``X = rfft(x)``, ``W = rfft(w)``, ``G = rfft(grad_y)`` (real signals):
