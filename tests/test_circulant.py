@@ -264,6 +264,19 @@ def test_low_precision_inputs_compute_in_float32():
     torch.testing.assert_close(y.float(), layer(x.bfloat16().float()), atol=1e-2, rtol=1e-2)
 
 
+def test_bf16_autocast_runs_the_fft_form_in_float32():
+    """--precision bf16 trains under autocast: the frequency-domain conv must not be cast to bfloat16 (torch.complex
+    has no bfloat16), and both layers give their float32 result."""
+    conv, lin = BlockCirculantConv2d(8, 8, 3, 4, padding=1), BlockCirculantLinear(8, 8, 4)
+    x, v = torch.randn(2, 8, 5, 5), torch.randn(2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yc, yl = conv(x), lin(v)
+        yc.float().sum().backward()
+    torch.testing.assert_close(yc, conv(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(yl, lin(v), atol=1e-5, rtol=1e-5)
+    assert conv.vectors.grad is not None
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_eval_mode_weight_spectrum_cache_follows_the_vectors(kind):
     """Eval mode without a gradient to the vectors reuses the weight spectrum; an optimizer step, load_state_dict

@@ -204,7 +204,8 @@ def block_circulant_conv2d(x: torch.Tensor, vectors: torch.Tensor, out_channels:
     weight = conv_spectrum(vectors.to(dtype)) if spectrum is None else spectrum        # [f*2p, 2q, kh, kw]
     x_spectrum = torch.fft.rfft(xs.reshape(b, q, k, h, w), dim=2).transpose(1, 2)     # [B, f, q, H, W]
     stacked = torch.cat([x_spectrum.real, x_spectrum.imag], dim=2).reshape(b, f * 2 * q, h, w)
-    out = F.conv2d(stacked, weight, stride=stride, padding=padding, dilation=dilation, groups=f)  # [B, f*2p, H', W']
+    with torch.autocast(x.device.type, enabled=False):  # the spectra stay in `dtype` (bf16 autocast would cast)
+        out = F.conv2d(stacked, weight, stride=stride, padding=padding, dilation=dilation, groups=f)  # [B, f*2p, ...]
     ho, wo = out.shape[-2:]
     out = out.reshape(b, f, 2, p, ho, wo)
     y = torch.fft.irfft(torch.complex(out[:, :, 0], out[:, :, 1]), n=k, dim=1)       # [B, k, p, H', W']
