@@ -13,6 +13,7 @@ Typical use::
 __version__ = "0.1.0"
 
 from . import attacks, data, engine, evaluation, methods, models, ops
+from . import analysis, curriculum  # SAT curriculum (issue 15)
 from .losses import HybridLoss, hybrid_loss
 from .nn import (MaskedConv2d, MaskedLinear, Normalize, apply_masks, density_report, masked_layers,
                  sparsify)
@@ -21,4 +22,4 @@ from .rewiring import DNR
 
 __all__ = ["__version__", "attacks", "data", "engine", "evaluation", "methods", "ops", "hybrid_loss", "HybridLoss", "MaskedConv2d",
            "MaskedLinear", "Normalize", "sparsify", "density_report", "apply_masks", "masked_layers", "DNR",
-           "BlockCirculantLinear", "BlockCirculantConv2d", "circulant"]
+           "analysis", "curriculum", "BlockCirculantLinear", "BlockCirculantConv2d", "circulant"]

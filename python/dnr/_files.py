@@ -21,7 +21,8 @@ __all__ = ["atomic_path", "atomic_open", "sha256_file", "FileWriteError", "Outpu
 # they are the run's record, its checkpoints and its final model. Reports and plots are derived from
 # them and may be rewritten (by dnr report).
 RUN_FILES = ("config.json", "initial_density.json", "metrics.jsonl", "metrics.csv", "rewiring.jsonl",
-             "pruning.jsonl", "summary.json", "model.pt", "robust_eval.json")
+             "pruning.jsonl", "summary.json", "model.pt", "robust_eval.json",
+             "curriculum.jsonl")  # SAT curriculum (issue 15): its Hessian measurements
 CHECKPOINT_FOLDER = "checkpoints"
 
 

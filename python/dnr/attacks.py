@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from . import ops as _ops
 
-__all__ = ["fgsm", "pgd", "evaluate", "attack_mode", "check_device", "check_clip_range"]
+__all__ = ["fgsm", "pgd", "evaluate", "attack_mode", "module_mode", "check_device", "check_clip_range"]
 
 Scalar = Union[float, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -145,15 +145,12 @@ _NormBase = nn.modules.batchnorm._NormBase  # BatchNorm1d/2d/3d, SyncBatchNorm, 
 
 
 @contextmanager
-def attack_mode(model: nn.Module, bn_mode: str) -> Iterator[None]:
-    """Put ``model`` in the mode the attack needs; restore flags (and BN buffers) on exit.
-
-    The parameters stop requiring gradients meanwhile: an attack needs only the input gradient, and a
-    custom op's backward (the compiled masked convolution) cannot see that ``autograd.grad`` asks for
-    the input alone, so it would also compute the weight gradient of every layer.
-    """
+def module_mode(model: nn.Module, bn_mode: str) -> Iterator[None]:
+    """Run ``model`` in eval mode (``bn_mode="eval"``) or train mode (``"train"``: BatchNorm on batch
+    statistics, every running statistic and ``num_batches_tracked`` restored on exit, whatever the
+    momentum); every submodule's ``training`` flag is restored on exit, also on errors. Used by the
+    attacks and by :func:`dnr.analysis.hessian_top_eigenvalue`."""
     flags: List[Tuple[nn.Module, bool]] = [(m, m.training) for m in model.modules()]
-    frozen = [p for p in model.parameters() if p.requires_grad]
     saved: List[Tuple[Tensor, Tensor]] = []
     if bn_mode == "train":
         # Snapshot every running statistic: exact restore, independent of momentum (None,
@@ -164,18 +161,33 @@ def attack_mode(model: nn.Module, bn_mode: str) -> Iterator[None]:
                     if buf is not None:
                         saved.append((buf, buf.detach().clone()))
     try:
-        for p in frozen:
-            p.requires_grad_(False)
         model.train(bn_mode == "train")
         yield
     finally:
-        for p in frozen:
-            p.requires_grad_(True)
         with torch.no_grad():
             for buf, copy in saved:
                 buf.copy_(copy)
         for m, flag in flags:
             m.training = flag
+
+
+@contextmanager
+def attack_mode(model: nn.Module, bn_mode: str) -> Iterator[None]:
+    """Put ``model`` in the mode the attack needs (:func:`module_mode`); restore flags (and BN buffers) on exit.
+
+    The parameters stop requiring gradients meanwhile: an attack needs only the input gradient, and a
+    custom op's backward (the compiled masked convolution) cannot see that ``autograd.grad`` asks for
+    the input alone, so it would also compute the weight gradient of every layer.
+    """
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        with module_mode(model, bn_mode):
+            yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def _default_loss(logits: Tensor, y: Tensor) -> Tensor:
@@ -191,17 +203,19 @@ def _per_sample_loss(loss_fn: Optional[LossFn], logits: Tensor, y: Tensor, fn: s
     return loss
 
 
-def _input_grad(model: nn.Module, x_in: Tensor, y: Tensor, loss_fn: Optional[LossFn], fn: str) -> Tensor:
-    """d(sum of losses)/dx at ``x_in`` (a detached tensor), without touching parameter grads."""
+def _input_grad(model: nn.Module, x_in: Tensor, y: Tensor, loss_fn: Optional[LossFn], fn: str,
+                with_logits: bool = False):
+    """d(sum of losses)/dx at ``x_in`` (a detached tensor), without touching parameter grads; with
+    ``with_logits`` also the (detached) logits of that forward pass, as ``(grad, logits)``."""
     x_in = x_in.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = _per_sample_loss(loss_fn, model(x_in), y, fn).sum()
+        logits = model(x_in)
+        loss = _per_sample_loss(loss_fn, logits, y, fn).sum()
         if not loss.requires_grad:
             raise RuntimeError(f"{fn}: the loss does not depend on x (model output has no grad_fn)")
         (grad,) = torch.autograd.grad(loss, x_in, allow_unused=True)
-    if grad is None:
-        return torch.zeros_like(x_in)
-    return grad.detach()
+    grad = torch.zeros_like(x_in) if grad is None else grad.detach()
+    return (grad, logits.detach()) if with_logits else grad
 
 
 def _bcast(t: Tensor, x: Tensor) -> Tensor:
@@ -268,8 +282,10 @@ def _layout(x: Tensor) -> torch.memory_format:
 
 
 def _pgd_once(model, x0, y, eps_t, alpha_t, steps, random_start, targeted, loss_fn, lo, hi,
-              generator, fn) -> Tensor:
-    """One PGD run from one start; returns x_adv (detached, in x0's layout)."""
+              generator, fn, stop_prob=None) -> Tensor:
+    """One PGD run from one start; returns x_adv (detached, in x0's layout). With ``stop_prob`` ([] or
+    [B]), an example stops moving (its step size becomes 0 in the fused op) from the first iterate whose
+    softmax probability of class ``y`` is below its ``stop_prob``."""
     eps_b = _bcast(eps_t, x0)
     fmt = _layout(x0)
     if random_start:
@@ -284,8 +300,22 @@ def _pgd_once(model, x0, y, eps_t, alpha_t, steps, random_start, targeted, loss_
     delta = (x_adv - x0).contiguous(memory_format=fmt)
     # Targeted attacks descend the loss towards y: a negative step size (dnr.ops contract).
     step = -alpha_t if targeted else alpha_t
+    stopped = None
     for _ in range(steps):
-        grad = _input_grad(model, x_adv, y, loss_fn, fn)
+        if stop_prob is None:
+            grad = _input_grad(model, x_adv, y, loss_fn, fn)
+        else:
+            grad, logits = _input_grad(model, x_adv, y, loss_fn, fn, with_logits=True)
+            with torch.no_grad():
+                # at least float32 (bf16 autocast logits), float64 stays float64
+                p_true = (logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=1)
+                          .gather(1, y.view(-1, 1)).squeeze(1))
+                below = p_true < stop_prob.to(p_true.dtype)
+                stopped = below if stopped is None else stopped | below  # once stopped, stays stopped
+                if bool(stopped.all()):
+                    break
+                # per-sample step sizes: 0 freezes a stopped example (d = clamp(d, -eps, eps) = d)
+                step = torch.where(stopped, x0.new_zeros(x0.shape[0]), alpha_t.expand(x0.shape[0]))
         grad = grad.to(dtype=x0.dtype).contiguous(memory_format=fmt)
         with torch.no_grad():
             _ops.pgd_step_(delta, x_adv, x0, grad, eps_t, step, lo, hi)
@@ -307,6 +337,7 @@ def pgd(
     clip: Tuple[float, float] = (0.0, 1.0),
     bn_mode: str = "eval",
     generator: Optional[torch.Generator] = None,
+    stop_prob: Optional[Scalar] = None,
 ) -> Tensor:
     """Projected Gradient Descent (Madry et al. 2018), L-inf.
 
@@ -342,6 +373,11 @@ def pgd(
         clip: valid pixel range ``(lo, hi)``.
         bn_mode: ``"eval"`` or ``"train"`` (see module docstring).
         generator: optional ``torch.Generator`` for the random starts (reproducibility).
+        stop_prob: per-example early stopping (P-SAT's curriculum, :mod:`dnr.curriculum`): a number in
+            [0, 1], a 0-d tensor or per-sample ``[B]``. Before each step, an example whose softmax
+            probability of class ``y`` at the current iterate is below its ``stop_prob`` stops for good
+            (its per-sample step size in :func:`dnr.ops.pgd_step_` becomes 0): 0 never stops (plain PGD),
+            1 stops every example at its random start. Untargeted attacks only. None: plain PGD.
 
     Returns:
         ``x_adv`` ``[B, ...]``, detached, dtype/device of ``x``; ``|x_adv - x| <= eps`` and
@@ -358,6 +394,14 @@ def pgd(
     _check_loss_fn(fn, loss_fn)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if stop_prob is not None:
+        if targeted:
+            raise ValueError(f"{fn}: stop_prob (early stopping on the true class's probability) needs "
+                             "targeted=False")
+        stop_t = _check_budget(fn, "stop_prob", stop_prob, x, allow_zero=True)
+        if bool((stop_t > 1).any()):
+            raise ValueError(f"{fn}: every stop_prob must be in [0, 1], got stop_prob={stop_t.flatten().tolist()[:8]}")
+        stop_prob = stop_t.expand(x.shape[0])
 
     x0 = x.detach()
     x0 = x0.contiguous(memory_format=_layout(x0))
@@ -367,7 +411,7 @@ def pgd(
         best_obj: Optional[Tensor] = None
         for _ in range(restarts):
             x_adv = _pgd_once(model, x0, y, eps_t, alpha_t, steps, random_start, targeted, loss_fn,
-                              lo, hi, generator, fn)
+                              lo, hi, generator, fn, stop_prob)
             if restarts == 1:
                 best = x_adv
                 break

@@ -7,6 +7,7 @@
     dnr eval runs/r18/model.pt --steps 50 --restarts 5 [--autoattack]
     dnr report runs/r18
     dnr info runs/r18/model.pt
+    dnr analyze hessian runs/r18                  # top Hessian eigenvalue of the clean and adversarial loss
     dnr compare --config configs/compare-fashion-mnist.yaml --out runs/compare [--jobs 2] [--models M ...]
     dnr compare --report-only runs/compare        # rebuild compare.md / compare.json / plots from the run files
 
@@ -169,6 +170,29 @@ def _add_info(sub) -> None:
     p.set_defaults(func=cmd_info)
 
 
+def _add_analyze(sub) -> None:
+    p = sub.add_parser("analyze", formatter_class=_Formatter, help="loss-landscape analysis of a checkpoint",
+                       description="Analyses of a trained model.")
+    what = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
+    h = what.add_parser("hessian", formatter_class=_Formatter,
+                        help="top Hessian eigenvalue of the clean and the adversarial loss",
+                        description="Top eigenvalue (power iteration on Hessian-vector products) of the Hessian, "
+                                    "w.r.t. the parameters, of the clean and the adversarial cross-entropy of a "
+                                    "checkpoint's model (eval mode) on the first N examples of its data; the "
+                                    "adversarial examples are the run's training PGD attack.")
+    h.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or run directory")
+    h.add_argument("--examples", type=int, default=256, metavar="N", help="examples in the batch (default 256)")
+    h.add_argument("--iters", type=int, default=20, metavar="K", help="power-iteration steps (default 20)")
+    h.add_argument("--eps", type=float, default=None, metavar="X",
+                   help="L-inf radius of the attack (default: the run's training eps)")
+    h.add_argument("--split", default="test", help="data split: test (default) or train")
+    h.add_argument("--data-root", default=None, metavar="DIR", help="dataset folder (default: the run's)")
+    h.add_argument("--seed", type=int, default=None, help="seed of the attack and the start vector (default: the run's)")
+    h.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    h.add_argument("--json", action="store_true", help="print the result as JSON")
+    h.set_defaults(func=cmd_analyze_hessian)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     intro, usage = __doc__.split("\n\n")[:2]
@@ -181,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_compare(sub)
     _add_info(sub)
+    _add_analyze(sub)
     try:  # the export commands, when that module is installed
         from .export import cli as export_cli
     except ImportError:
@@ -361,6 +386,20 @@ def cmd_info(args) -> int:
     print(f"checkpoint: {state['path']} ({state['kind']}{where})")
     print(f"model: {cfg.model} on {cfg.dataset}, method {cfg.method} ({cfg.mode}), target density {cfg.density}")
     print(report)
+    return 0
+
+
+def cmd_analyze_hessian(args) -> int:
+    from .harness.analyze import hessian_of_checkpoint
+    res = hessian_of_checkpoint(args.checkpoint, examples=args.examples, iters=args.iters, eps=args.eps,
+                                split=args.split, data_root=args.data_root, seed=args.seed, device=args.device)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"checkpoint: {res['checkpoint']}")
+    print(f"top Hessian eigenvalue, {res['examples']} {res['split']} examples, {res['iters']} power iterations:")
+    print(f"  clean loss        {res['clean']:.6g}")
+    print(f"  adversarial loss  {res['adversarial']:.6g}  (PGD-{res['attack_steps']}, eps {res['eps']:g})")
     return 0
 
 

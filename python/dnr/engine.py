@@ -37,6 +37,7 @@ def adversarial_step(
     penalty: Callable[[], torch.Tensor] | None = None,
     grad_sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
     autocast_dtype: torch.dtype | None = None,
+    curriculum=None,
 ) -> dict:
     """One hybrid adversarial training step.
 
@@ -45,6 +46,9 @@ def adversarial_step(
     controller (or any masked method) attached to ``optimizer`` re-applies the masks right after the step. ``beta = 1`` with
     ``steps`` ignored gives clean training (no attack is run). ``penalty()``, when given, is a scalar
     regulariser (e.g. ADMM's or RSR's) added to the loss; the returned loss includes it.
+
+    ``curriculum`` (a :class:`dnr.curriculum.Curriculum`), when given, makes the step's adversarial examples
+    from ``eps`` / ``alpha`` / ``steps`` at its difficulty (SAT); None is plain PGD with them.
 
     ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the attack's and the training's forward passes under
     ``torch.autocast``; the backward pass, the optimizer and the masks stay in the parameters' dtype.
@@ -67,7 +71,10 @@ def adversarial_step(
     amp = (torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
     with amp:
-        if beta < 1.0:
+        if beta < 1.0 and curriculum is not None:
+            x_adv = curriculum.adversarial_examples(model, x, y, eps=eps, alpha=alpha, steps=steps,
+                                                    bn_mode=attack_bn_mode, generator=generator)
+        elif beta < 1.0:
             x_adv = attacks.pgd(model, x, y, eps, alpha, steps, bn_mode=attack_bn_mode, generator=generator)
         model.train(was_training)
         clean_logits = model(x)
@@ -120,6 +127,7 @@ def train_epoch(
     grad_sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    curriculum=None,
 ) -> dict:
     """Train ``model`` for one epoch of hybrid adversarial training.
 
@@ -139,6 +147,7 @@ def train_epoch(
         autocast_dtype: forward passes under ``torch.autocast`` in this dtype (see adversarial_step).
         channels_last: move the input batches to the channels-last memory format (for a model converted
             with ``model.to(memory_format=torch.channels_last)``).
+        curriculum: a :class:`dnr.curriculum.Curriculum` consulted at every step (see adversarial_step).
 
     Returns:
         dict: mean loss, clean and adversarial training accuracy, images, images/s, seconds.
@@ -156,7 +165,7 @@ def train_epoch(
         try:
             out = adversarial_step(model, x, y, optimizer, eps=eps, alpha=alpha, steps=steps, beta=beta,
                                    attack_bn_mode=attack_bn_mode, penalty=penalty, grad_sync=grad_sync,
-                                   autocast_dtype=autocast_dtype)
+                                   autocast_dtype=autocast_dtype, curriculum=curriculum)
         except FloatingPointError as err:
             raise FloatingPointError(f"{err} (batch {i} of this epoch)") from None
         if lr_scheduler is not None:

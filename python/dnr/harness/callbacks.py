@@ -55,7 +55,8 @@ class TrainingRun:
     Parts: ``cfg`` (the TrainConfig), ``run_dir``, ``log`` (console), ``model`` (the module that is
     evaluated and saved), ``method`` (the compression method), ``optimizer``, ``scheduler``, ``data_gen`` /
     ``loader_gen`` (the data streams a checkpoint restores), ``steps_per_epoch``, ``rank`` / ``world``,
-    ``resumed`` (restored from a checkpoint).
+    ``resumed`` (restored from a checkpoint), ``curriculum`` (the SAT curriculum the engine consults, None for
+    clean training).
 
     Position: ``epoch`` (0-based: the epoch being trained; after an epoch's end, the next one), ``batch``
     (batches of that epoch done), ``step`` (optimizer steps done in the whole run), ``totals`` (the epoch's
@@ -84,6 +85,7 @@ class TrainingRun:
     rows: list = dataclasses.field(default_factory=list)
     elapsed: float = 0.0
     started: float = dataclasses.field(default_factory=time.perf_counter)
+    curriculum: Any = None
 
     @property
     def main(self) -> bool:
@@ -251,7 +253,8 @@ class Checkpoints(Callback):
         save_checkpoint(self.path, keep_previous=True, state={
             **extra, "kind": "train", "config": run.cfg.to_dict(), "model": run.model.state_dict(),
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-            "method": run.method.state_dict(), **streams, "epoch": run.epoch, "batch": run.batch,
+            "method": run.method.state_dict(),
+            "curriculum": run.curriculum.state_dict() if run.curriculum is not None else None, **streams, "epoch": run.epoch, "batch": run.batch,
             "step": run.step, "epoch_totals": dict(run.totals) if run.totals is not None else None,
             "metrics": run.rows, "elapsed": run.train_seconds(), "steps_per_epoch": run.steps_per_epoch,
         })
@@ -274,7 +277,8 @@ class RunFiles(Callback):
         write_text_atomic(os.path.join(run.run_dir, "initial_density.json"), json.dumps(initial, indent=2) + "\n")
 
     def on_epoch_end(self, run, row):
-        write_metrics(run.run_dir, run.rows, {"rewiring.jsonl": [], **run.method.log_records()})
+        curriculum_logs = run.curriculum.log_records() if run.curriculum is not None else {}
+        write_metrics(run.run_dir, run.rows, {"rewiring.jsonl": [], **run.method.log_records(), **curriculum_logs})
 
     def on_run_end(self, run, summary):
         summary_path = os.path.join(run.run_dir, "summary.json")
@@ -336,7 +340,9 @@ def write_text_atomic(path: str, text: str) -> None:
 
 CSV_COLUMNS = ("epoch", "step", "lr", "loss", "train_clean_acc", "train_adv_acc", "test_clean_acc",
                "test_pgd_acc", "density", "active_weights", "prune_rate", "rewired_weights", "seconds",
-               "images_per_s", "eval_seconds")
+               "images_per_s", "eval_seconds",
+               # SAT curriculum (issue 15)
+               "curriculum_lambda", "curriculum_eps", "effective_eps", "hessian_lambda_max")
 
 
 def write_metrics(run_dir: str, rows: list[dict], logs: dict[str, list[dict]]) -> None:
@@ -353,10 +359,11 @@ def write_metrics(run_dir: str, rows: list[dict], logs: dict[str, list[dict]]) -
         write_text_atomic(os.path.join(run_dir, name), "".join(json.dumps(r) + "\n" for r in records))
 
 
-def epoch_row(cfg, model, method, lr, stats, epoch, step, first_step) -> dict:
+def epoch_row(cfg, model, method, lr, stats, epoch, step, first_step, curriculum=None) -> dict:
     """One metrics row; ``lr`` is the learning rate of the epoch's first step; the method fills its columns
     (DNR: ``prune_rate``, and ``rewired_weights`` summing the rewirings after optimizer steps
-    ``first_step + 1 .. step``)."""
+    ``first_step + 1 .. step``), the curriculum (when given) its own: ``curriculum_lambda``,
+    ``curriculum_eps``, ``effective_eps``, ``hessian_lambda_max`` (:meth:`dnr.curriculum.Curriculum.epoch_metrics`)."""
     layers = {name: layer.density for name, layer in masked_layers(model)}
     active = sum(int(layer.mask.sum()) for _, layer in masked_layers(model))
     prunable = sum(layer.weight.numel() for _, layer in masked_layers(model))
@@ -375,6 +382,8 @@ def epoch_row(cfg, model, method, lr, stats, epoch, step, first_step) -> dict:
     if unknown:
         raise ValueError(f"{type(method).__name__}.epoch_metrics: unknown columns {sorted(unknown)}")
     row.update(extra)
+    if curriculum is not None:
+        row.update(curriculum.epoch_metrics())
     return row
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import methods
 from ..rewiring.controller import REGROWTH
+from ..curriculum import CURRICULA, RAMP_SHAPES, check_curriculum_args
 from ..rewiring.schedule import REWIRE_SETTINGS
 from ..evaluation import default_pgd_alpha  # the one rule for the evaluation's PGD step size
 
@@ -124,6 +125,25 @@ class TrainConfig:
     beta: float = _f(0.5, "weight of the clean loss in the hybrid loss, in [0, 1]", type=float)
     attack_bn_mode: str = _f("eval", "BatchNorm mode while generating training attacks", type=str,
                              choices=("eval", "train"))
+    # SAT curriculum (issue 15): how hard the training attack is at each step (dnr.curriculum)
+    curriculum: str = _f("none", "training curriculum: none (plain adversarial training), eps (radius ramp), p-sat "
+                         "(per-example early stopping on the true class's probability), h-sat (difficulty advances "
+                         "while the top Hessian eigenvalue of the adversarial loss stays low)", type=str,
+                         choices=CURRICULA)
+    curriculum_ramp: float = _f(0.5, "eps / p-sat / h-sat: fraction of training over which the difficulty "
+                                "ramps from 0 to 1, in (0, 1]", type=float)
+    curriculum_shape: str = _f("linear", "eps / p-sat: ramp shape", type=str, choices=RAMP_SHAPES)
+    curriculum_prob: float = _f(0.5, "p-sat: at difficulty 0 an example's attack stops once its true-class "
+                                "probability is below this, in (0, 1]; the bound falls to 0 with the difficulty",
+                                type=float)
+    curriculum_every: int | None = _f(None, "measure the top Hessian eigenvalue of the adversarial loss every N "
+                                      "optimizer steps (0: never; none: h-sat 10 times over the ramp, the "
+                                      "others never)", type=int, optional=True)
+    curriculum_threshold: float | None = _f(None, "h-sat: advance while the top Hessian eigenvalue is at most "
+                                            "this (>= 0); none: use --curriculum-ratio", type=float, optional=True)
+    curriculum_ratio: float = _f(1.5, "h-sat without a threshold: advance while the top Hessian eigenvalue grows "
+                                 "by at most this factor between measurements (>= 1)", type=float)
+    curriculum_iters: int = _f(10, "power-iteration steps (Hessian-vector products) per measurement", type=int)
     # evaluation
     eval_eps: float | None = _f(None, "L-inf radius for evaluation (default: --eps)", type=float, optional=True)
     eval_alpha: float | None = _f(None, "PGD step size for evaluation (default: 2.5 * eval_eps / eval_steps)",
@@ -180,6 +200,16 @@ class TrainConfig:
         if self.min_active is not None:  # an integral value counts units, a fraction is relative
             settings["min_active"] = int(self.min_active) if self.min_active >= 1 else float(self.min_active)
         return settings
+
+    def curriculum_settings(self, total_steps: int) -> dict:
+        """The keyword arguments of ``dnr.curriculum.create(self.curriculum, ...)`` for a run of
+        ``total_steps`` optimizer steps (resolves ``curriculum_every``)."""
+        every = self.curriculum_every
+        if every is None:  # h-sat decides about 10 times over its ramp; the others do not measure
+            every = max(1, round(self.curriculum_ramp * total_steps / 10)) if self.curriculum == "h-sat" else 0
+        return dict(total_steps=total_steps, ramp=self.curriculum_ramp, shape=self.curriculum_shape,
+                    prob=self.curriculum_prob, every=every, threshold=self.curriculum_threshold,
+                    ratio=self.curriculum_ratio, power_iters=self.curriculum_iters, seed=self.seed)
 
     @property
     def phased(self) -> bool:
@@ -301,12 +331,38 @@ class TrainConfig:
             need("admm_every", self.admm_every >= 1, "an integer >= 1 (or none)")
         need("rsr_l1", self.rsr_l1 >= 0, "a number >= 0")
         need("rsr_noise_init", self.rsr_noise_init >= 0, "a number >= 0")
+        self._validate_curriculum(flag)
         if self.block_size is not None:  # circulant (issue 16)
             need("block_size", self.block_size >= 1, "an integer >= 1 (or none: round(1 / --density))")
         problem = method.check_config(self)  # the method's own rules (e.g. two phases need two epochs)
         if problem:
             raise ConfigError(problem)
         return self
+
+
+    def _validate_curriculum(self, flag) -> None:
+        """The SAT curriculum's options, by dnr.curriculum's own rules (one place), named as options."""
+        options = {"name": "curriculum", "ramp": "curriculum_ramp", "shape": "curriculum_shape",
+                   "prob": "curriculum_prob", "every": "curriculum_every", "threshold": "curriculum_threshold",
+                   "ratio": "curriculum_ratio", "power_iters": "curriculum_iters"}
+        try:
+            check_curriculum_args(self.curriculum, **{k: v for k, v in self.curriculum_settings(1).items()
+                                                      if k not in ("total_steps", "seed")},
+                                  subject=lambda arg: f"option {flag(options[arg])}")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        attacked = self.adversarial and self.beta < 1.0
+        if self.curriculum != "none" and not attacked:
+            raise ConfigError(f"option {flag('curriculum')}: got {self.curriculum!r}, but --method {self.method} with "
+                              f"--beta {self.beta:g} trains without an attack (a curriculum needs an adversarial "
+                              "method and --beta < 1)")
+        if self.curriculum_every and not attacked:
+            raise ConfigError(f"option {flag('curriculum_every')}: got {self.curriculum_every}, but --method "
+                              f"{self.method} with --beta {self.beta:g} trains without an attack (the measurement is "
+                              "of the adversarial loss; expected 0 or none)")
+        if self.curriculum_settings(1)["every"] and self.compile != "off":
+            raise ConfigError(f"option {flag('curriculum_every')}: Hessian measurements need double backward, "
+                              f"which torch.compile does not give; got --compile {self.compile}, expected off")
 
 
 def _flag(name: str) -> str:

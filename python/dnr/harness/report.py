@@ -4,6 +4,8 @@ Plots (``RUN_DIR/plots/``):
     accuracy.png          clean and PGD test accuracy (and training accuracy) per epoch
     layer_density.png     per-layer density at the end of every epoch
     final_density.png     final density per layer (bar chart)
+    curriculum.png        SAT curriculum runs (or runs that measure the Hessian): lambda_t, the attack radius
+                          and the effective eps per epoch; the top Hessian eigenvalue per measurement
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ def read_run(run_dir: str) -> dict:
     summary = optional_json("summary.json")
     initial = optional_json("initial_density.json")
     return {"config": config, "metrics": jsonl("metrics.jsonl"), "rewiring": jsonl("rewiring.jsonl"),
-            "summary": summary, "initial_density": initial}
+            "summary": summary, "initial_density": initial, "curriculum": jsonl("curriculum.jsonl")}
+
+
+def _has_curriculum(run: dict) -> bool:
+    """The run used a SAT curriculum or measured the Hessian (older runs have neither)."""
+    return run["config"].get("curriculum", "none") != "none" or bool(run.get("curriculum"))
 
 
 def format_summary(s: dict) -> str:
@@ -125,7 +132,46 @@ def _plots(run: dict, plots_dir: str) -> list[str]:
         out.append(os.path.join(plots_dir, "final_density.png"))
         fig.savefig(out[-1], dpi=100)
         plt.close(fig)
+    if _has_curriculum(run):
+        out.append(_curriculum_plot(plt, run, os.path.join(plots_dir, "curriculum.png")))
     return out
+
+
+def _curriculum_plot(plt, run: dict, path: str) -> str:
+    """Left: lambda_t, the attack radius and the effective eps (mean L-inf perturbation) per epoch; right:
+    the top Hessian eigenvalue of the adversarial loss at every measurement (curriculum.jsonl)."""
+    rows = [r for r in run["metrics"] if r.get("curriculum_lambda") is not None]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    if rows:
+        epochs = [r["epoch"] for r in rows]
+        left.plot(epochs, [r["curriculum_lambda"] for r in rows], "-o", label="lambda_t (epoch end)")
+        eps_max = run["config"].get("eps") or 1.0
+        left.plot(epochs, [r["curriculum_eps"] / eps_max for r in rows], "--s", label="attack eps / eps_max")
+        left.plot(epochs, [r["effective_eps"] / eps_max for r in rows], ":^", label="effective eps / eps_max")
+        left.xaxis.get_major_locator().set_params(integer=True)
+    left.set_xlabel("epoch")
+    left.set_ylim(-0.05, 1.1)
+    left.set_title(f"curriculum {run['config'].get('curriculum', 'none')}: difficulty per epoch")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    meas = run.get("curriculum") or []
+    if meas:
+        right.plot([m["step"] for m in meas], [m["lambda_max"] for m in meas], "-o", markersize=3)
+        adv = [m for m in meas if m.get("advanced")]
+        right.plot([m["step"] for m in adv], [m["lambda_max"] for m in adv], "o", fillstyle="none",
+                   label="lambda advanced")
+        right.legend(fontsize=8)
+    else:
+        right.text(0.5, 0.5, "no Hessian measurements\n(--curriculum-every 0)", ha="center", va="center",
+                   transform=right.transAxes)
+    right.set_xlabel("optimizer step")
+    right.set_ylabel("top Hessian eigenvalue")
+    right.set_title("lambda_max of the adversarial loss")
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _markdown(run: dict, plots: list[str], run_dir: str, note: str | None) -> str:
@@ -157,11 +203,30 @@ def _markdown(run: dict, plots: list[str], run_dir: str, note: str | None) -> st
         lines.append("")
     if run["rewiring"]:
         lines += [f"Rewiring rounds: {len(run['rewiring'])} (details in `rewiring.jsonl`).", ""]
+    if _has_curriculum(run):
+        lines += _curriculum_markdown(run)
     if plots:
         lines += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, run_dir)})" for p in plots] + [""]
     if note:
         lines += [note, ""]
     return "\n".join(lines)
+
+
+def _curriculum_markdown(run: dict) -> list[str]:
+    cfg = run["config"]
+    lines = [f"## Curriculum: {cfg.get('curriculum', 'none')}", "",
+             "| epoch | lambda_t | attack eps | effective eps | top Hessian eigenvalue |", "|---|---|---|---|---|"]
+
+    def f(v, fmt=".4g"):
+        return "-" if v is None else format(v, fmt)
+
+    for r in run["metrics"]:
+        if "curriculum_lambda" in r:
+            lines.append(f"| {r['epoch']} | {f(r['curriculum_lambda'])} | {f(r['curriculum_eps'])} | "
+                         f"{f(r['effective_eps'])} | {f(r['hessian_lambda_max'])} |")
+    if run.get("curriculum"):
+        lines.append(f"\n{len(run['curriculum'])} Hessian measurements (details in `curriculum.jsonl`).")
+    return lines + [""]
 
 
 def plots_or_note(make_plots) -> tuple[list, str | None]:

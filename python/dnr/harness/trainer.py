@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .. import curriculum as curricula
 from .. import distributed, methods
 from ..data.loader import BatchLoader
 from ..engine import train_epoch
@@ -86,12 +87,17 @@ def train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data) -> d
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: lr_factor(cfg, k, total_steps, steps_per_epoch))
     grad_sync = distributed.GradientSync(optimizer) if world > 1 else None
+    # the SAT curriculum (issue 15): consulted by the engine at every step; none for clean training
+    curriculum = curricula.create(cfg.curriculum, **cfg.curriculum_settings(total_steps)) if cfg.adversarial else None
+    if curriculum is not None and cfg.curriculum == "h-sat" and world > 1:
+        raise ConfigError("option --curriculum: h-sat under data parallel is not supported (each process would "
+                          "measure its own batch and advance on its own); run it in one process")
     # the training steps run the compiled module (same parameters and buffers); evaluation, checkpoints and
     # the rewiring use the model itself
     train_model = model if cfg.compile == "off" else torch.compile(model, mode=cfg.compile)
     run = TrainingRun(cfg=cfg, run_dir=run_dir, log=log, model=model, method=method, optimizer=optimizer,
                       scheduler=scheduler, data_gen=data_gen, loader_gen=loader_gen, steps_per_epoch=steps_per_epoch,
-                      rank=rank, world=world)
+                      rank=rank, world=world, curriculum=curriculum)
     if state is not None:
         restore(run, state)
     # every rank has passed the checks above on an untouched run directory before rank 0 writes to it
@@ -132,7 +138,7 @@ def train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data) -> d
         try:
             stats = train_epoch(train_model, loader, optimizer, device=device, lr_scheduler=scheduler,
                                 progress=after_step, totals=run.totals, penalty=method.loss_term,
-                                grad_sync=grad_sync, **attack)
+                                grad_sync=grad_sync, curriculum=curriculum, **attack)
         except FloatingPointError as err:
             last = checkpoint_path if os.path.exists(checkpoint_path) else "none written yet"
             raise TrainingDiverged(
@@ -144,7 +150,8 @@ def train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data) -> d
         if world > 1:  # evaluate and save one model: the ranks' BatchNorm statistics averaged, all else equal
             distributed.average_buffers(model)
             distributed.check_replicas(model, replica_state(model, optimizer))
-        row = epoch_row(cfg, model, method, lr_at_start, stats, epoch, run.step, epoch * steps_per_epoch)
+        row = epoch_row(cfg, model, method, lr_at_start, stats, epoch, run.step, epoch * steps_per_epoch,
+                        curriculum=curriculum)
         if record is not None:
             callbacks.on_method_record(run, record)
         run.rows.append(row)
@@ -172,6 +179,8 @@ def restore(run: TrainingRun, state: dict) -> None:
         run.scheduler.load_state_dict(state["scheduler"])
         # checkpoints before the method interface kept DNR's state under "controller"
         run.method.load_state_dict(state["method"] if state.get("method") is not None else state.get("controller"))
+        if run.curriculum is not None and state.get("curriculum") is not None:
+            run.curriculum.load_state_dict(state["curriculum"])
     except (KeyError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint {state['path']!r}: cannot restore the training state ({err})") from None
     streams = state["ranks"][run.rank] if run.world > 1 else state
