@@ -41,6 +41,9 @@ phase "benchmarks (--device cuda)"
 for bench in pgd_step momentum_stats masked_sgd masked_conv train_step batch_loader; do
     run 120 "bench_$bench" python "benchmarks/bench_$bench.py" --device cuda --out "$OUT"
 done
+# block-circulant layers (issue 16): their CUDA test cases, then the benchmark at conv batch 256
+run 120 tests_circulant python -m pytest -q -p no:cacheprovider -x -m "not slow" tests/test_circulant.py
+run 180 bench_circulant python benchmarks/bench_circulant.py --device cuda --out "$OUT"
 
 phase "the harness on the GPU: sparse ResNet-18, 3 epochs of 4 steps (synthetic data, PGD-7, bf16 + channels-last)"
 rm -rf /tmp/dnr-harness-run

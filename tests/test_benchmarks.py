@@ -36,3 +36,20 @@ def test_benchmark_writes_json(script, op, tmp_path):
         assert times and all(v > 0 for v in times.values())
         assert any(k.startswith(("speedup", "dnr_over")) for k in row)
     assert f"wrote {tmp_path}" in done.stdout
+
+
+def test_circulant_benchmark_quick_grid_writes_json_with_crossover(tmp_path):
+    """bench_circulant.py (issue 16) on its --quick grid: checks the FFT layers against their dense matrices,
+    then writes the timings and the crossover block sizes."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "bench_circulant.py"), "--device", "cpu", "--repeats", "1", "--threads", "1",
+         "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads((tmp_path / "circulant-cpu.json").read_text())
+    assert payload["op"] == "circulant" and payload["block_sizes"] == [4, 16]
+    kinds = {(r["kind"], r["k"]) for r in payload["results"]}
+    assert kinds == {("linear", 4), ("linear", 16), ("conv", 4), ("conv", 16)}
+    for row in payload["results"]:
+        assert all(row[k] > 0 for k in row if k.endswith("_ms"))
+        assert row["saved_bytes_fft"] > 0
+    assert {c["pass"] for c in payload["crossover"]} == {"fwd", "fwd_bwd"}

@@ -35,7 +35,8 @@ def test_preset_list_covers_every_paper_setting():
     expected = {f"{d}-{m}-{u}" for d in ("cifar10", "cifar100") for m in ("vgg16", "resnet18")
                 for u in ("irregular", "channel")} | {"tiny-imagenet-vgg16-irregular", "tiny-imagenet-vgg16-channel"}
     cap = {"fashion-mnist-small_cnn-cap", "cifar10-vgg16-cap", "cifar10-resnet18-cap"}  # CaP (dnr.methods.cap)
-    assert set(PRESETS) == expected | {"fashion-mnist-quick"} | cap
+    circulant = {"fashion-mnist-circulant", "cifar10-vgg16-circulant", "cifar10-resnet18-circulant"}  # issue 16
+    assert set(PRESETS) == expected | {"fashion-mnist-quick"} | cap | circulant
 
 
 @pytest.mark.parametrize("name,model,flops", [("fashion-mnist-small_cnn-cap", "small_cnn", 0.5),

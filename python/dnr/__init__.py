@@ -17,9 +17,10 @@ from . import analysis, curriculum  # SAT curriculum (issue 15)
 from .losses import HybridLoss, hybrid_loss
 from .nn import (MaskedConv2d, MaskedLinear, Normalize, apply_masks, density_report, masked_layers,
                  sparsify)
+from .nn import BlockCirculantConv2d, BlockCirculantLinear, circulant  # block-circulant layers (CirCNN)
 from .rewiring import DNR
 from . import compress  # CaP: dnr.compress.cascaded_projection (after .nn, which it builds on)
 
 __all__ = ["__version__", "attacks", "data", "engine", "evaluation", "methods", "ops", "hybrid_loss", "HybridLoss", "MaskedConv2d",
            "MaskedLinear", "Normalize", "sparsify", "density_report", "apply_masks", "masked_layers", "DNR",
-           "analysis", "curriculum", "compress"]
+           "analysis", "curriculum", "compress", "BlockCirculantLinear", "BlockCirculantConv2d", "circulant"]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .._files import atomic_path
+from ..nn.block_circulant import circulant_layers, densify_circulant
 from .compact import compact_model
 from .model_card import model_card, write_model_card
 from .onnx_export import check_onnx, export_onnx
@@ -95,7 +96,10 @@ def _export(model, out, fmt, input_size, *, dtype, onnx_model, architecture, con
     x = torch.rand((4, *input_size), generator=gen)
     extra: dict = {}
     exported = None
-    if fmt == "compact":
+    circulant = bool(circulant_layers(model))
+    if circulant:
+        _export_circulant(model, out, fmt, input_size, x, extra, check=check)
+    elif fmt == "compact":
         exported = compact_model(model, input_size)
         if check:
             extra["check"] = {"max_abs_diff_vs_masked": check_compact(model, exported, x)}
@@ -136,13 +140,52 @@ def _export(model, out, fmt, input_size, *, dtype, onnx_model, architecture, con
     # the dense reference size for the card, measured after the export: a model the format cannot take
     # (compact on an irregular model) is refused for that reason, not for an optional package
     with tempfile.TemporaryDirectory(prefix="dnr-export-") as tmp:
-        dense_bytes = save_dense(model, os.path.join(tmp, "dense.safetensors"))
+        dense_path = os.path.join(tmp, "dense.safetensors")
+        dense_bytes = save_dense(densify_circulant(model) if circulant else model, dense_path)
+        if circulant:  # the weights alone (a small model's .pt2 is mostly its graph): vectors against dense matrices
+            stored = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            extra["circulant_storage"] = {"weight_bytes": stored, "dense_weight_bytes": file_payload_bytes(dense_path),
+                                          "weight_ratio_vs_dense": file_payload_bytes(dense_path) / max(1, stored)}
     card = model_card(model, input_size, export_format=fmt, export_path=out, exported_model=exported,
                       architecture=architecture, config=config, summary=summary, extra=extra)
     card["export"]["dense_file_bytes"] = dense_bytes
     card["export"]["ratio_vs_dense"] = dense_bytes / max(1, card["export"]["file_bytes"])
     write_model_card(card, out)
     return card
+
+
+def _export_circulant(model, out, fmt, input_size, x, extra: dict, *, check: bool) -> None:
+    """Export a block-circulant model (``dnr.circulant``): compact = the model itself as a torch.export program,
+    whose weights are only the defining vectors; onnx = the FFT form when the exporter and onnxruntime take it,
+    else the dense-matrix form (``densify_circulant``); the card says which and why."""
+    if fmt == "compact":
+        save_compact(model, out, input_size)
+        if check:
+            with torch.no_grad():
+                ref, got = model(x), load_compact(out)(x)
+            extra["check"] = {"round_trip": "bit-exact" if torch.equal(ref, got) else "not bit-exact",
+                              "max_abs_diff_vs_model": float((ref - got).abs().max())}
+            if not torch.equal(ref, got):
+                raise AssertionError(f"compact export of the block-circulant model is not bit-exact: max abs diff "
+                                     f"{extra['check']['max_abs_diff_vs_model']:.3g}")
+        return
+    if fmt == "sparse":
+        raise ValueError("format 'sparse' stores masked weights; a block-circulant model has none (use 'compact', "
+                         "which stores only its defining vectors, or 'onnx')")
+    try:  # the FFT form: needs FFT operators in the ONNX exporter (ONNX DFT, opset 17+) and in onnxruntime
+        export_onnx(model, out, input_size)
+        error = check_onnx(model, out, x) if check else None
+        extra["onnx"] = {"model": "circulant-fft"}
+        if check:
+            extra["check"] = {"max_abs_diff_onnxruntime_vs_torch": error}
+        return
+    except Exception as err:  # noqa: BLE001 - any exporter or runtime failure selects the dense form
+        reason = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+    dense = densify_circulant(model)
+    export_onnx(dense, out, input_size)
+    extra["onnx"] = {"model": "circulant-dense", "fft_form_refused": reason}
+    if check:
+        extra["check"] = {"max_abs_diff_onnxruntime_vs_torch": check_onnx(model, out, x)}
 
 
 def _masked(state: dict, key: str) -> torch.Tensor:

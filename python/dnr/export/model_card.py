@@ -10,6 +10,7 @@ from typing import Sequence
 from torch import nn
 
 from .._files import atomic_open, sha256_file
+from ..nn.block_circulant import circulant_layers, circulant_report
 from ..nn.report import density_report
 
 __all__ = ["model_card", "write_model_card", "card_path", "ACCURACY_KEYS"]
@@ -56,6 +57,12 @@ def model_card(model: nn.Module, input_size: Sequence[int], *, export_format: st
         "flops": {"dense": report.flops_dense, "masked": report.flops_masked, "effective": report.flops_effective},
         "accuracy": {k: v for k, v in (summary or {}).items() if k in ACCURACY_KEYS},
     }
+    if circulant_layers(model):  # block-circulant layers: stored vectors against the dense layers they stand for
+        circ = circulant_report(model, tuple(input_size))
+        card["circulant"] = {"block_sizes": sorted({r["block_size"] for r in circ["layers"]}),
+                             "stored_weights": circ["stored"], "dense_weights": circ["dense"],
+                             "compression": circ["compression"], "flops_dense": circ["flops_dense"],
+                             "flops_fft": circ["flops_fft"], "layers": circ["layers"]}
     if exported_model is not None:
         card["parameters"]["exported"] = sum(p.numel() for p in exported_model.parameters())
         plan = getattr(exported_model, "dnr_compaction", None)

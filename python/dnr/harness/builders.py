@@ -75,7 +75,10 @@ def build_model_for(cfg: TrainConfig, *, generator_seed: int | None = None) -> t
     except ValueError as err:
         raise ConfigError(f"option --model: {err}") from None
     seed = cfg.seed if generator_seed is None else generator_seed
-    return methods.create(cfg).prepare_model(model, seed=seed)
+    try:
+        return methods.create(cfg).prepare_model(model, seed=seed)
+    except ValueError as err:  # a method option that does not fit this model (e.g. a block size): before any work
+        raise ConfigError(f"{err}") from None
 
 
 def prepare_user_model(model: torch.nn.Module, cfg: TrainConfig, method: methods.CompressionMethod) -> torch.nn.Module:

@@ -113,6 +113,11 @@ class TrainConfig:
     cap_gamma: float = _f(1.0, "cap: weight of the feature-reconstruction term in the projections' loss", type=float)
     cap_calibration: int = _f(1024, "cap: training examples for the PCA initialisation and the projections' SGD",
                               type=int)
+    # block-circulant layers (--method circulant, CirCNN; issue 16)
+    block_size: int | None = _f(None, "circulant: block size k of the block-circulant weights (each k x k block "
+                                "stored as one vector: about k x fewer weights); default round(1 / --density), so "
+                                "that dnr compare's density axis sets it; --prune-first/--prune-last also decide "
+                                "whether the first/last layer is converted", type=int, optional=True)
     # optimisation
     epochs: int = _f(6, "training epochs", type=int)
     batch_size: int = _f(128, "training batch size", type=int)
@@ -241,6 +246,11 @@ class TrainConfig:
         return self.eps if self.eval_eps is None else self.eval_eps
 
     @property
+    def resolved_block_size(self) -> int:
+        """circulant: ``block_size``, or round(1 / density) when it is not set (issue 16)."""
+        return self.block_size if self.block_size is not None else max(1, round(1.0 / self.density))
+
+    @property
     def resolved_eval_alpha(self) -> float:
         if self.eval_alpha is not None:
             return self.eval_alpha
@@ -340,6 +350,8 @@ class TrainConfig:
         need("cap_lr", self.cap_lr > 0, "a number > 0")
         need("cap_gamma", self.cap_gamma >= 0, "a number >= 0")
         need("cap_calibration", self.cap_calibration >= 1, "an integer >= 1")
+        if self.block_size is not None:  # circulant (issue 16)
+            need("block_size", self.block_size >= 1, "an integer >= 1 (or none: round(1 / --density))")
         problem = method.check_config(self)  # the method's own rules (e.g. two phases need two epochs)
         if problem:
             raise ConfigError(problem)
@@ -499,6 +511,13 @@ for _data in ("cifar10", "cifar100", "tiny-imagenet"):
 PRESETS["fashion-mnist-small_cnn-cap"] = dict(PRESETS[DEFAULT_PRESET], method="cap", cap_flops=0.5)
 for _model in ("vgg16", "resnet18"):
     PRESETS[f"cifar10-{_model}-cap"] = dict(_PAPER, dataset="cifar10", model=_model, method="cap", cap_flops=0.25)
+# block-circulant presets (--method circulant, issue 16): the quick job's budget on the small CNN, and the
+# paper-scale recipe at k = 16 (about DNR's 20x) for VGG16 and ResNet-18
+PRESETS["fashion-mnist-circulant"] = dict(PRESETS["fashion-mnist-quick"], method="circulant", block_size=8,
+                                          density=1 / 8)
+for _model in ("vgg16", "resnet18"):
+    PRESETS[f"cifar10-{_model}-circulant"] = dict(_PAPER, dataset="cifar10", model=_model, method="circulant",
+                                                  block_size=16, density=1 / 16)
 
 
 def load_config_file(path: str) -> dict:

@@ -58,7 +58,8 @@ class CompressionMethod:
     phased: ClassVar[bool] = False
     needs_sparse_target: ClassVar[bool] = False
     #: ``dnr compare`` trains the method at each density of a grid (None: exactly when ``sparse``; CaP reads
-    #: the density as its FLOP fraction, so it sets True)
+    #: the density as its FLOP fraction and circulant as its block size 1 / k, so they set True; a method
+    #: without masks gets these cells in the grid's first mode only)
     density_axis: ClassVar[bool | None] = None
     checkpoint_formats: ClassVar[tuple[str, ...]] = CHECKPOINT_FORMATS
     export_formats: ClassVar[tuple[str, ...]] = EXPORT_FORMATS

@@ -13,7 +13,8 @@ from ..allocation import AllocationError, largest_remainder, round_exact, water_
 from .masked import MaskedConv2d, MaskedLayer, MaskedLinear
 from .units import check_mode, expand_units, num_units, unit_size
 
-__all__ = ["sparsify", "masked_layers", "apply_masks", "paired_norm", "initial_unit_counts", "NORM_TYPES"]
+__all__ = ["sparsify", "masked_layers", "apply_masks", "paired_norm", "initial_unit_counts", "exclusion_predicate",
+           "NORM_TYPES"]
 
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
 ExcludeSpec = Union[None, str, type, Callable[[str, nn.Module], bool], Iterable[Union[str, type]]]
@@ -75,7 +76,7 @@ def sparsify(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if prune_last is None:
         prune_last = mode == "irregular"
-    excluded = _exclusion_predicate(exclude)
+    excluded = exclusion_predicate(exclude)
     already = masked_layers(model)
     if already and not resparsify:
         names = ", ".join(name or "<model>" for name, _ in already[:3]) + (", ..." if len(already) > 3 else "")
@@ -209,7 +210,9 @@ def _set_submodule(model: nn.Module, name: str, layer: nn.Module) -> None:
         setattr(parent, attr, layer)
 
 
-def _exclusion_predicate(exclude: ExcludeSpec) -> Callable[[str, nn.Module], bool]:
+def exclusion_predicate(exclude: ExcludeSpec) -> Callable[[str, nn.Module], bool]:
+    """``exclude`` of :func:`sparsify` (and :func:`dnr.nn.block_circulant.circulant`) as a predicate ``(name, module)
+    -> bool``; a TypeError for anything that is not a name, glob pattern, module type, list of those or callable."""
     if exclude is None:
         return lambda name, module: False
     if callable(exclude) and not isinstance(exclude, type):

@@ -71,9 +71,18 @@ def _model_stats(model, cfg: TrainConfig) -> dict:
         prunable = sum(m.weight.numel() for m in model.modules()
                        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
         active = prunable
-    return {"active_weights": int(active), "prunable_weights": int(prunable), "total_params": int(rep.total_params),
-            "nonzero_params": int(rep.nonzero_params), "flops_dense": rep.flops_dense,
-            "flops_masked": rep.flops_masked, "flops_effective": rep.flops_effective}
+    stats = {"active_weights": int(active), "prunable_weights": int(prunable), "total_params": int(rep.total_params),
+             "nonzero_params": int(rep.nonzero_params), "flops_dense": rep.flops_dense,
+             "flops_masked": rep.flops_masked, "flops_effective": rep.flops_effective}
+    from ...nn.block_circulant import circulant_layers, circulant_report
+    if circulant_layers(model):  # block-circulant layers: stored vectors of dense weights, FFT-form FLOPs (estimate)
+        circ = circulant_report(model, (c, s, s))
+        stats["active_weights"] = active + circ["stored"]  # + the layers that stayed nn.Conv2d / nn.Linear
+        stats["prunable_weights"] = prunable + circ["dense"]
+        for key in ("flops_dense", "flops_masked"):
+            stats[key] = rep.flops_dense + circ["flops_dense"]
+        stats["flops_effective"] = rep.flops_dense + circ["flops_fft"]
+    return stats
 
 
 def run_cell(task: dict) -> dict:

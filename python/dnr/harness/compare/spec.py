@@ -267,7 +267,8 @@ class CompareSpec:
                              threads, models_given=self.models is not None)
             per_density = probe.method_class.density_axis
             if probe.sparse if per_density is None else per_density:
-                for mode in grid.modes:
+                # a method without masks (circulant, cap) has no sparsity mode: the grid's first mode names it
+                for mode in grid.modes if probe.sparse else grid.modes[:1]:
                     for d in grid.densities:
                         for seed in grid.seeds:
                             add(method, mode, d, seed)

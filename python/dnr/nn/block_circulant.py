@@ -1,0 +1,600 @@
+"""Block-circulant layers (CirCNN, Ding et al., MICRO 2017) with FFT products.
+
+A weight matrix W [m, n] is split into ``p x q`` blocks of size ``k x k`` (``p = ceil(m / k)``,
+``q = ceil(n / k)``; sizes that are not multiples of ``k`` are zero-padded). Each block is circulant and
+is stored as ONE vector of length ``k``, so a layer holds ``p * q * k`` numbers instead of ``m * n``.
+
+Circulant convention (the one every function here uses, and ``dense_weight()`` builds)::
+
+    block (i, j) of W:   C_ij[r, c] = vectors[i, j, (r - c) mod k]      r, c in [0, k)
+
+i.e. the first COLUMN of each block is its defining vector, and each block is constant along its wrapped
+diagonals. Then ``C_ij @ x_j`` is the circular convolution ``w_ij (*) x_j``, so
+
+    y_i = sum_j irfft(rfft(w_ij) * rfft(x_j)) = irfft(sum_j rfft(w_ij) * rfft(x_j))
+
+and the frequency-domain product is summed over the input blocks ``j`` before ONE inverse FFT per output
+block (:func:`block_circulant_matmul`). Its backward is a custom autograd function (FFT-domain products too)
+that saves only the input and the vectors instead of their spectra: beyond the parameters it keeps the input
+(1.0x its bytes) where autograd of the plain ops kept 3.25x (4096 wide, k = 16, batch 256;
+``benchmarks/bench_circulant.py`` records ``saved_bytes_fft``). The conv's backward is autograd's.
+
+Convolutions (:class:`BlockCirculantConv2d`): at every kernel tap ``(u, v)`` the ``C_out x C_in`` matrix
+``W[:, :, u, v]`` is block-circulant over channel blocks, with vectors ``[p, q, k, kh, kw]``. The FFT form
+is an rfft over each channel block of the input, one complex convolution per frequency (a grouped conv
+with ``k // 2 + 1`` groups, computed as a real conv of the stacked real and imaginary parts), and an irfft
+over the output channel blocks.
+
+In eval mode, while no gradient flows to the vectors (inference, attacks on a frozen model), a layer keeps
+its weight spectrum between forward passes (``BlockCirculantLayer.weight_spectrum``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .masked import MaskedLayer
+from .sparsify import ExcludeSpec, exclusion_predicate
+
+__all__ = ["BlockCirculantLinear", "BlockCirculantConv2d", "BlockCirculantLayer", "block_circulant_matmul",
+           "block_circulant_conv2d", "block_circulant_dense", "circulant", "circulant_layers", "circulant_report",
+           "check_block_size", "blocks", "fft_flops", "project_to_vectors", "densify_circulant", "linear_spectrum",
+           "conv_spectrum"]
+
+# ---------------------------------------------------------------------------------------- checks and shapes
+def check_block_size(block_size, *, in_size: int | None = None, out_size: int | None = None,
+                     subject: str = "block_size") -> int:
+    """``block_size`` as an int >= 1, or a ValueError/TypeError naming ``subject``, the value and the rule.
+
+    With ``in_size`` / ``out_size`` (a layer's input / output features or channels) the block may not be
+    larger than the layer: ``block_size <= max(in_size, out_size)`` (a larger block would only pad zeros).
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"{subject} must be an int >= 1, got {block_size!r} ({type(block_size).__name__})")
+    if block_size < 1:
+        raise ValueError(f"{subject} must be an int >= 1, got {block_size}")
+    if in_size is not None and out_size is not None and block_size > max(in_size, out_size):
+        raise ValueError(f"{subject}={block_size} is larger than the layer ({out_size} outputs x {in_size} inputs): "
+                         f"expected at most max(out, in) = {max(in_size, out_size)}")
+    return block_size
+
+
+def blocks(size: int, block_size: int) -> int:
+    """Number of blocks of ``block_size`` covering ``size`` (the last one zero-padded): ceil(size / k)."""
+    return -(-size // block_size)
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    # torch.fft has no bfloat16/float16 kernels on every device: low precision (autocast) is computed in float32
+    dtype = torch.result_type(*tensors) if len(tensors) > 1 else tensors[0].dtype
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+# ---------------------------------------------------------------------------------------- the products
+def linear_spectrum(vectors: torch.Tensor) -> torch.Tensor:
+    """The weight's spectrum in the layout of :func:`block_circulant_matmul`'s product.
+
+    Shapes: vectors [p, q, k] (real) -> [k // 2 + 1, q, p] (complex, contiguous).
+    """
+    return torch.fft.rfft(vectors, dim=-1).permute(2, 1, 0).contiguous()
+
+
+def block_circulant_matmul(x: torch.Tensor, vectors: torch.Tensor, out_features: int | None = None, *,
+                           spectrum: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T`` for the block-circulant ``W`` defined by ``vectors``, through rfft / irfft.
+
+    Shapes:
+        x: [*, n] with ``n <= q * k`` (zero-padded to ``q * k``);
+        vectors: [p, q, k], block (i, j) is ``C[r, c] = vectors[i, j, (r - c) mod k]`` (module docstring);
+        spectrum: optional ``linear_spectrum(vectors)`` [k // 2 + 1, q, p], computed once and reused while the
+            vectors do not change (e.g. over the steps of an attack); must be in the computation's dtype;
+        returns: [*, out_features] (default ``p * k``), ``out_features <= p * k``.
+
+    Float32 / float64 are computed in their own precision; other dtypes in float32 (result cast back).
+    Differentiable in ``x`` and ``vectors`` (E-RNN's block-circulant LSTM/GRU gates reuse it).
+    """
+    if vectors.dim() != 3:
+        raise ValueError(f"vectors must have shape [p, q, k], got {tuple(vectors.shape)}")
+    p, q, k = vectors.shape
+    n = x.shape[-1]
+    out_features = p * k if out_features is None else out_features
+    if n > q * k:
+        raise ValueError(f"x has {n} features, more than the q * k = {q} * {k} = {q * k} columns of the vectors")
+    if not 0 < out_features <= p * k:
+        raise ValueError(f"out_features must be in [1, p * k = {p * k}], got {out_features}")
+    dtype = _compute_dtype(x, vectors)
+    lead = x.shape[:-1]
+    xs = x.to(dtype).reshape(-1, n)
+    if n < q * k:
+        xs = F.pad(xs, (0, q * k - n))
+    y = _CirculantMatmul.apply(xs, vectors.to(dtype), spectrum)                        # [N, p * k]
+    y = y[:, :out_features]
+    return y.reshape(*lead, out_features).to(x.dtype if x.is_floating_point() else dtype)
+
+
+def _frequency_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per frequency f: [N, q, f] x [f, q, p] -> [N, p, f] (complex), the sum over the q input blocks."""
+    return torch.bmm(a.permute(2, 0, 1), b).permute(1, 2, 0)
+
+
+class _CirculantMatmul(torch.autograd.Function):
+    """``xs [N, q*k] -> [N, p*k]`` for vectors [p, q, k]. Saves only ``xs`` and the vectors for backward (which
+    the caller holds anyway) instead of their spectra, and recomputes the two rffts in backward: autograd of the
+    plain ops kept 3.25x the input's bytes beyond the parameters (``benchmarks/bench_circulant.py``,
+    ``saved_bytes_fft``).
+    The backward uses differentiable ops, so double backward works.
+
+    Backward, with ``X = rfft(x)``, ``W = rfft(w)``, ``G = rfft(grad_y)`` (real signals):
+    ``grad_x = irfft(conj(W) G)`` (the transpose of a circulant block is circulant with the reversed vector) and
+    ``grad_w = irfft(sum_n G conj(X))`` (a circular cross-correlation).
+    """
+
+    @staticmethod
+    def forward(ctx, xs, vectors, spectrum):
+        p, q, k = vectors.shape
+        weight = linear_spectrum(vectors) if spectrum is None else spectrum            # [f, q, p]
+        x_spectrum = torch.fft.rfft(xs.reshape(-1, q, k), dim=-1)                     # [N, q, f]
+        y = torch.fft.irfft(_frequency_product(x_spectrum, weight), n=k, dim=-1)      # [N, p, k]
+        ctx.save_for_backward(xs, vectors)
+        return y.reshape(-1, p * k)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        xs, vectors = ctx.saved_tensors
+        p, q, k = vectors.shape
+        g = torch.fft.rfft(grad_y.reshape(-1, p, k), dim=-1)                           # [N, p, f]
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            weight = torch.fft.rfft(vectors, dim=-1).conj().permute(2, 0, 1)          # [f, p, q]
+            grad_x = torch.fft.irfft(_frequency_product(g, weight), n=k, dim=-1).reshape(-1, q * k)
+        if ctx.needs_input_grad[1]:
+            x_spectrum = torch.fft.rfft(xs.reshape(-1, q, k), dim=-1)                 # [N, q, f]
+            # sum over the batch per frequency: [f, p, N] @ [f, N, q] -> [f, p, q]
+            corr = torch.bmm(g.permute(2, 1, 0), x_spectrum.conj().permute(2, 0, 1))
+            grad_w = torch.fft.irfft(corr.permute(1, 2, 0), n=k, dim=-1)             # [p, q, k]
+        return grad_x, grad_w, None
+
+
+def conv_spectrum(vectors: torch.Tensor) -> torch.Tensor:
+    """The weight's spectrum as the real grouped-conv kernel of :func:`block_circulant_conv2d`.
+
+    Shapes: vectors [p, q, k, kh, kw] -> [(k // 2 + 1) * 2p, 2q, kh, kw] (real): per frequency the block
+    ``[[Re W, -Im W], [Im W, Re W]]`` that maps ``[Re X; Im X]`` to ``[Re WX; Im WX]`` (a real convolution of
+    the stacked parts is 4-6x faster on CPU than torch's complex convolution, measured).
+    """
+    p, q, k, kh, kw = vectors.shape
+    w = torch.fft.rfft(vectors, dim=2).permute(2, 0, 1, 3, 4)                          # [f, p, q, kh, kw]
+    real, imag = w.real, w.imag
+    block = torch.cat([torch.cat([real, -imag], dim=2), torch.cat([imag, real], dim=2)], dim=1)  # [f, 2p, 2q, ...]
+    return block.reshape(-1, 2 * q, kh, kw)
+
+
+def block_circulant_conv2d(x: torch.Tensor, vectors: torch.Tensor, out_channels: int | None = None, *, stride=1,
+                           padding=0, dilation=1, spectrum: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d(x, W)`` for the kernel ``W`` that is block-circulant over channels at every tap.
+
+    Shapes:
+        x: [B, C_in, H, W] with ``C_in <= q * k`` (zero-padded channels);
+        vectors: [p, q, k, kh, kw]; at tap (u, v) block (i, j) is
+            ``W[i*k + r, j*k + c, u, v] = vectors[i, j, (r - c) mod k, u, v]``;
+        spectrum: optional ``conv_spectrum(vectors)`` (reused while the vectors do not change);
+        returns: [B, out_channels, H', W'] (default ``out_channels = p * k``), H', W' as ``F.conv2d``.
+    """
+    if vectors.dim() != 5:
+        raise ValueError(f"vectors must have shape [p, q, k, kh, kw], got {tuple(vectors.shape)}")
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape [B, C_in, H, W], got {tuple(x.shape)}")
+    p, q, k, kh, kw = vectors.shape
+    c_in = x.shape[1]
+    out_channels = p * k if out_channels is None else out_channels
+    if c_in > q * k:
+        raise ValueError(f"x has {c_in} channels, more than the q * k = {q} * {k} = {q * k} of the vectors")
+    dtype = _compute_dtype(x, vectors)
+    xs = x.to(dtype)
+    if c_in < q * k:
+        xs = F.pad(xs, (0, 0, 0, 0, 0, q * k - c_in))
+    b, _, h, w = xs.shape
+    f = k // 2 + 1
+    weight = conv_spectrum(vectors.to(dtype)) if spectrum is None else spectrum        # [f*2p, 2q, kh, kw]
+    x_spectrum = torch.fft.rfft(xs.reshape(b, q, k, h, w), dim=2).transpose(1, 2)     # [B, f, q, H, W]
+    stacked = torch.cat([x_spectrum.real, x_spectrum.imag], dim=2).reshape(b, f * 2 * q, h, w)
+    with torch.autocast(x.device.type, enabled=False):  # the spectra stay in `dtype` (bf16 autocast would cast)
+        out = F.conv2d(stacked, weight, stride=stride, padding=padding, dilation=dilation, groups=f)  # [B, f*2p, ...]
+    ho, wo = out.shape[-2:]
+    out = out.reshape(b, f, 2, p, ho, wo)
+    y = torch.fft.irfft(torch.complex(out[:, :, 0], out[:, :, 1]), n=k, dim=1)       # [B, k, p, H', W']
+    y = y.transpose(1, 2).reshape(b, p * k, ho, wo)[:, :out_channels]
+    return y.to(x.dtype if x.is_floating_point() else dtype)
+
+
+def block_circulant_dense(vectors: torch.Tensor, out_size: int, in_size: int) -> torch.Tensor:
+    """The explicit dense matrix (or kernel) of ``vectors``, built by indexing (no FFT).
+
+    Shapes: vectors [p, q, k, *taps] -> [out_size, in_size, *taps], with
+    ``W[i*k + r, j*k + c, ...] = vectors[i, j, (r - c) mod k, ...]`` cropped to the layer's size.
+    """
+    p, q, k = vectors.shape[:3]
+    taps = vectors.shape[3:]
+    r = torch.arange(k, device=vectors.device)
+    index = (r[:, None] - r[None, :]) % k                                     # [k (r), k (c)]
+    full = vectors[:, :, index]                                               # [p, q, k, k, *taps]
+    full = full.transpose(1, 2).reshape(p * k, q * k, *taps)                  # [p*k, q*k, *taps]
+    return full[:out_size, :in_size]
+
+
+def fft_flops(out_size: int, in_size: int, block_size: int, positions: int = 1, taps: int = 1) -> int:
+    """Estimated real floating-point operations of one FFT-form product per example (a documented model, not a
+    measurement): ``2.5 k log2 k`` per real FFT of length ``k`` (q forward, p inverse) at every output
+    ``position`` (conv: output pixels; one input FFT per output pixel under-counts stride 1 padding and
+    over-counts strided convs), plus 8 flops per complex multiply-add of the ``p * q * (k // 2 + 1) * taps``
+    frequency products. The weight's FFT is not counted (fixed at inference)."""
+    k = block_size
+    p, q = blocks(out_size, k), blocks(in_size, k)
+    fft = 2.5 * k * math.log2(k) if k > 1 else 0.0
+    return int(round(positions * ((p + q) * fft + 8 * p * q * (k // 2 + 1) * taps)))
+
+
+# ---------------------------------------------------------------------------------------- the layers
+class BlockCirculantLayer:
+    """Mixin of the block-circulant layers: the defining ``vectors`` and their counts."""
+
+    vectors: nn.Parameter
+    block_size: int
+
+    @property
+    def num_stored(self) -> int:
+        """Stored weight numbers: ``ceil(m / k) * ceil(n / k) * k`` (times the kernel taps of a conv)."""
+        return self.vectors.numel()
+
+    @property
+    def num_dense(self) -> int:
+        """Weights of the equivalent dense layer (``m * n``, times the kernel taps of a conv)."""
+        return self.dense_weight_shape[0] * self.dense_weight_shape[1] * math.prod(self.dense_weight_shape[2:])
+
+    @property
+    def compression(self) -> float:
+        """Dense weights over stored weights (= k when both sizes are multiples of k)."""
+        return self.num_dense / self.num_stored
+
+    def weight_spectrum(self, make: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> torch.Tensor | None:
+        """The vectors' spectrum, cached in eval mode while no gradient flows to the vectors (inference, and the
+        steps of an attack on a frozen model: one weight FFT instead of one per forward pass); None where it must
+        be computed inside the autograd graph (training). The cache is keyed by the vectors' version counter, so
+        an optimizer step, ``load_state_dict`` or any in-place op renews it; a write through ``vectors.data``
+        is not seen: call ``train()``/``eval()``, which drop the cache."""
+        v = self.vectors
+        exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
+        if self.training or (torch.is_grad_enabled() and v.requires_grad) or torch.compiler.is_compiling() \
+                or exporting:
+            return None
+        key = (v._version, v.data_ptr(), v.device, dtype)
+        cache = self.__dict__.get("_spectrum_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, make(v.detach().to(dtype)))
+            self.__dict__["_spectrum_cache"] = cache
+        return cache[1]
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_spectrum_cache", None)
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .double(), .cuda(): new tensors, drop the cache
+        self.__dict__.pop("_spectrum_cache", None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def _init_vectors(self, fan_in: int, shape: tuple, device, dtype) -> None:
+        # the default init of nn.Linear / nn.Conv2d (kaiming_uniform with a=sqrt(5): U(-1/sqrt(fan_in), ...)):
+        # every dense entry is one of the vector entries, so the dense-equivalent layer has that distribution
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        self.vectors = nn.Parameter(torch.empty(shape, device=device, dtype=dtype).uniform_(-bound, bound))
+
+
+class BlockCirculantLinear(BlockCirculantLayer, nn.Module):
+    """A linear layer whose weight [out_features, in_features] is block-circulant with blocks of ``block_size``.
+
+    Shapes: input [*, in_features] -> output [*, out_features]. Parameters: ``vectors`` [p, q, k]
+    (``p = ceil(out_features / k)``, ``q = ceil(in_features / k)``) and ``bias`` [out_features].
+    Block (i, j) of the weight is ``C[r, c] = vectors[i, j, (r - c) mod k]`` (see the module docstring);
+    ``dense_weight()`` returns that matrix.
+
+    Args:
+        in_features, out_features: as ``nn.Linear``.
+        block_size: k, an int in [1, max(in_features, out_features)].
+        bias: learn an additive bias.
+    """
+
+    def __init__(self, in_features: int, out_features: int, block_size: int, bias: bool = True, *,
+                 device=None, dtype=None):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BlockCirculantLinear: {name} must be an int >= 1, got {value!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.block_size = check_block_size(block_size, in_size=in_features, out_size=out_features)
+        k = self.block_size
+        self._init_vectors(in_features, (blocks(out_features, k), blocks(in_features, k), k), device, dtype)
+        self.bias = None
+        if bias:
+            bound = 1.0 / math.sqrt(in_features)
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound))
+
+    @property
+    def dense_weight_shape(self) -> tuple:
+        return (self.out_features, self.in_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The equivalent dense weight [out_features, in_features] (differentiable in ``vectors``)."""
+        return block_circulant_dense(self.vectors, self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spectrum = self.weight_spectrum(linear_spectrum, _compute_dtype(x, self.vectors))
+        y = block_circulant_matmul(x, self.vectors, self.out_features, spectrum=spectrum)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @classmethod
+    def from_dense(cls, layer: nn.Linear, block_size: int) -> "BlockCirculantLinear":
+        """A block-circulant layer of ``layer``'s size, device and dtype; its bias is copied and its vectors are
+        the Euclidean projection of ``layer.weight`` (each block averaged along its wrapped diagonals)."""
+        w = layer.weight
+        new = cls(layer.in_features, layer.out_features, block_size, bias=layer.bias is not None,
+                  device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            new.vectors.copy_(project_to_vectors(w, block_size))
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias)
+        new.vectors.requires_grad_(w.requires_grad)
+        return new
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
+                f"bias={self.bias is not None}")
+
+
+class BlockCirculantConv2d(BlockCirculantLayer, nn.Module):
+    """A 2-d convolution whose kernel is block-circulant over channel blocks at every kernel tap.
+
+    Shapes: input [B, in_channels, H, W] -> output [B, out_channels, H', W'] (H', W' as ``nn.Conv2d``).
+    Parameters: ``vectors`` [p, q, k, kh, kw] (``p = ceil(out_channels / k)``, ``q = ceil(in_channels / k)``)
+    and ``bias`` [out_channels]. ``dense_weight()`` [out_channels, in_channels, kh, kw] has
+    ``W[i*k + r, j*k + c, u, v] = vectors[i, j, (r - c) mod k, u, v]``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, bias: as ``nn.Conv2d`` (zero
+            padding only; padding may be an int, a pair or "same"/"valid").
+        block_size: k, an int in [1, max(in_channels, out_channels)].
+        groups: only 1 (grouped block-circulant convolutions are not implemented: a clear error).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, block_size: int, stride=1, padding=0,
+                 dilation=1, bias: bool = True, *, groups: int = 1, device=None, dtype=None):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BlockCirculantConv2d: {name} must be an int >= 1, got {value!r}")
+        if groups != 1:
+            raise ValueError(f"BlockCirculantConv2d: groups must be 1, got {groups} (grouped block-circulant "
+                             "convolutions are not implemented; leave the layer dense with exclude=)")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = nn.modules.utils._pair(kernel_size)
+        self.stride = nn.modules.utils._pair(stride)
+        self.dilation = nn.modules.utils._pair(dilation)
+        self.padding = padding if isinstance(padding, str) else nn.modules.utils._pair(padding)
+        self.groups = 1
+        self.block_size = check_block_size(block_size, in_size=in_channels, out_size=out_channels)
+        k = self.block_size
+        kh, kw = self.kernel_size
+        fan_in = in_channels * kh * kw
+        self._init_vectors(fan_in, (blocks(out_channels, k), blocks(in_channels, k), k, kh, kw), device, dtype)
+        self.bias = None
+        if bias:
+            bound = 1.0 / math.sqrt(fan_in)
+            self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype).uniform_(-bound, bound))
+
+    @property
+    def dense_weight_shape(self) -> tuple:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The equivalent dense kernel [out_channels, in_channels, kh, kw] (differentiable in ``vectors``)."""
+        return block_circulant_dense(self.vectors, self.out_channels, self.in_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spectrum = self.weight_spectrum(conv_spectrum, _compute_dtype(x, self.vectors))
+        y = block_circulant_conv2d(x, self.vectors, self.out_channels, stride=self.stride, padding=self.padding,
+                                   dilation=self.dilation, spectrum=spectrum)
+        return y if self.bias is None else y + self.bias.to(y.dtype)[:, None, None]
+
+    @classmethod
+    def from_dense(cls, layer: nn.Conv2d, block_size: int) -> "BlockCirculantConv2d":
+        """A block-circulant conv with ``layer``'s geometry, device and dtype (bias copied, vectors projected)."""
+        if layer.padding_mode != "zeros":
+            raise ValueError(f"BlockCirculantConv2d.from_dense: padding_mode must be 'zeros', got {layer.padding_mode!r}")
+        w = layer.weight
+        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, block_size, stride=layer.stride,
+                  padding=layer.padding, dilation=layer.dilation, bias=layer.bias is not None, groups=layer.groups,
+                  device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            new.vectors.copy_(project_to_vectors(w, block_size))
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias)
+        new.vectors.requires_grad_(w.requires_grad)
+        return new
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, block_size={self.block_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}")
+
+
+def project_to_vectors(weight: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The vectors of the block-circulant matrix nearest to ``weight`` (least squares over its entries).
+
+    Shapes: weight [m, n, *taps] -> vectors [ceil(m/k), ceil(n/k), k, *taps]. Each vector entry is the mean of
+    the layer's entries on its wrapped diagonal, ``vectors[i, j, d] = mean W_ij[r, (r - d) mod k]`` over the
+    positions inside the layer (a block cropped at the edge has fewer; an entry with none is 0). A weight that
+    already is block-circulant is reproduced exactly.
+    """
+    k = block_size
+    m, n = weight.shape[:2]
+    p, q = blocks(m, k), blocks(n, k)
+    padded = weight.new_zeros((p * k, q * k, *weight.shape[2:]))
+    padded[:m, :n] = weight
+    inside = torch.zeros((p * k, q * k), dtype=weight.dtype, device=weight.device)
+    inside[:m, :n] = 1
+
+    def diagonals(t: torch.Tensor) -> torch.Tensor:  # [p*k, q*k, *] -> [p, q, k (d), k (r), *]
+        full = t.reshape(p, k, q, k, *t.shape[2:]).transpose(1, 2)
+        r = torch.arange(k, device=t.device)
+        cols = (r[None, :] - r[:, None]) % k  # [d, r]: the column c = (r - d) mod k of diagonal d in row r
+        return full[:, :, r[None, :].expand(k, k), cols]
+
+    total = diagonals(padded).sum(dim=3)
+    count = diagonals(inside).sum(dim=3).reshape(p, q, k, *([1] * (weight.dim() - 2)))
+    return total / count.clamp_min(1)
+
+
+# ---------------------------------------------------------------------------------------- model conversion
+def circulant_layers(model: nn.Module) -> list[tuple[str, BlockCirculantLayer]]:
+    """All block-circulant layers of ``model`` in registration order, as (qualified name, module)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, BlockCirculantLayer)]
+
+
+def circulant(model: nn.Module, block_size: int, exclude: ExcludeSpec = None, *, convert_first: bool = True,
+              convert_last: bool = True) -> nn.Module:
+    """Replace every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by a block-circulant layer, in place.
+
+    All or nothing, like :func:`dnr.sparsify`: every layer is checked and built first; an error (a block size
+    larger than a layer, a grouped conv, a conv with non-zero padding mode) raises before the model changes.
+    Each new layer keeps the old one's bias, device, dtype and requires_grad, and starts from the projection
+    of its weight onto block-circulant matrices (:func:`project_to_vectors`).
+
+    Args:
+        model: any ``nn.Module``.
+        block_size: k, an int >= 1 and at most ``max(out, in)`` of every converted layer.
+        exclude: layers to leave dense: a name or glob pattern, a module type, an iterable of those, or a
+            callable ``(name, module) -> bool`` (as ``dnr.sparsify``).
+        convert_first / convert_last: convert the first / last eligible layer.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: a bad block size, a layer that cannot be converted (named), nothing to convert, or a model
+            that is already block-circulant or masked.
+        TypeError: ``model``, ``block_size`` or ``exclude`` of the wrong type.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_block_size(block_size)
+    excluded = exclusion_predicate(exclude)
+    already = circulant_layers(model)
+    if already:
+        raise ValueError(f"model {type(model).__name__} already has {len(already)} block-circulant layers "
+                         f"({already[0][0] or '<model>'}, ...); convert a model once")
+    masked = [n for n, m in model.named_modules() if isinstance(m, MaskedLayer)]
+    if masked:
+        raise ValueError(f"model {type(model).__name__} has masked layers ({masked[0]}, ...): block-circulant "
+                         "conversion applies to dense models (one compression family per model)")
+    candidates = [(n, m) for n, m in model.named_modules()
+                  if isinstance(m, (nn.Linear, nn.Conv2d)) and type(m) in (nn.Linear, nn.Conv2d)]
+    if not candidates:
+        raise ValueError(f"model {type(model).__name__} has no nn.Linear or nn.Conv2d layer to convert")
+    chosen = [(n, m) for i, (n, m) in enumerate(candidates)
+              if not excluded(n, m) and not (i == 0 and not convert_first)
+              and not (i == len(candidates) - 1 and not convert_last and len(candidates) > 1)]
+    if not chosen:
+        raise ValueError(f"every layer of {type(model).__name__} is excluded (exclude={exclude!r}, "
+                         f"convert_first={convert_first}, convert_last={convert_last}); nothing to convert")
+    replacements = []
+    for name, module in chosen:
+        try:
+            if isinstance(module, nn.Conv2d):
+                new = BlockCirculantConv2d.from_dense(module, block_size)
+            else:
+                new = BlockCirculantLinear.from_dense(module, block_size)
+        except ValueError as err:
+            raise ValueError(f"cannot make layer {name!r} ({module}) block-circulant: {err}; leave it dense with "
+                             f"exclude=[{name!r}]") from None
+        new.train(module.training)
+        replacements.append((name, new))
+    for name, new in replacements:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    return model
+
+
+@torch.no_grad()
+def densify_circulant(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every block-circulant layer replaced by the plain ``nn.Linear`` /
+    ``nn.Conv2d`` holding its ``dense_weight()`` (same function; used where the FFT form cannot go, e.g. an
+    ONNX exporter without FFT operators, and as the dense reference of sizes and timings)."""
+    out = copy.deepcopy(model)
+    for name, m in circulant_layers(out):
+        w = m.vectors
+        if isinstance(m, BlockCirculantConv2d):
+            plain = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+                              dilation=m.dilation, bias=m.bias is not None, device=w.device, dtype=w.dtype)
+        else:
+            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=w.device, dtype=w.dtype)
+        plain.weight.copy_(m.dense_weight())
+        if m.bias is not None:
+            plain.bias.copy_(m.bias)
+        plain.train(m.training)
+        parent, _, attr = name.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, attr, plain)
+    return out
+
+
+def circulant_report(model: nn.Module, input_size=None) -> dict:
+    """Stored and dense-equivalent weights of the block-circulant layers, and FLOPs per example.
+
+    Returns a JSON-ready dict: ``layers`` (name, kind, dense shape, block size, stored, dense, compression,
+    and with ``input_size`` [C, H, W] the dense-equivalent and FFT-form ``flops`` of one example),
+    ``stored`` / ``dense`` totals and ``compression`` (dense over stored weights of the converted layers).
+    """
+    rows = []
+    positions: dict[str, int] = {}
+    if input_size is not None:
+        handles = []
+        layers = dict(circulant_layers(model))
+
+        def hook(name):
+            def record(module, inputs, output):
+                positions[name] = output.shape[-2] * output.shape[-1] if output.dim() == 4 else \
+                    output[0].numel() // output.shape[-1]
+            return record
+
+        for name, layer in layers.items():
+            handles.append(layer.register_forward_hook(hook(name)))
+        param = next(model.parameters())
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(torch.zeros((1, *input_size), device=param.device, dtype=param.dtype))
+        finally:
+            model.train(was)
+            for h in handles:
+                h.remove()
+    for name, layer in circulant_layers(model):
+        shape = layer.dense_weight_shape
+        row = {"name": name, "kind": "conv" if isinstance(layer, BlockCirculantConv2d) else "linear",
+               "shape": list(shape), "block_size": layer.block_size, "stored": layer.num_stored,
+               "dense": layer.num_dense, "compression": layer.compression}
+        if name in positions:
+            taps = math.prod(shape[2:])
+            row["flops_dense"] = 2 * positions[name] * layer.num_dense
+            row["flops_fft"] = fft_flops(shape[0], shape[1], layer.block_size, positions[name], taps)
+        rows.append(row)
+    stored, dense = sum(r["stored"] for r in rows), sum(r["dense"] for r in rows)
+    out = {"layers": rows, "stored": stored, "dense": dense, "compression": dense / stored if stored else 1.0}
+    if input_size is not None:
+        out["flops_dense"] = sum(r.get("flops_dense", 0) for r in rows)
+        out["flops_fft"] = sum(r.get("flops_fft", 0) for r in rows)
+    return out
