@@ -32,10 +32,10 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX} MAX_JOBS=${MAX_
 run 420 build python -m pip install --no-build-isolation --no-deps --no-index -e .
 python -c "import json, dnr.ops; print(json.dumps(dnr.ops.backend()))" | tee "$OUT/backend.json"
 
-phase "tests: ops, optimizer, training step and batch loader, CPU and CUDA"
+phase "tests: ops, optimizer, training step, batch loader, curriculum (per-sample PGD steps), CaP; CPU and CUDA"
 DNR_REQUIRE_EXT=1 run 240 tests python -m pytest -q -p no:cacheprovider -x -m "not slow" \
     --junitxml="$OUT/tests.xml" tests/test_ops*.py tests/test_optim*.py tests/test_train_step.py \
-    tests/test_data_loader.py
+    tests/test_data_loader.py tests/test_curriculum.py tests/test_compress.py
 
 phase "benchmarks (--device cuda)"
 for bench in pgd_step momentum_stats masked_sgd masked_conv train_step batch_loader; do
