@@ -37,7 +37,7 @@ import warnings
 
 import torch
 
-from .. import distributed
+from .. import distributed, methods
 from .._files import read_json
 from .builders import build_model_for
 from .console import ConsoleLog
@@ -62,6 +62,7 @@ def load_trained_model(path: str, device: str = "cpu") -> tuple[torch.nn.Module,
     except (TypeError, ConfigError) as err:
         raise CheckpointError(f"checkpoint {state['path']!r} has an invalid config: {err}") from None
     model = build_model_for(cfg)
+    methods.create(cfg).match_saved_model(model, state["model"])  # layers converted during training (issue 17)
     load_model_state(model, state)
     return model.to(device).eval(), cfg, state
 

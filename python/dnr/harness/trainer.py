@@ -166,6 +166,8 @@ def restore(run: TrainingRun, state: dict) -> None:
     if state.get("steps_per_epoch") != run.steps_per_epoch:
         raise CheckpointError(f"checkpoint {state['path']!r} was written with {state.get('steps_per_epoch')} "
                               f"steps per epoch but the data now gives {run.steps_per_epoch}: the training set changed")
+    # a method whose layers change during training rebuilds the saved structure first (admm-circulant, issue 17)
+    run.method.match_saved_model(run.model, state["model"])
     load_model_state(run.model, state)
     try:
         run.optimizer.load_state_dict(state["optimizer"])

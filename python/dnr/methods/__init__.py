@@ -5,6 +5,7 @@
     dnr                      dynamic network rewiring (dnr.methods.dnr, wrapping dnr.rewiring.DNR)
     oneshot, admm, rsr       train, prune once, fine-tune (dnr.methods.phased)
     circulant                block-circulant weights with FFT products, CirCNN (dnr.methods.circulant)
+    admm-circulant           ADMM towards block-circulant weights, then vector fine-tuning, E-RNN (dnr.methods.admm_circulant)
 
 A user's method::
 
@@ -24,6 +25,7 @@ from .base import CHECKPOINT_FORMATS, EXPORT_FORMATS, CompressionMethod, MaskedM
 from .registry import PluginError, UnknownMethodError, available, create, get, import_plugins, register
 from . import dense, static, dnr, phased  # noqa: E402,F401  (register the built-ins, in this order)
 from . import circulant  # noqa: E402,F401  (block-circulant layers, issue 16)
+from . import admm_circulant  # noqa: E402,F401  (ADMM to block-circulant weights, E-RNN, issue 17)
 
 __all__ = ["CompressionMethod", "MaskedMethod", "CHECKPOINT_FORMATS", "EXPORT_FORMATS", "register", "get",
            "available", "create", "import_plugins", "PluginError", "UnknownMethodError"]

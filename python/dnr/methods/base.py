@@ -143,6 +143,13 @@ class CompressionMethod:
     def load_state_dict(self, state: dict | None) -> None:
         """Restore ``state_dict()``'s result (called after ``attach``)."""
 
+    # ------------------------------------------------------------------ layers that change during training
+    def match_saved_model(self, model: nn.Module, saved: dict) -> None:
+        """Give ``model`` (as ``prepare_model`` built it) the structure of the saved model state dict ``saved``
+        before its weights load: a method whose layers change during training (``admm-circulant`` converts them
+        after its ADMM phase) converts them here, in place, and keeps its optimizer (after ``attach``) on the new
+        parameters. Called on resume and by ``dnr.harness.load_trained_model``; the default does nothing."""
+
 
 class MaskedMethod(CompressionMethod):
     """A method whose model is sparsified with masked layers (``dnr.sparsify``) that stay applied: the
