@@ -155,10 +155,12 @@ class BlockCirculantRNNBase(nn.Module):
             raise ValueError(f"{name}: input has {x.shape[-1]} features, expected input_size={self.input_size}")
         batched = x.dim() == 3
         if not batched:
-            x = x.unsqueeze(1)
-        elif self.batch_first:
+            x = x.unsqueeze(0)
+        elif not self.batch_first:
             x = x.transpose(0, 1)
-        return x, batched  # [T, B, input_size]
+        # batch-major [B, T, input_size]: the input projection's output [B, T, G*H] is per example in its first
+        # dimension, as the FLOP counters' forward hooks read it (dnr.density_report, circulant_report)
+        return x, batched
 
     def _check_state(self, h: torch.Tensor | None, batch: int, like: torch.Tensor, batched: bool,
                      what: str) -> torch.Tensor:
@@ -172,18 +174,18 @@ class BlockCirculantRNNBase(nn.Module):
         return h
 
     def _run(self, x: torch.Tensor, states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """x [T, B, input_size], states: per state kind (h, and c for the LSTM) [L, B, H] ->
-        output [T, B, H] of the last layer and the final states in the same layout."""
+        """x [B, T, input_size], states: per state kind (h, and c for the LSTM) [L, B, H] ->
+        output [B, T, H] of the last layer and the final states in the same layout."""
         finals: list[list[torch.Tensor]] = [[] for _ in states]
         out = x
         for l, cell in enumerate(self.layers):
-            pre = cell.ih(out)  # [T, B, G*H]: the whole sequence's input projection at once
+            pre = cell.ih(out)  # [B, T, G*H]: the whole sequence's input projection at once
             state = [s[l] for s in states]
             outputs = []
-            for t in range(pre.shape[0]):
-                state = self.step(pre[t], cell.hh(state[0]), state)
+            for t in range(pre.shape[1]):
+                state = self.step(pre[:, t], cell.hh(state[0]), state)
                 outputs.append(state[0])
-            out = torch.stack(outputs)
+            out = torch.stack(outputs, dim=1)
             for kind, s in enumerate(state):
                 finals[kind].append(s)
         return out, [torch.stack(f) for f in finals]
@@ -194,8 +196,8 @@ class BlockCirculantRNNBase(nn.Module):
 
     def _finish(self, out: torch.Tensor, batched: bool) -> torch.Tensor:
         if not batched:
-            return out.squeeze(1)
-        return out.transpose(0, 1) if self.batch_first else out
+            return out.squeeze(0)
+        return out if self.batch_first else out.transpose(0, 1)
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, block_size={self.block_size}, "
@@ -225,8 +227,8 @@ class BlockCirculantLSTM(BlockCirculantRNNBase):
     def forward(self, x, hx: tuple[torch.Tensor, torch.Tensor] | None = None):
         x, batched = self._check_input(x)
         h0, c0 = (None, None) if hx is None else hx
-        h0 = self._check_state(h0, x.shape[1], x, batched, "h_0")
-        c0 = self._check_state(c0, x.shape[1], x, batched, "c_0")
+        h0 = self._check_state(h0, x.shape[0], x, batched, "h_0")
+        c0 = self._check_state(c0, x.shape[0], x, batched, "c_0")
         out, (h, c) = self._run(x, [h0, c0])
         if not batched:
             h, c = h.squeeze(1), c.squeeze(1)
@@ -256,6 +258,6 @@ class BlockCirculantGRU(BlockCirculantRNNBase):
 
     def forward(self, x, hx: torch.Tensor | None = None):
         x, batched = self._check_input(x)
-        h0 = self._check_state(hx, x.shape[1], x, batched, "h_0")
+        h0 = self._check_state(hx, x.shape[0], x, batched, "h_0")
         out, (h,) = self._run(x, [h0])
         return self._finish(out, batched), (h if batched else h.squeeze(1))
