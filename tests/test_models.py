@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from dnr.models import MODEL_NAMES, VGG16_CONFIG, BasicBlock, build_model, resnet18, small_cnn, vgg16, wide_cnn
 
 CNN28 = ("small_cnn", "wide_cnn")  # the 28x28 single-channel models
+CNNS = ("small_cnn", "wide_cnn", "vgg16", "resnet18")  # the recurrent presets: tests/test_sequence_models.py
 from dnr.nn import MaskedConv2d, Normalize, masked_layers, sparsify
 
 MEAN3, STD3 = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -170,7 +171,7 @@ def expected_norm(conv_name: str) -> str:
     return (head + "." if head else "") + last.replace("conv", "bn")
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", CNNS)
 @pytest.mark.parametrize("mode", ["irregular", "channel"])
 def test_sparsify_each_model(name, mode):
     c, size = (1, 28) if name in CNN28 else (3, 32)
@@ -223,4 +224,4 @@ def test_build_model_errors():
         build_model("vgg16", 0, 3, 32)
     with pytest.raises(ValueError, match="both mean and std"):
         build_model("vgg16", 10, 3, 32, MEAN3, None)
-    assert MODEL_NAMES == ("small_cnn", "wide_cnn", "vgg16", "resnet18")
+    assert MODEL_NAMES == (*CNNS, "lstm", "gru", "lstm_perm", "gru_perm")
