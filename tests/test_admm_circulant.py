@@ -97,6 +97,8 @@ def test_registered_and_checks_its_config(tmp_path):
     assert cls.phased and cls.per_density and not cls.sparse
     with pytest.raises(ConfigError, match="option --epochs: got 1, expected at least 2 for --method admm-circulant"):
         resolve_config(None, {}, dict(TINY, epochs=1))
+    with pytest.raises(ConfigError, match="option --compile: got 'default', expected off for --method admm-circulant"):
+        resolve_config(None, {}, dict(TINY, compile="default"))
     with pytest.raises(ConfigError, match="option --block-size: got 200"):
         fit(resolve_config(None, {}, dict(TINY, block_size=200)), str(tmp_path / "run"), quiet=True, progress=False)
     assert not os.path.exists(tmp_path / "run")
@@ -146,3 +148,13 @@ def test_resume_is_bitwise_identical(trained, tmp_path, step):
         assert torch.equal(a[key], b[key]), key
     sa, sb = (json.load(open(os.path.join(d, "summary.json"))) for d in (ref, resumed))
     assert (sa["clean"], sa["pgd"]) == (sb["clean"], sb["pgd"])
+
+
+def test_applies_to_the_cnn_conv_and_linear_layers(tmp_path):
+    """ADMM to block-circulant on the small CNN (CirCNN's layers): every conv / linear layer ends as vectors."""
+    cfg = resolve_config(None, {}, dict(TINY, model="small_cnn", epochs=2, block_size=4, checkpoint_every=None))
+    s = fit(cfg, str(tmp_path / "run"), quiet=True, progress=False)
+    state = load_checkpoint(s["model_path"])["model"]
+    for name in ("features.0", "features.4", "features.8", "classifier.1", "classifier.3"):
+        assert name + ".vectors" in state and name + ".weight" not in state
+    assert s["compression"] == pytest.approx(98192 / 24720)

@@ -86,6 +86,10 @@ class ADMMCirculant(BlockCirculant):
         if rule is None and cfg.epochs < 2:
             rule = (f"option --epochs: got {cfg.epochs!r}, expected at least 2 for --method {cls.name} (an ADMM phase "
                     "and a fine-tuning phase)")
+        if rule is None and getattr(cfg, "compile", "off") != "off":
+            # the trainer compiles the model once; the projection replaces its layers mid-run
+            rule = (f"option --compile: got {cfg.compile!r}, expected off for --method {cls.name} (it replaces the "
+                    "model's layers after the ADMM phase)")
         return rule
 
     def prepare_model(self, model: nn.Module, *, seed: int) -> nn.Module:

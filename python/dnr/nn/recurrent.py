@@ -82,7 +82,7 @@ class BlockCirculantRNNBase(nn.Module):
     # ------------------------------------------------------------------ structure
     @property
     def block_size(self) -> int | None:
-        """k of the projections (None while they are dense ``nn.Linear``; 1 for a mix, see ``block_sizes``)."""
+        """k of the projections (None while they are dense ``nn.Linear``, or when they differ: see ``block_sizes``)."""
         sizes = set(self.block_sizes().values())
         return sizes.pop() if len(sizes) == 1 else None
 
