@@ -126,3 +126,11 @@ def test_structure_stored_numbers_and_from_dense(cls):
     assert all(isinstance(getattr(c, k), BlockCirculantLinear) for c in plain.layers for k in ("ih", "hh"))
     with pytest.raises(ValueError, match="bidirectional, dropout and proj_size are not supported"):
         cls.from_dense(cls.torch_class(4, 4, bidirectional=True), 2)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_float32_matches_torch(cls, device):
+    ours = cls(12, 16, 2, block_size=4, batch_first=True, device=device)
+    ref = ours.to_dense()
+    x = torch.randn(3, 7, 12, device=device)
+    torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=1e-5, atol=1e-5)
