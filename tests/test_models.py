@@ -12,6 +12,7 @@ from dnr.models import MODEL_NAMES, VGG16_CONFIG, BasicBlock, build_model, resne
 
 CNN28 = ("small_cnn", "wide_cnn")  # the 28x28 single-channel models with a two-layer head
 INPUT28 = CNN28 + ("vgg_cnn",)  # every 28x28 single-channel model
+CNNS = ("small_cnn", "wide_cnn", "vgg16", "resnet18", "vgg_cnn")  # the recurrent presets: tests/test_sequence_models.py
 from dnr.nn import MaskedConv2d, Normalize, masked_layers, sparsify
 
 MEAN3, STD3 = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -171,7 +172,7 @@ def expected_norm(conv_name: str) -> str:
     return (head + "." if head else "") + last.replace("conv", "bn")
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", CNNS)
 @pytest.mark.parametrize("mode", ["irregular", "channel"])
 def test_sparsify_each_model(name, mode):
     c, size = (1, 28) if name in INPUT28 else (3, 32)
@@ -224,6 +225,6 @@ def test_build_model_errors():
         build_model("vgg16", 0, 3, 32)
     with pytest.raises(ValueError, match="both mean and std"):
         build_model("vgg16", 10, 3, 32, MEAN3, None)
-    assert MODEL_NAMES == ("small_cnn", "wide_cnn", "vgg16", "resnet18", "vgg_cnn")
+    assert MODEL_NAMES == (*CNNS, "lstm", "gru", "lstm_perm", "gru_perm")
     with pytest.raises(ValueError, match="input_size must be a multiple of 4"):
         build_model("vgg_cnn", 10, 1, 30)

@@ -193,6 +193,25 @@ def _add_analyze(sub) -> None:
     h.set_defaults(func=cmd_analyze_hessian)
 
 
+def _add_explore(sub) -> None:  # E-RNN's design exploration (issue 17)
+    p = sub.add_parser(
+        "explore", formatter_class=_Formatter,
+        help="design exploration of recurrent models: cell x hidden size x block size, early stopping, Pareto table",
+        description="Train every configuration (cell type x hidden size x block size; k = 1 dense) of a recurrent "
+                    "classifier under a short budget, stopping early those that cannot reach the accuracy "
+                    "requirement (rule: from epoch ceil(check_fraction * budget), at least 2, stop when acc_e + the "
+                    "larger of the last two per-epoch gains x the epochs left < requirement), and write OUT/explore.json, "
+                    "explore.md and explore.png: the Pareto fronts of accuracy against parameters and FLOPs, the "
+                    "smallest model that meets the requirement and the epochs saved.\n\nConfig keys (YAML or "
+                    "JSON): requirement (required), cells, hidden_sizes, block_sizes, budget_epochs, check_fraction, "
+                    "dataset, data_root, reading (rows / pixels), train_size, test_size, batch_size, lr, seed, title.",
+        epilog="example: dnr explore --config docs/e-rnn/explore.yaml --out runs/explore-ernn")
+    p.add_argument("--config", required=True, metavar="FILE", help="explore config (YAML needs pyyaml, or JSON)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not hold an exploration)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
+    p.set_defaults(func=cmd_explore)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     intro, usage = __doc__.split("\n\n")[:2]
@@ -206,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(sub)
     _add_info(sub)
     _add_analyze(sub)
+    _add_explore(sub)
     try:  # the export commands, when that module is installed
         from .export import cli as export_cli
     except ImportError:
@@ -366,6 +386,20 @@ def _interruptible_compare(work):
         print("dnr: interrupted; rerun the same command to continue (finished cells are reused, interrupted "
               "ones resumed)", file=sys.stderr)
         return None
+
+
+def cmd_explore(args) -> int:
+    from .explore import load_explore_spec, run_explore
+    spec = load_explore_spec(args.config)
+    if args.threads is not None:
+        hconfig.check_number("option --threads", args.threads, int, lo=1)
+        import torch
+        torch.set_num_threads(args.threads)
+    res = run_explore(spec, args.out)
+    print(f"explore: {len(res['rows'])} configurations, {res['stopped']} stopped early, {res['epochs_saved']} of "
+          f"{res['epochs_total']} epochs saved; smallest meeting {spec.requirement}: {res['smallest'] or 'none'}")
+    print(f"report: {os.path.join(args.out, 'explore.md')}")
+    return 0
 
 
 def cmd_info(args) -> int:

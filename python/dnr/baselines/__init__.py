@@ -5,8 +5,9 @@ dense); the harness (``dnr train --method oneshot|admm|rsr``) runs the phases: d
 adversarial training, one exact-budget prune, masked adversarial fine-tuning.
 """
 
-from .admm import ADMM
+from .admm import ADMM, ADMMBase
+from .admm_circulant import CirculantADMM, project_block_circulant  # ADMM to block-circulant (issue 17)
 from .pruning import SCOPES, magnitude_masks, prune_by_magnitude, unit_counts
 from .rsr import RSR
 
-__all__ = ["ADMM", "RSR", "SCOPES", "magnitude_masks", "prune_by_magnitude", "unit_counts"]
+__all__ = ["ADMM", "ADMMBase", "CirculantADMM", "project_block_circulant", "RSR", "SCOPES", "magnitude_masks", "prune_by_magnitude", "unit_counts"]

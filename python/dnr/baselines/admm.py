@@ -6,7 +6,8 @@ Training minimises the adversarial loss plus ``sum_l rho/2 * ||W_l - Z_l + U_l||
     U <- U + W - Z
     rho <- min(rho * growth, rho_max)
 
-so the weights are pulled towards a sparse copy of themselves. At the end of the ADMM phase the model
+so the weights are pulled towards a sparse copy of themselves. :class:`ADMMBase` holds the Z/U/rho mechanics for
+any constraint set with an exact projection (``dnr.baselines.admm_circulant``: block-circulant matrices). At the end of the ADMM phase the model
 is hard-pruned to the support of ``Proj_S(W)`` and retrained with the mask fixed (the harness does the
 masked adversarial retraining).
 """
@@ -21,35 +22,28 @@ from torch import nn
 from ..nn.sparsify import masked_layers
 from .pruning import SCOPES, magnitude_masks, model_mode, prune_by_magnitude, unit_counts
 
-__all__ = ["ADMM"]
+__all__ = ["ADMM", "ADMMBase"]
 
 
-class ADMM:
-    """The ADMM state (Z, U, rho) of a dense-masked model and its optimizer.
+class ADMMBase:
+    """ADMM towards a constraint set S: the state (Z, U, rho) of a list of layers' ``weight`` tensors and the
+    updates, for any exact Euclidean projection ``project`` onto S (a subclass defines it and ``finish``).
 
     Args:
-        model: a model converted with ``dnr.sparsify`` (typically at density 1: ADMM trains it dense).
+        layers: (qualified name, module with a ``weight``) pairs: the constrained weights.
         optimizer: the model's optimizer; ``update()`` runs after every ``update_every``-th step.
-        density: the target global density of the projection and the final prune, in (0, 1].
-        scope: "layer" (per-layer counts of ``dnr.sparsify``'s allocation, as in Ye et al.) or "global".
-        init: the per-layer split for scope "layer": "uniform" or "erk".
         rho: initial penalty weight (> 0).
         rho_growth: factor applied to rho after every update (>= 1).
         rho_max: upper bound of rho.
         update_every: optimizer steps between Z/U updates; None = only when ``update()`` is called.
 
     Attributes:
-        Z, U: lists of tensors with the masked weights' shapes (one per masked layer).
+        Z, U: lists of tensors with the weights' shapes (one per layer).
         history: one record per update ({"event": "admm_update", "step", "rho", "residual"}).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, density: float,
-                 scope: str = "layer", init: str = "uniform", rho: float = 1e-2, rho_growth: float = 1.3,
-                 rho_max: float = 1.0, update_every: int | None = None):
-        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
-            raise ValueError(f"density must be a number in (0, 1], got {density!r}")
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    def __init__(self, layers: list, optimizer: torch.optim.Optimizer | None = None, *, rho: float = 1e-2,
+                 rho_growth: float = 1.3, rho_max: float = 1.0, update_every: int | None = None):
         if not rho > 0:
             raise ValueError(f"rho must be > 0, got {rho!r}")
         if not rho_growth >= 1:
@@ -59,10 +53,9 @@ class ADMM:
         if update_every is not None and (isinstance(update_every, bool) or not isinstance(update_every, int)
                                          or update_every < 1):
             raise ValueError(f"update_every must be an integer >= 1 or None, got {update_every!r}")
-        self.model = model
-        self.mode = model_mode(model)
-        self.layers = masked_layers(model)
-        self.density, self.scope, self.init = float(density), scope, init
+        if not layers:
+            raise ValueError("ADMM needs at least one layer to constrain, got none")
+        self.layers = list(layers)
         self.rho, self.rho_growth, self.rho_max = float(rho), float(rho_growth), float(rho_max)
         self.update_every = update_every
         self.steps = 0
@@ -74,16 +67,11 @@ class ADMM:
             self.U = [torch.zeros_like(w) for w in weights]
         self._hook = optimizer.register_step_post_hook(self._after_step) if optimizer is not None else None
 
-    # ----------------------------------------------------------------- the ADMM pieces
     def project(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Proj_S: each tensor with all but the kept units zeroed (exactly the budget's weights in total).
+        """Proj_S of each tensor (one per layer, with the weight's shape): the subclass's constraint set."""
+        raise NotImplementedError
 
-        Args:
-            tensors: one tensor per masked layer, with the weight's shape.
-        """
-        counts = unit_counts(tensors, self.density, self.mode, self.scope, self.init)
-        return [t * m for t, m in zip(tensors, magnitude_masks(tensors, counts, self.mode))]
-
+    # ----------------------------------------------------------------- the ADMM pieces
     def penalty(self) -> torch.Tensor:
         """sum_l rho/2 * ||W_l - Z_l + U_l||^2: a scalar with a graph to the weights (0 once finished)."""
         if not self.active:
@@ -104,11 +92,9 @@ class ADMM:
         self.history.append(record)
         return record
 
-    def finish(self) -> dict:
-        """Hard-prune the model to the support of Proj_S(W) and stop the penalty and the updates.
-
-        Returns the prune record of :func:`dnr.baselines.prune_by_magnitude`."""
-        record = prune_by_magnitude(self.model, self.density, scope=self.scope, init=self.init)
+    def stop(self, record: dict) -> dict:
+        """Stop the penalty and the updates (the ADMM phase is over); ``record`` (the hard projection's) joins
+        the history with the step count. Returns the record."""
         self.active = False
         self.remove()
         self.history.append({**record, "step": self.steps})
@@ -146,3 +132,45 @@ class ADMM:
         self.history = list(state["history"])
         if not self.active:
             self.remove()
+
+
+class ADMM(ADMMBase):
+    """ADMM robust pruning: the ADMM state (Z, U, rho) of a dense-masked model and its optimizer; S is the
+    sparsity set (exactly the budget's number of weights / channels).
+
+    Args:
+        model: a model converted with ``dnr.sparsify`` (typically at density 1: ADMM trains it dense).
+        optimizer: the model's optimizer; ``update()`` runs after every ``update_every``-th step.
+        density: the target global density of the projection and the final prune, in (0, 1].
+        scope: "layer" (per-layer counts of ``dnr.sparsify``'s allocation, as in Ye et al.) or "global".
+        init: the per-layer split for scope "layer": "uniform" or "erk".
+        rho, rho_growth, rho_max, update_every: as :class:`ADMMBase`.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, density: float,
+                 scope: str = "layer", init: str = "uniform", rho: float = 1e-2, rho_growth: float = 1.3,
+                 rho_max: float = 1.0, update_every: int | None = None):
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+            raise ValueError(f"density must be a number in (0, 1], got {density!r}")
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        self.model = model
+        self.mode = model_mode(model)
+        self.density, self.scope, self.init = float(density), scope, init
+        super().__init__(masked_layers(model), optimizer, rho=rho, rho_growth=rho_growth, rho_max=rho_max,
+                         update_every=update_every)
+
+    def project(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Proj_S: each tensor with all but the kept units zeroed (exactly the budget's weights in total).
+
+        Args:
+            tensors: one tensor per masked layer, with the weight's shape.
+        """
+        counts = unit_counts(tensors, self.density, self.mode, self.scope, self.init)
+        return [t * m for t, m in zip(tensors, magnitude_masks(tensors, counts, self.mode))]
+
+    def finish(self) -> dict:
+        """Hard-prune the model to the support of Proj_S(W) and stop the penalty and the updates.
+
+        Returns the prune record of :func:`dnr.baselines.prune_by_magnitude`."""
+        return self.stop(prune_by_magnitude(self.model, self.density, scope=self.scope, init=self.init))

@@ -53,8 +53,8 @@ class TrainConfig:
     train_size: int | None = _f(None, "use only the first N training examples", type=int, optional=True)
     test_size: int | None = _f(None, "use only the first N test examples", type=int, optional=True)
     augment: bool = _f(False, "training-set augmentation (random crop + flip for colour datasets)", type=bool)
-    model: str = _f("small_cnn", "architecture: small_cnn or wide_cnn (28x28 inputs), vgg16, resnet18, vgg_cnn (VGG-style, 28x28) "
-                    "(dnr.models.build_model)",
+    model: str = _f("small_cnn", "architecture: small_cnn or wide_cnn (28x28 inputs), vgg16, resnet18, vgg_cnn (VGG-style, 28x28); "
+                    "lstm, gru, lstm_perm, gru_perm (sequence models) (dnr.models.build_model)",
                     type=str)
     # method and sparsity
     method: str = _f("dnr", "compression method, a name of the dnr.methods registry", type=str)

@@ -6,6 +6,7 @@
     oneshot, admm, rsr       train, prune once, fine-tune (dnr.methods.phased)
     cap, cap-robust          dense AT, cascaded projection to a smaller network, fine-tune (dnr.methods.cap)
     circulant                block-circulant weights with FFT products, CirCNN (dnr.methods.circulant)
+    admm-circulant           ADMM towards block-circulant weights, then vector fine-tuning, E-RNN (dnr.methods.admm_circulant)
 
 A user's method::
 
@@ -26,6 +27,7 @@ from .registry import PluginError, UnknownMethodError, available, create, get, i
 from . import dense, static, dnr, phased  # noqa: E402,F401  (register the built-ins, in this order)
 from . import cap  # noqa: E402,F401  (CaP: cap, cap-robust)
 from . import circulant  # noqa: E402,F401  (block-circulant layers, issue 16)
+from . import admm_circulant  # noqa: E402,F401  (ADMM to block-circulant weights, E-RNN, issue 17)
 
 __all__ = ["CompressionMethod", "MaskedMethod", "CHECKPOINT_FORMATS", "EXPORT_FORMATS", "register", "get",
            "available", "create", "import_plugins", "PluginError", "UnknownMethodError"]

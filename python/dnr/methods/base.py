@@ -100,7 +100,9 @@ class CompressionMethod:
     def restructure(self, model: nn.Module, model_state: dict, *, input_size: tuple[int, ...]) -> None:
         """Before a saved ``model_state`` is loaded into ``model`` (resume, ``dnr eval``, ``dnr export``): give
         ``model`` the structure the state was saved from, for a method that changes the architecture
-        during training (CaP swaps in a smaller network). Default: nothing to do."""
+        during training (CaP swaps in a smaller network; admm-circulant converts layers to block-circulant
+        after its ADMM phase and keeps its optimizer, attached by then on resume, on the new parameters).
+        Default: nothing to do."""
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, total_steps: int,
                steps_per_epoch: int) -> None:
@@ -158,6 +160,7 @@ class CompressionMethod:
 
     def load_state_dict(self, state: dict | None) -> None:
         """Restore ``state_dict()``'s result (called after ``attach``)."""
+
 
 
 class MaskedMethod(CompressionMethod):

@@ -21,7 +21,18 @@ from ..baselines import ADMM, RSR, prune_by_magnitude
 from .base import MaskedMethod
 from .registry import register
 
-__all__ = ["PhasedPruning", "OneShot", "ADMMPruning", "RSRPruning"]
+__all__ = ["PhasedPruning", "OneShot", "ADMMPruning", "RSRPruning", "admm_schedule"]
+
+
+def admm_schedule(cfg, steps_per_epoch: int) -> dict:
+    """The Z/U update period and the rho schedule of an ADMM phase of ``cfg.pre_epochs`` epochs: keywords
+    ``rho``, ``rho_growth``, ``rho_max``, ``update_every`` of :class:`dnr.baselines.admm.ADMMBase`. rho grows
+    geometrically from ``cfg.admm_rho`` to ``cfg.admm_rho_max`` over the phase's updates (default period: 4 per
+    epoch)."""
+    every = cfg.admm_every or max(1, steps_per_epoch // 4)
+    updates = max(1, cfg.pre_epochs * steps_per_epoch // every)
+    growth = (cfg.admm_rho_max / cfg.admm_rho) ** (1.0 / max(1, updates - 1))
+    return {"rho": cfg.admm_rho, "rho_growth": growth, "rho_max": cfg.admm_rho_max, "update_every": every}
 
 
 class PhasedPruning(MaskedMethod):
@@ -120,12 +131,8 @@ class ADMMPruning(PhasedPruning):
 
     def make_regulariser(self, model, optimizer, steps_per_epoch: int) -> None:
         cfg = self.cfg
-        every = cfg.admm_every or max(1, steps_per_epoch // 4)
-        updates = max(1, cfg.pre_epochs * steps_per_epoch // every)
-        # rho grows geometrically from admm_rho to admm_rho_max over the phase's updates
-        growth = (cfg.admm_rho_max / cfg.admm_rho) ** (1.0 / max(1, updates - 1))
         self.admm = ADMM(model, optimizer, density=cfg.density, scope=cfg.resolved_prune_scope, init=cfg.init,
-                         rho=cfg.admm_rho, rho_growth=growth, rho_max=cfg.admm_rho_max, update_every=every)
+                         **admm_schedule(cfg, steps_per_epoch))
 
     def prune(self) -> dict:
         return self.admm.finish()

@@ -5,13 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from ._common import check_positive_int, input_normalization
+from .recurrent import RECURRENT_MODELS, recurrent_classifier
 from .resnet import resnet18
 from .small_cnn import small_cnn, wide_cnn
 from .vgg import vgg16, vgg_cnn
 
 __all__ = ["MODEL_NAMES", "build_model"]
 
-MODEL_NAMES = ("small_cnn", "wide_cnn", "vgg16", "resnet18", "vgg_cnn")
+MODEL_NAMES = ("small_cnn", "wide_cnn", "vgg16", "resnet18", "vgg_cnn", *RECURRENT_MODELS)  # + lstm, gru, lstm_perm, gru_perm
 
 
 def build_model(name: str, num_classes: int, in_channels: int, input_size: int, mean=None, std=None) -> nn.Module:
@@ -19,7 +20,9 @@ def build_model(name: str, num_classes: int, in_channels: int, input_size: int, 
 
     Args:
         name: one of MODEL_NAMES: "small_cnn" and "wide_cnn" (input_size must be 28), "vgg16" (a multiple of 32),
-            "resnet18" (>= 8), "vgg_cnn" (a VGG-style CNN for 28x28 inputs; a multiple of 4).
+            "resnet18" (>= 8), "vgg_cnn" (a VGG-style CNN for 28x28 inputs; a multiple of 4); the recurrent
+            classifiers (dnr.models.recurrent, any size) "lstm" / "gru" (rows as steps: sequential Fashion-MNIST /
+            MNIST) and "lstm_perm" / "gru_perm" (permuted pixels, 16 per step).
         num_classes: logits per example.
         in_channels: input channels.
         input_size: side of the square input.
@@ -35,6 +38,8 @@ def build_model(name: str, num_classes: int, in_channels: int, input_size: int, 
     if name not in MODEL_NAMES:
         raise ValueError(f"build_model: unknown model name {name!r}; expected one of {', '.join(MODEL_NAMES)}")
     check_positive_int(input_size, "input_size", name)
+    if name in RECURRENT_MODELS:
+        return recurrent_classifier(name, num_classes, in_channels, input_size, mean=mean, std=std)
     if name in ("small_cnn", "wide_cnn"):
         if input_size != 28:
             raise ValueError(f"{name}: input_size must be 28, got {input_size}")

@@ -6,6 +6,7 @@ from .block_circulant import (BlockCirculantConv2d, BlockCirculantLayer, BlockCi
                               densify_circulant)
 from .masked import MaskedConv2d, MaskedLayer, MaskedLinear, is_masked
 from .normalize import Normalize
+from .recurrent import BlockCirculantGRU, BlockCirculantLSTM  # E-RNN recurrent layers (issue 17)
 from .report import DensityReport, LayerDensity, density_report
 from .sparsify import apply_masks, masked_layers, sparsify
 
@@ -13,4 +14,5 @@ __all__ = ["MaskedConv2d", "MaskedLinear", "MaskedLayer", "is_masked", "Normaliz
            "masked_layers", "apply_masks", "density_report", "DensityReport", "LayerDensity",
            "BlockCirculantLinear", "BlockCirculantConv2d", "BlockCirculantLayer", "block_circulant_matmul",
            "block_circulant_conv2d", "block_circulant_dense", "circulant", "circulant_layers", "circulant_report",
-           "densify_circulant"]
+           "densify_circulant",
+           "BlockCirculantLSTM", "BlockCirculantGRU"]

@@ -212,6 +212,7 @@ def _count_flops(model: nn.Module, rows: dict, example: torch.Tensor) -> None:
                 p.copy_(keep.to(p.dtype) * value)
     twin_rows = {t: rows[m] for m, t in zip(model.modules(), twin.modules()) if m in rows}
     handles = []
+    called: dict[nn.Module, int] = {}
 
     def hook(module, inputs, output):
         row = twin_rows[module]
@@ -223,10 +224,15 @@ def _count_flops(model: nn.Module, rows: dict, example: torch.Tensor) -> None:
             positions = output.shape[-2] * output.shape[-1]  # output pixels per example
         else:
             positions = output[0].numel() // output.shape[-1] if output.dim() > 1 else 1
-        row.macs_dense = positions * w.numel()
-        row.macs_masked = positions * int(mask.sum())
+        # summed over calls: a layer applied several times per example (a recurrent cell's hidden projection,
+        # once per time step) costs each call's MACs (issue 17)
+        calls = called.setdefault(module, 0)
+        called[module] = calls + 1
+        previous = (row.macs_dense, row.macs_masked, row.macs_effective) if calls else (0, 0, 0)
+        row.macs_dense = previous[0] + positions * w.numel()
+        row.macs_masked = previous[1] + positions * int(mask.sum())
         row.effective_active = int(live.sum()) if row.masked else None
-        row.macs_effective = positions * int(live.sum())
+        row.macs_effective = previous[2] + positions * int(live.sum())
 
     for module in twin_rows:
         handles.append(module.register_forward_hook(hook))

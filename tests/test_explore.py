@@ -1,0 +1,135 @@
+"""``dnr explore`` (issue 17): the early-stopping rule checked on synthetic learning curves whose answer is
+known (which configurations stop, when, the epochs saved, the smallest model that meets the requirement and
+the Pareto fronts), the analytic FLOPs, bad configs, and one real tiny exploration through the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from dnr import cli
+from dnr.explore import ExploreSpec, explore, pareto_front, run_explore, sequence_flops, stop_bound
+from dnr.harness import ConfigError
+from dnr.models import SequenceClassifier
+
+BUDGET = 6
+
+
+class CurveTrial:
+    """A synthetic task with a known answer: configuration -> a concave learning curve
+    acc_e = final * (1 - 0.5 ** e) (e = 1..BUDGET), final = 0.9 - 0.1 * log2(k) - (0.05 if hidden 32);
+    parameters fall with k and the hidden size. Records how many epochs each configuration was trained."""
+
+    def __init__(self):
+        self.trained = {}
+
+    @staticmethod
+    def final(c):
+        return 0.9 - 0.1 * (c["block_size"].bit_length() - 1) - (0.05 if c["hidden_size"] == 32 else 0.0)
+
+    def curve(self, c):
+        return [self.final(c) * (1 - 0.5 ** e) for e in range(1, BUDGET + 1)]
+
+    def __call__(self, c):
+        key = (c["cell"], c["hidden_size"], c["block_size"])
+        for e, acc in enumerate(self.curve(c), start=1):
+            self.trained[key] = e
+            yield acc
+
+    def describe(self, c):
+        return {"params": 1000 * c["hidden_size"] // c["block_size"], "flops": 10 * c["hidden_size"] // c["block_size"]}
+
+
+SPEC = dict(requirement=0.7, cells=["gru"], hidden_sizes=[32, 64], block_sizes=[1, 2, 4, 8], budget_epochs=BUDGET,
+            check_fraction=0.5)
+
+
+def test_early_stopping_on_curves_with_a_known_answer():
+    spec = ExploreSpec(**SPEC).validate()
+    trial = CurveTrial()
+    res = explore(spec, trial)
+    rows = {r["name"]: r for r in res["rows"]}
+    # the oracle: the final accuracies are known; a configuration whose final < requirement must stop, and it
+    # stops at the first epoch >= 3 where acc_e + last gain * (6 - e) < 0.7 (the curve's gains halve each epoch)
+    for c in spec.configurations():
+        name = f"gru-h{c['hidden_size']}-k{c['block_size']}"
+        curve = trial.curve(c)
+        # the oracle: the curve is concave, so the larger of the last two gains is the earlier one
+        expected_stop = next((e for e in range(3, BUDGET)
+                              if curve[e - 1] + (curve[e - 2] - curve[e - 3]) * (BUDGET - e) < 0.7), None)
+        assert rows[name]["stopped"] == (expected_stop is not None), name
+        assert rows[name]["epochs"] == (expected_stop or BUDGET) == trial.trained[("gru", c["hidden_size"],
+                                                                                    c["block_size"])]
+        if rows[name]["stopped"]:  # the rule's promise: a stopped configuration would have missed the requirement
+            assert curve[-1] < 0.7, name
+        else:
+            assert rows[name]["accuracy"] == curve[-1]
+    # known: h32-k8 (final 0.55) stops after epoch 4, h32-k4 (0.65) after epoch 5; the best four are kept
+    assert rows["gru-h32-k8"]["epochs"] == 4 and rows["gru-h32-k4"]["epochs"] == 5
+    kept = {n for n, r in rows.items() if not r["stopped"]}
+    assert {"gru-h64-k1", "gru-h64-k2", "gru-h32-k1", "gru-h32-k2"} <= kept
+    assert res["epochs_saved"] == sum(BUDGET - r["epochs"] for r in rows.values()) > 0
+    assert res["stopped"] == sum(r["stopped"] for r in rows.values())
+    # smallest model that meets the requirement at the end of its budget: fewest parameters among those
+    meeting = [r for r in rows.values() if not r["stopped"] and r["accuracy"] >= 0.7]
+    assert res["smallest"] == min(meeting, key=lambda r: r["params"])["name"]
+
+
+def test_stop_bound_and_pareto_front():
+    assert stop_bound([0.2, 0.5, 0.6], 5) == pytest.approx(0.6 + 0.3 * 2)   # the larger of the last two gains
+    assert stop_bound([0.2, 0.5, 0.4], 5) == pytest.approx(0.4 + 0.3 * 2)   # one dip does not stop it
+    assert stop_bound([0.1, 0.5, 0.6, 0.65], 6) == pytest.approx(0.65 + 0.1 * 2)  # the first gain is forgotten
+    assert stop_bound([0.5, 0.4], 4) == pytest.approx(0.4)                  # no gain: no credit
+    rows = [{"params": 1, "accuracy": 0.5}, {"params": 2, "accuracy": 0.4}, {"params": 3, "accuracy": 0.9},
+            {"params": 3, "accuracy": 0.8}]
+    assert pareto_front(rows, "params") == [rows[0], rows[2]]
+
+
+def test_sequence_flops_counts_every_step():
+    dense = SequenceClassifier("gru", "rows", hidden_size=16, mean=None, std=None)
+    assert sequence_flops(dense) == 28 * 2 * (48 * 28 + 48 * 16) + 2 * 10 * 16
+    circ = SequenceClassifier("gru", "rows", hidden_size=16, block_size=8, mean=None, std=None)
+    assert 0 < sequence_flops(circ) < sequence_flops(dense)
+
+
+def test_bad_configs_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="requirement"):
+        ExploreSpec(**dict(SPEC, requirement=1.5)).validate()
+    with pytest.raises(ConfigError, match="budget_epochs"):
+        ExploreSpec(**dict(SPEC, budget_epochs=1)).validate()
+    with pytest.raises(ConfigError, match="cells"):
+        ExploreSpec(**dict(SPEC, cells=["rnn"])).validate()
+    cfg = tmp_path / "x.json"
+    cfg.write_text(json.dumps({"cells": ["gru"], "requirment": 0.5}))
+    assert cli.main(["explore", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_writes_json_markdown_plot_and_refuses_to_overwrite(tmp_path):
+    out = str(tmp_path / "ex")
+    res = run_explore(ExploreSpec(**SPEC).validate(), out, trial=CurveTrial())
+    assert json.load(open(os.path.join(out, "explore.json")))["smallest"] == res["smallest"]
+    md = open(os.path.join(out, "explore.md")).read()
+    assert f"**Smallest model meeting the requirement:** {res['smallest']}" in md
+    assert res["plot"] is None or os.path.isfile(os.path.join(out, "explore.png"))
+    with pytest.raises(ConfigError, match="already holds an exploration"):
+        run_explore(ExploreSpec(**SPEC).validate(), out, trial=CurveTrial())
+
+
+def test_real_tiny_exploration_from_the_command_line(tmp_path, capsys):
+    """Real training on the embedded subset: a requirement no 2-epoch-sized model reaches, so every
+    configuration is stopped at the check epoch (2 of 3) unless its curve rises by > 0.4 per epoch."""
+    cfg = tmp_path / "explore.json"
+    cfg.write_text(json.dumps({"requirement": 0.99, "cells": ["gru", "lstm"], "hidden_sizes": [8],
+                               "block_sizes": [1, 4], "budget_epochs": 3, "check_fraction": 0.5,
+                               "train_size": 128, "test_size": 64, "batch_size": 32}))
+    out = tmp_path / "ex"
+    assert cli.main(["explore", "--config", str(cfg), "--out", str(out), "--threads", "1"]) == 0
+    res = json.load(open(out / "explore.json"))
+    assert len(res["rows"]) == 4 and res["smallest"] is None
+    for r in res["rows"]:
+        assert r["epochs"] in (2, 3) and r["stopped"] == (r["epochs"] == 2)
+        assert r["stopped"] == (r["bound"] < 0.99)
+    assert "explore: 4 configurations" in capsys.readouterr().out
