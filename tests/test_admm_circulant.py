@@ -94,7 +94,7 @@ def trained(tmp_path_factory):
 
 def test_registered_and_checks_its_config(tmp_path):
     cls = methods.get("admm-circulant")
-    assert cls.phased and cls.per_density and not cls.sparse
+    assert cls.phased and cls.density_axis and not cls.sparse
     with pytest.raises(ConfigError, match="option --epochs: got 1, expected at least 2 for --method admm-circulant"):
         resolve_config(None, {}, dict(TINY, epochs=1))
     with pytest.raises(ConfigError, match="option --compile: got 'default', expected off for --method admm-circulant"):
