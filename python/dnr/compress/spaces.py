@@ -18,39 +18,26 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
+from ..nn.channel_graph import ADD_FUNCTIONS, is_flatten, is_zero_preserving, node_shape, trace_with_shapes
 from ..nn.masked import MaskedLayer
-from ..nn.normalize import Normalize
 
-__all__ = ["ProjectionError", "ProjectionSpace", "SpacePlan", "find_projection_spaces", "CHANNELWISE_PASS_MODULES"]
+__all__ = ["ProjectionError", "ProjectionSpace", "SpacePlan", "find_projection_spaces"]
 
 
 class ProjectionError(ValueError):
     """A rank, ratio or structure that the cascaded projection cannot take; the message names the layer."""
 
 
-#: channel-wise modules that map a projected tensor to a projected tensor of the same channels
-#: (exactly for pooling, dropout and the identity; approximately for the activations, which the
-#: projection's training compensates)
-CHANNELWISE_PASS_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Hardtanh,
-    nn.Hardswish, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-)
-_PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.mish, torch.tanh,
-                   F.hardtanh, F.hardswish, F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
-                   F.adaptive_max_pool2d, torch.relu_, F.relu_}
-_PASS_METHODS = {"relu", "relu_", "tanh", "contiguous", "clone"}
-_FLATTEN = {("call_function", torch.flatten), ("call_method", "flatten"), ("call_method", "view"),
-            ("call_method", "reshape"), ("call_function", torch.reshape)}
-_ADD = {operator.add, operator.iadd, torch.add}
+# The projection passes the zero-preserving channel-wise ops of dnr.nn.channel_graph (exactly for pooling,
+# dropout and the identity; approximately for the activations, which the projection's training compensates)
+# and not those with f(0) != 0 (sigmoid, softplus): a projected channel mixes several, so an offset would not
+# stay in its channel.
 
 
 @dataclass
@@ -101,36 +88,6 @@ class SpacePlan:
                               f"projected; layers: {convs}")
 
 
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (MaskedLayer, Normalize)) or super().is_leaf_module(m, qualname)
-
-
-class _Shapes(fx.Interpreter):
-    def run_node(self, n: fx.Node):
-        result = super().run_node(n)
-        if isinstance(result, torch.Tensor):
-            n.meta["dnr_shape"] = tuple(result.shape)
-        return result
-
-
-def trace_with_shapes(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
-    """``model`` traced with torch.fx (masked layers and Normalize as leaves), each tensor node's shape
-    recorded by one eval-mode run on ``example``. Raises ProjectionError for an untraceable forward."""
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as err:
-        raise ProjectionError(f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); "
-                              "the cascaded projection needs a forward without data-dependent control flow") from err
-    gm = fx.GraphModule(model, graph)
-    gm.eval()
-    with torch.no_grad():
-        _Shapes(gm).run(example)
-    return gm
-
-
-def _shape(node) -> tuple | None:
-    return node.meta.get("dnr_shape") if isinstance(node, fx.Node) else None
 
 
 def _describe(node: fx.Node) -> str:
@@ -165,7 +122,7 @@ def find_projection_spaces(model: nn.Module, example: torch.Tensor) -> SpacePlan
     cannot be traced; structures that a space cannot pass are recorded in that space's ``problem``.
     """
     work = copy.deepcopy(model).eval()
-    gm = trace_with_shapes(work, example)
+    gm = trace_with_shapes(work, example, error=ProjectionError, purpose="the cascaded projection")
     modules = dict(gm.named_modules())
     uf = _UnionFind()
     node_space: dict[fx.Node, str] = {}   # tensor node -> space id (a producer name before union)
@@ -198,8 +155,8 @@ def find_projection_spaces(model: nn.Module, example: torch.Tensor) -> SpacePlan
             if src_space is not None:  # a consumer of its input's space
                 if isinstance(module, nn.Conv2d) and module.groups != 1:
                     spoil(src_space, f"it is read by the grouped conv {name!r} (groups={module.groups})")
-                elif isinstance(module, nn.Linear) and len(_shape(src)) != 2:
-                    spoil(src_space, f"it is read by the linear layer {name!r} on a rank-{len(_shape(src))} input")
+                elif isinstance(module, nn.Linear) and len(node_shape(src)) != 2:
+                    spoil(src_space, f"it is read by the linear layer {name!r} on a rank-{len(node_shape(src))} input")
                 else:
                     consumers.append((name, src))
             uf.add(name)
@@ -224,23 +181,15 @@ def find_projection_spaces(model: nn.Module, example: torch.Tensor) -> SpacePlan
                 spoil(src_space, f"the BatchNorm {node.target!r} does not directly follow a conv/linear layer "
                                  "that only it reads, so it cannot be folded")
             continue
-        if module is not None and isinstance(module, CHANNELWISE_PASS_MODULES) and src_space is not None \
-                and _shape(src)[1:2] == _shape(node)[1:2]:
+        if src_space is not None and node_shape(node) is not None and is_zero_preserving(node, modules) \
+                and node_shape(src)[1:2] == node_shape(node)[1:2]:
             node_space[node] = src_space
             if src in flat_hw:
                 flat_hw[node] = flat_hw[src]
             continue
-        if module is None and src_space is not None and _shape(node) is not None and \
-                _shape(src)[1:2] == _shape(node)[1:2] and (
-                (node.op == "call_function" and node.target in _PASS_FUNCTIONS)
-                or (node.op == "call_method" and node.target in _PASS_METHODS)):
-            node_space[node] = src_space
-            if src in flat_hw:
-                flat_hw[node] = flat_hw[src]
-            continue
-        flat = (isinstance(module, nn.Flatten) if module is not None else (node.op, node.target) in _FLATTEN)
-        if flat and src_space is not None and _shape(src) is not None and _shape(node) is not None:
-            s_in, s_out = _shape(src), _shape(node)
+        flat = is_flatten(node, modules)
+        if flat and src_space is not None and node_shape(src) is not None and node_shape(node) is not None:
+            s_in, s_out = node_shape(src), node_shape(node)
             if len(s_in) >= 3 and s_out == (s_in[0], math.prod(s_in[1:])) and src not in flat_hw:
                 node_space[node] = src_space
                 flat_hw[node] = math.prod(s_in[2:])
@@ -248,9 +197,9 @@ def find_projection_spaces(model: nn.Module, example: torch.Tensor) -> SpacePlan
             if s_in == s_out:
                 node_space[node] = src_space
                 continue
-        if node.op == "call_function" and node.target in _ADD and len(node.args) == 2 and not node.kwargs:
+        if node.op == "call_function" and node.target in ADD_FUNCTIONS and len(node.args) == 2 and not node.kwargs:
             a, b = node.args
-            if a in node_space and b in node_space and _shape(a) == _shape(b) and a not in flat_hw:
+            if a in node_space and b in node_space and node_shape(a) == node_shape(b) and a not in flat_hw:
                 node_space[node] = uf.union(node_space[a], node_space[b])
                 continue
             if a in node_space and b in node_space:
@@ -271,7 +220,7 @@ def find_projection_spaces(model: nn.Module, example: torch.Tensor) -> SpacePlan
         root = uf.find(name)
         if root not in spaces:
             out_node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == name)
-            spaces[root] = ProjectionSpace(name=name, channels=_shape(out_node)[1])
+            spaces[root] = ProjectionSpace(name=name, channels=node_shape(out_node)[1])
         sp = spaces[root]
         sp.producers.append(name)
         if name in norms:

@@ -41,11 +41,12 @@ from typing import Sequence
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
+from ..nn.channel_graph import (ADD_FUNCTIONS, CHANNELWISE_FUNCTIONS, CHANNELWISE_METHODS, CHANNELWISE_MODULES,
+                                FLATTEN_LIKE, MEAN_LIKE, ZERO_PRESERVING_FUNCTIONS, ZERO_PRESERVING_METHODS,
+                                ZERO_PRESERVING_MODULES, node_channels, node_shape, trace_with_shapes)
 from ..nn.masked import MaskedLayer
-from ..nn.normalize import Normalize
 
 __all__ = ["CompactionError", "ExpandChannels", "compact_model", "check_channel_structure"]
 
@@ -75,50 +76,13 @@ class ExpandChannels(nn.Module):
         return f"out_channels={self.index.numel()}"
 
 
-class _Tracer(fx.Tracer):
-    """fx tracer that keeps the package's masked layers and Normalize as single nodes."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (MaskedLayer, Normalize)) or super().is_leaf_module(m, qualname)
 
 
-# f(0) == 0 and channel-wise: a dead channel stays dead.
-_ZERO_PRESERVING_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
-    nn.Hardtanh, nn.Hardswish, nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
-    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-)
-# channel-wise but f(0) != 0: every channel becomes live.
-_CHANNELWISE_MODULES = (nn.Sigmoid, nn.Softplus, nn.Hardsigmoid, Normalize)
-_ZERO_PRESERVING_FUNCTIONS = {
-    F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, torch.tanh,
-    F.hardtanh, F.hardswish, F.dropout, F.dropout2d, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
-    torch.nn.functional.relu_, torch.relu_,
-}
-_CHANNELWISE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.softplus, F.hardsigmoid}
-_ZERO_PRESERVING_METHODS = {"relu", "relu_", "tanh", "contiguous", "clone", "detach"}
-_CHANNELWISE_METHODS = {"sigmoid"}
-_FLATTEN_LIKE = {("call_function", torch.flatten), ("call_method", "flatten"), ("call_method", "view"),
-                 ("call_method", "reshape"), ("call_function", torch.reshape)}
-_ADD = {operator.add, operator.iadd, torch.add}
-_MEAN = {("call_function", torch.mean), ("call_method", "mean")}
 
-
-def _shape(node) -> tuple | None:
-    """Shape of an fx node's tensor output in the example run (see _Shapes), None for non-tensors."""
-    return node.meta.get("dnr_shape") if isinstance(node, fx.Node) else None
-
-
-def _channels(node) -> int | None:
-    shape = _shape(node)
-    return shape[1] if shape is not None and len(shape) >= 2 else None
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes if _channels(a) is not None]
+    return [a for a in node.all_input_nodes if node_channels(a) is not None]
 
 
 def _describe(node: fx.Node) -> str:
@@ -169,7 +133,7 @@ class _Analysis:
 
     # ---- pass 1: liveness -------------------------------------------------------------------
     def _classify_and_live(self, node: fx.Node) -> None:
-        c = _channels(node)
+        c = node_channels(node)
         if node.op == "output":
             self.kind[node] = "output"
             return
@@ -194,12 +158,12 @@ class _Analysis:
         elif self._is_noop_reshape(node, src):  # rebuilt as the identity: its sizes may name channels
             self.kind[node], self.live[node] = "inherit", self.live[src].clone()
             self.noop.add(node)
-        elif self._is_zero_preserving(node, module) and src in self.live and _channels(src) == c:
+        elif self._is_zero_preserving(node, module) and src in self.live and node_channels(src) == c:
             self.kind[node], self.live[node] = "inherit", self.live[src].clone()
-        elif self._is_channelwise(node, module) and src in self.live and _channels(src) == c:
+        elif self._is_channelwise(node, module) and src in self.live and node_channels(src) == c:
             self.kind[node], self.live[node] = "inherit", ones
         elif self._is_flatten(node, src):
-            hw = math.prod(_shape(src)[2:])
+            hw = math.prod(node_shape(src)[2:])
             self.kind[node], self.live[node] = "flatten", self.live[src].repeat_interleave(hw)
         elif self._is_add(node):
             a, b = [x for x in node.args[:2]]
@@ -240,8 +204,8 @@ class _Analysis:
         return reads | self._bias_nonzero(module)
 
     def _linear_live(self, node, module: nn.Linear, src) -> torch.Tensor:
-        if len(_shape(src)) != 2:
-            self._opaque(node, [src], f"linear layer on a rank-{len(_shape(src))} input (only [B, features])")
+        if len(node_shape(src)) != 2:
+            self._opaque(node, [src], f"linear layer on a rank-{len(node_shape(src))} input (only [B, features])")
             self.kind[node] = "linear"
             return torch.ones(module.out_features, dtype=torch.bool)
         reads = (self._weight_nonzero(module) & self.live[src][None, :]).any(1)
@@ -274,49 +238,49 @@ class _Analysis:
 
     def _is_zero_preserving(self, node, module) -> bool:
         if module is not None:
-            return isinstance(module, _ZERO_PRESERVING_MODULES)
+            return isinstance(module, ZERO_PRESERVING_MODULES)
         if node.op == "call_function":
-            if node.target in _ZERO_PRESERVING_FUNCTIONS:
+            if node.target in ZERO_PRESERVING_FUNCTIONS:
                 return True
             if node.target in (operator.mul, torch.mul, operator.truediv, torch.div):
                 return len(_tensor_inputs(node)) == 1 and node.args[0] in self.live and not isinstance(
                     node.args[1], fx.Node)
-        if node.op == "call_method" and node.target in _ZERO_PRESERVING_METHODS:
+        if node.op == "call_method" and node.target in ZERO_PRESERVING_METHODS:
             return True
-        if (node.op, node.target) in _MEAN:
-            src, out = _shape(node.args[0]), _shape(node)
+        if (node.op, node.target) in MEAN_LIKE:
+            src, out = node_shape(node.args[0]), node_shape(node)
             return src is not None and len(src) >= 3 and out[:2] == src[:2]
         return False
 
     def _is_channelwise(self, node, module) -> bool:
         if module is not None:
-            return isinstance(module, _CHANNELWISE_MODULES)
-        if node.op == "call_function" and node.target in _CHANNELWISE_FUNCTIONS:
+            return isinstance(module, CHANNELWISE_MODULES)
+        if node.op == "call_function" and node.target in CHANNELWISE_FUNCTIONS:
             return True
         if node.op == "call_function" and node.target in (operator.add, torch.add, operator.sub, torch.sub):
             return len(_tensor_inputs(node)) == 1 and isinstance(node.args[0], fx.Node) and not isinstance(
                 node.args[1], fx.Node)
-        return node.op == "call_method" and node.target in _CHANNELWISE_METHODS
+        return node.op == "call_method" and node.target in CHANNELWISE_METHODS
 
     def _is_flatten(self, node, src) -> bool:
         flat = (isinstance(self.modules.get(node.target), nn.Flatten) if node.op == "call_module"
-                else (node.op, node.target) in _FLATTEN_LIKE)
+                else (node.op, node.target) in FLATTEN_LIKE)
         if not flat or src not in self.live:
             return False
-        s_in, s_out = _shape(src), _shape(node)
+        s_in, s_out = node_shape(src), node_shape(node)
         return len(s_in) >= 3 and s_out == (s_in[0], math.prod(s_in[1:]))
 
     def _is_noop_reshape(self, node, src) -> bool:
         flat = (isinstance(self.modules.get(node.target), nn.Flatten) if node.op == "call_module"
-                else (node.op, node.target) in _FLATTEN_LIKE)
-        return flat and src in self.live and _shape(src) == _shape(node)
+                else (node.op, node.target) in FLATTEN_LIKE)
+        return flat and src in self.live and node_shape(src) == node_shape(node)
 
     def _is_add(self, node) -> bool:
-        if node.op != "call_function" or node.target not in _ADD or len(node.args) != 2 or node.kwargs:
+        if node.op != "call_function" or node.target not in ADD_FUNCTIONS or len(node.args) != 2 or node.kwargs:
             return False
         a, b = node.args
-        return (a in self.live and b in self.live and _shape(a) is not None and _shape(b) is not None
-                and len(_shape(a)) == len(_shape(b)) and _channels(a) == _channels(b) == _channels(node))
+        return (a in self.live and b in self.live and node_shape(a) is not None and node_shape(b) is not None
+                and len(node_shape(a)) == len(node_shape(b)) and node_channels(a) == node_channels(b) == node_channels(node))
 
     def _is_cat(self, node) -> bool:
         if node.op != "call_function" or node.target is not torch.cat:
@@ -325,7 +289,7 @@ class _Analysis:
         parts = node.args[0]
         if not isinstance(parts, (list, tuple)) or not all(p in self.live for p in parts):
             return False
-        rank = len(_shape(node))
+        rank = len(node_shape(node))
         return dim in (1, 1 - rank) and rank >= 2
 
     # ---- pass 2: emission -------------------------------------------------------------------
@@ -357,7 +321,7 @@ class _Analysis:
             return [(i, torch.ones_like(self.emit[i])) for i in _tensor_inputs(node) if i in self.emit]
         if kind in ("conv", "linear"):
             module = self.modules[node.target]
-            full = getattr(module, "groups", 1) != 1 or (kind == "linear" and len(_shape(src)) != 2)
+            full = getattr(module, "groups", 1) != 1 or (kind == "linear" and len(node_shape(src)) != 2)
             emit = torch.ones_like(need) if full else need.clone()
             if not bool(emit.any()):
                 emit[0] = True  # keep one (zero) channel: layers with no channel are not valid modules
@@ -379,7 +343,7 @@ class _Analysis:
             self.emit[node] = self.emit[src]
             return [(src, groups)]
         if kind == "flatten":
-            hw = math.prod(_shape(src)[2:])
+            hw = math.prod(node_shape(src)[2:])
             self.emit[node] = self.emit[src].repeat_interleave(hw)
             return [(src, need.view(-1, hw).any(1))]
         if kind == "cat":
@@ -394,28 +358,6 @@ class _Analysis:
         raise AssertionError(kind)  # pragma: no cover
 
 
-class _Shapes(fx.Interpreter):
-    """Runs the graph once and records each tensor node's output shape in ``node.meta["dnr_shape"]``."""
-
-    def run_node(self, n: fx.Node):
-        result = super().run_node(n)
-        if isinstance(result, torch.Tensor):
-            n.meta["dnr_shape"] = tuple(result.shape)
-        return result
-
-
-def _trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as err:
-        raise CompactionError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); compaction needs "
-            "a forward without data-dependent Python control flow"
-        ) from err
-    gm = fx.GraphModule(model, graph)
-    with torch.no_grad():
-        _Shapes(gm).run(example)
-    return gm
 
 
 def _index(mask: torch.Tensor, device) -> torch.Tensor:
@@ -525,7 +467,7 @@ def compact_model(
             raise ValueError(f"input_size must be a non-empty sequence of positive ints, got {input_size}")
         example_input = torch.zeros((1, *input_size), device=device, dtype=dtype)
     work = copy.deepcopy(model).eval()
-    gm = _trace(work, example_input.to(device))
+    gm = trace_with_shapes(work, example_input.to(device), error=CompactionError, purpose="compaction")
     analysis = _Analysis(gm, strict)
     plan: dict[str, dict] = {}
     module_use: dict[str, tuple] = {}

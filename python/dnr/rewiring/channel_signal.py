@@ -19,27 +19,16 @@ entry and keeps momentum regrowth.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from ..nn.masked import MaskedLayer
+from ..nn.channel_graph import ChannelTracer, is_add, is_channelwise, is_flatten
 
 __all__ = ["Consumer", "find_channel_consumers", "OutputGradientMeter"]
 
-# Modules and functions that keep channel c in channel c (elementwise, per-channel or spatial-only).
-_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Hardswish, nn.Tanh, nn.Sigmoid,
-                 nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d,
-                 nn.Identity)
-_PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.max_pool2d, F.avg_pool2d,
-                   F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout, operator.add, torch.add, operator.iadd}
-_PASS_METHODS = {"relu", "relu_", "add", "add_", "contiguous"}
-_FLATTEN_FUNCTIONS = {torch.flatten}
-_FLATTEN_METHODS = {"flatten", "view", "reshape"}
 
 
 @dataclass(frozen=True)
@@ -63,7 +52,7 @@ def find_channel_consumers(model: nn.Module, producers: dict[str, str | None]) -
         Empty when the model does not trace.
     """
     try:
-        graph = _LeafTracer().trace(model)
+        graph = ChannelTracer().trace(model)
     except Exception:  # data-dependent control flow: no signal, momentum regrowth stays
         return {}
     modules = dict(model.named_modules())
@@ -79,12 +68,6 @@ def find_channel_consumers(model: nn.Module, producers: dict[str, str | None]) -
             found[name] = consumers
     return found
 
-
-class _LeafTracer(torch.fx.Tracer):
-    """Traces masked layers as single nodes (their mask checks are Python control flow)."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, MaskedLayer) or super().is_leaf_module(m, qualname)
 
 
 def _walk(start, modules: dict, channels: int) -> list[Consumer] | None:
@@ -110,10 +93,8 @@ def _walk(start, modules: dict, channels: int) -> list[Consumer] | None:
                 return None
             consumers[node.target] = Consumer(node.target, target.in_features // channels)
             continue
-        passes = (isinstance(target, _PASS_MODULES) or (node.op == "call_function" and node.target in _PASS_FUNCTIONS)
-                  or (node.op == "call_method" and node.target in _PASS_METHODS))
-        flattens = (isinstance(target, nn.Flatten) or (node.op == "call_function" and node.target in _FLATTEN_FUNCTIONS)
-                    or (node.op == "call_method" and node.target in _FLATTEN_METHODS))
+        passes = is_channelwise(node, modules) or is_add(node)  # dnr.nn.channel_graph's table
+        flattens = is_flatten(node, modules)
         if not (passes or flattens) or node.op == "output":
             return None
         stack.extend((user, flat or flattens) for user in node.users)
