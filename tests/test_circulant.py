@@ -256,6 +256,27 @@ def test_densify_and_report_agree_with_the_layers():
     assert [r["compression"] for r in rep["layers"]] == [1.0, 4.0, 4.0, 4.0, 1280 / 384]
 
 
+class _Recurrent(nn.Module):
+    """One block-circulant layer applied three times per example, as a recurrent cell's hidden projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = BlockCirculantLinear(8, 8, 4)
+
+    def forward(self, x):
+        for _ in range(3):
+            x = torch.tanh(self.cell(x))
+        return x
+
+
+def test_report_counts_every_call_of_a_layer():
+    model = _Recurrent()
+    rep = circulant_report(model, (8,))
+    once = circulant_report(nn.Sequential(BlockCirculantLinear(8, 8, 4)), (8,))
+    assert once["flops_dense"] == 2 * 64  # one [8] x [8, 8] product
+    assert rep["flops_dense"] == 3 * once["flops_dense"] and rep["flops_fft"] == 3 * once["flops_fft"]
+
+
 def test_low_precision_inputs_compute_in_float32():
     layer = BlockCirculantLinear(8, 8, 4)
     x = torch.randn(2, 8)

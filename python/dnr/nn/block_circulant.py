@@ -566,8 +566,10 @@ def circulant_report(model: nn.Module, input_size=None) -> dict:
 
         def hook(name):
             def record(module, inputs, output):
-                positions[name] = output.shape[-2] * output.shape[-1] if output.dim() == 4 else \
-                    output[0].numel() // output.shape[-1]
+                # summed over calls: a layer applied several times per example (a recurrent cell's hidden
+                # projection, once per time step) costs that many times its one-call FLOPs
+                positions[name] = positions.get(name, 0) + (
+                    output.shape[-2] * output.shape[-1] if output.dim() == 4 else output[0].numel() // output.shape[-1])
             return record
 
         for name, layer in layers.items():
