@@ -156,3 +156,13 @@ def test_min_active_keeps_channel_layers_from_collapsing(tmp_path):
     start, end = ends[4]
     assert all(end[n] >= min(4, start[n]) for n in start), end
     assert min(ends[1][1].values()) < 4  # without the floor a layer does shrink below it
+
+
+def test_summary_names_the_sparsity_mode_of_masked_methods_only():
+    from dnr.harness.report import format_summary
+    base = {"mode": "irregular", "density": 0.25, "compression": 4.0, "clean": 0.5, "fgsm": 0.4, "pgd": 0.3,
+            "pgd_steps": 20, "flops_dense": 100, "flops_effective": 25, "train_seconds": 1.0, "epochs": 1,
+            "eps": 0.1, "test_examples": 10}
+    assert "circulant (irregular)" not in format_summary(dict(base, method="circulant", sparse=False))
+    assert "dnr (irregular)" in format_summary(dict(base, method="dnr", sparse=True))
+    assert "static (irregular)" in format_summary(dict(base, method="static"))  # a summary without the key

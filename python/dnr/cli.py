@@ -418,7 +418,8 @@ def cmd_info(args) -> int:
         else:
             where = f", end of epoch {state['epoch']}/{cfg.epochs}, step {state['step']}"
     print(f"checkpoint: {state['path']} ({state['kind']}{where})")
-    print(f"model: {cfg.model} on {cfg.dataset}, method {cfg.method} ({cfg.mode}), target density {cfg.density}")
+    mode = f" ({cfg.mode})" if cfg.method_class.sparse else ""  # masked methods only have a sparsity mode
+    print(f"model: {cfg.model} on {cfg.dataset}, method {cfg.method}{mode}, target density {cfg.density}")
     print(report)
     return 0
 

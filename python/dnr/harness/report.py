@@ -55,7 +55,10 @@ def format_summary(s: dict) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}%"
 
-    method = s["method"] if s["method"] in ("dense", "dense-at") else f"{s['method']} ({s['mode']})"
+    # the sparsity mode names masked methods only ("circulant (irregular)" would be wrong); summaries from
+    # before the "sparse" key: every method but dense / dense-at was a masked one
+    sparse = s.get("sparse", s["method"] not in ("dense", "dense-at"))
+    method = f"{s['method']} ({s['mode']})" if sparse else s["method"]
     rows = [
         ("method", method),
         ("density", f"{s['density']:.4f} ({s['compression']:.1f}x compression)"),
