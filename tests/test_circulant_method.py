@@ -55,6 +55,9 @@ def test_trains_through_fit_and_stores_only_the_vectors(trained):
     assert stored == 24720  # the dense layers hold 98,192 weights
     model, cfg, _ = load_trained_model(s["model_path"])
     assert len(circulant_layers(model)) == 5 and cfg.block_size == 4
+    with open(os.path.join(s["run_dir"], "metrics.jsonl")) as f:  # the rows' density is the stored fraction
+        rows = [json.loads(line) for line in f]
+    assert [r["density"] for r in rows] == [pytest.approx(24720 / 98192)] * 2
 
 
 def test_resume_from_a_checkpoint_is_bitwise_identical(trained, tmp_path):

@@ -378,7 +378,7 @@ def epoch_row(cfg, model, method, lr, stats, epoch, step, first_step, curriculum
         "layers": layers,
     }
     extra = method.epoch_metrics(first_step, step)
-    unknown = set(extra) - {"prune_rate", "rewired_weights"}
+    unknown = set(extra) - {"prune_rate", "rewired_weights", "density"}
     if unknown:
         raise ValueError(f"{type(method).__name__}.epoch_metrics: unknown columns {sorted(unknown)}")
     row.update(extra)

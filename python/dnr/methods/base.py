@@ -130,7 +130,8 @@ class CompressionMethod:
 
     def epoch_metrics(self, first_step: int, step: int) -> dict:
         """Method columns of the metrics row of the epoch of steps ``first_step + 1 .. step``: any of
-        ``prune_rate``, ``rewired_weights`` (the others stay empty)."""
+        ``prune_rate``, ``rewired_weights`` (the others stay empty), and ``density`` for a method whose
+        compression is not a mask (the row's default counts masked layers only)."""
         return {}
 
     def log_records(self) -> dict[str, list[dict]]:

@@ -35,6 +35,14 @@ class BlockCirculant(CompressionMethod):
             return "option --eps: got 0, but --method circulant trains adversarially (eps > 0)"
         return None
 
+    def epoch_metrics(self, first_step: int, step: int) -> dict:
+        """The metrics row's ``density``: stored over dense-equivalent weights of the block-circulant layers
+        (the row's own count covers masked layers only, which these models do not have); nothing before a
+        model has block-circulant layers (admm-circulant's dense phase)."""
+        layers = circulant_layers(self.model) if self.model is not None else []
+        dense = sum(layer.num_dense for _, layer in layers)
+        return {"density": sum(layer.num_stored for _, layer in layers) / dense} if dense else {}
+
     def prepare_model(self, model: nn.Module, *, seed: int) -> nn.Module:
         """Convert ``model`` in place (a model that already has block-circulant layers is kept as it is).
 
