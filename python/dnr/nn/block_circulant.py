@@ -247,6 +247,16 @@ class BlockCirculantLayer:
     vectors: nn.Parameter
     block_size: int
 
+    def load_dense(self, layer: nn.Module):
+        """Set the vectors to the Euclidean projection of ``layer.weight`` (each block averaged along its
+        wrapped diagonals) and copy its bias; the vectors require a gradient when the weight did. Returns self."""
+        with torch.no_grad():
+            self.vectors.copy_(project_to_vectors(layer.weight, self.block_size))
+            if layer.bias is not None:
+                self.bias.copy_(layer.bias)
+        self.vectors.requires_grad_(layer.weight.requires_grad)
+        return self
+
     @property
     def num_stored(self) -> int:
         """Stored weight numbers: ``ceil(m / k) * ceil(n / k) * k`` (times the kernel taps of a conv)."""
@@ -345,12 +355,7 @@ class BlockCirculantLinear(BlockCirculantLayer, nn.Module):
         w = layer.weight
         new = cls(layer.in_features, layer.out_features, block_size, bias=layer.bias is not None,
                   device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            new.vectors.copy_(project_to_vectors(w, block_size))
-            if layer.bias is not None:
-                new.bias.copy_(layer.bias)
-        new.vectors.requires_grad_(w.requires_grad)
-        return new
+        return new.load_dense(layer)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
@@ -420,12 +425,7 @@ class BlockCirculantConv2d(BlockCirculantLayer, nn.Module):
         new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, block_size, stride=layer.stride,
                   padding=layer.padding, dilation=layer.dilation, bias=layer.bias is not None, groups=layer.groups,
                   device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            new.vectors.copy_(project_to_vectors(w, block_size))
-            if layer.bias is not None:
-                new.bias.copy_(layer.bias)
-        new.vectors.requires_grad_(w.requires_grad)
-        return new
+        return new.load_dense(layer)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, block_size={self.block_size}, "
