@@ -28,6 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.channel_graph import replace_with_flatten
 from .spaces import SpacePlan
 
 __all__ = ["ProjectedLayer", "build_projected", "folded_weight", "predict_cost", "layer_flops"]
@@ -161,10 +162,7 @@ def build_projected(plan: SpacePlan, projections: Mapping[str, torch.Tensor], *,
             shape = node.meta.get("dnr_shape")
             src = node.args[0].meta.get("dnr_shape") if isinstance(node.args[0], fx.Node) else None
             if shape is not None and src is not None and len(shape) == 2 and shape[0] == src[0]:
-                with graph.inserting_before(node):
-                    flat = graph.call_function(torch.flatten, (node.args[0], 1))
-                node.replace_all_uses_with(flat)
-                graph.erase_node(node)
+                replace_with_flatten(graph, node)
     graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()

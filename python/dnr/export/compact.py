@@ -45,7 +45,8 @@ from torch import nn
 
 from ..nn.channel_graph import (ADD_FUNCTIONS, CHANNELWISE_FUNCTIONS, CHANNELWISE_METHODS, CHANNELWISE_MODULES,
                                 FLATTEN_LIKE, MEAN_LIKE, ZERO_PRESERVING_FUNCTIONS, ZERO_PRESERVING_METHODS,
-                                ZERO_PRESERVING_MODULES, node_channels, node_shape, trace_with_shapes)
+                                ZERO_PRESERVING_MODULES, node_channels, node_shape, replace_with_flatten,
+                                trace_with_shapes)
 from ..nn.masked import MaskedLayer
 
 __all__ = ["CompactionError", "ExpandChannels", "compact_model", "check_channel_structure"]
@@ -519,10 +520,7 @@ def compact_model(
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
         elif kind == "flatten":
-            with graph.inserting_before(node):
-                flat = graph.call_function(torch.flatten, (node.args[0], 1))
-            node.replace_all_uses_with(flat)
-            graph.erase_node(node)
+            replace_with_flatten(graph, node)
     graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()

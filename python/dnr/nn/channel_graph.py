@@ -31,7 +31,7 @@ from .normalize import Normalize
 __all__ = ["ZERO_PRESERVING_MODULES", "ZERO_PRESERVING_FUNCTIONS", "ZERO_PRESERVING_METHODS",
            "CHANNELWISE_MODULES", "CHANNELWISE_FUNCTIONS", "CHANNELWISE_METHODS", "FLATTEN_LIKE", "ADD_FUNCTIONS",
            "ADD_METHODS", "MEAN_LIKE", "ChannelTracer", "trace_with_shapes", "node_shape", "node_channels",
-           "is_zero_preserving", "is_channelwise", "is_flatten", "is_add"]
+           "is_zero_preserving", "is_channelwise", "is_flatten", "is_add", "replace_with_flatten"]
 
 ZERO_PRESERVING_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
@@ -140,3 +140,12 @@ def node_channels(node) -> int | None:
     """Dimension 1 of the node's recorded shape (its channels), None when unknown or rank < 2."""
     shape = node_shape(node)
     return shape[1] if shape is not None and len(shape) >= 2 else None
+
+
+def replace_with_flatten(graph: fx.Graph, node: fx.Node) -> None:
+    """Replace ``node`` (a view / reshape / flatten of its first argument to [B, features]) by
+    ``torch.flatten(x, 1)``: a view with literal channel counts would break once a network has fewer channels."""
+    with graph.inserting_before(node):
+        flat = graph.call_function(torch.flatten, (node.args[0], 1))
+    node.replace_all_uses_with(flat)
+    graph.erase_node(node)
