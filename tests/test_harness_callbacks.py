@@ -102,3 +102,43 @@ def test_callback_list_runs_every_hook_in_list_order():
     # every hook of the base class is one the list forwards
     assert sorted(h for h in vars(Callback) if h.startswith("on_")) == sorted(hooks)
 
+
+
+class _Accuracy(Callback):
+    """A user callback: a column from the evaluated row, a key in the summary, and state rebuilt on resume."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_run_start(self, run):
+        self.seen = [r["epoch"] for r in run.rows]  # a resumed run's earlier epochs
+
+    def on_epoch_end(self, run, row):
+        self.seen.append(row["epoch"])
+        row["clean_minus_pgd"] = row["test_clean_acc"] - row["test_pgd_acc"]  # evaluated before user callbacks
+
+    def on_run_end(self, run, summary):
+        summary["epochs_seen"] = list(self.seen)
+
+
+def test_user_callbacks_see_the_evaluated_row_and_their_additions_are_saved(tmp_path):
+    cb = _Accuracy()
+    out = str(tmp_path / "run")
+    summary = fit(resolve_config(None, {}, dict(TINY, method="static", density=0.5)), out, quiet=True,
+                  progress=False, callbacks=[cb])
+    assert summary["epochs_seen"] == [1, 2]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["clean_minus_pgd"] == r["test_clean_acc"] - r["test_pgd_acc"] for r in rows] == [True, True]
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f)["epochs_seen"] == [1, 2]
+    last = load_checkpoint(os.path.join(out, "checkpoints", "last.pt"), kind="train")
+    assert "clean_minus_pgd" in last["metrics"][-1]  # the checkpoint came after the callback
+
+
+def test_a_callback_that_is_not_a_callback_is_refused_before_any_work(tmp_path):
+    import pytest
+    with pytest.raises(TypeError, match=r"fit: callbacks\[1\] is a function, expected a dnr.harness.callbacks.Callback"):
+        fit(resolve_config(None, {}, TINY), str(tmp_path / "run"), quiet=True, progress=False,
+            callbacks=[_Accuracy(), lambda run: None])
+    assert not os.path.exists(tmp_path / "run")

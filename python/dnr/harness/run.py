@@ -40,6 +40,7 @@ import torch
 from .. import distributed, methods
 from .._files import read_json
 from .builders import build_model_for, dataset_meta
+from .callbacks import Callback
 from .console import ConsoleLog
 from .checkpoint import (CheckpointError, CheckpointFallbackWarning, load_checkpoint, load_model_state,
                          previous_checkpoint_path)
@@ -95,7 +96,7 @@ def setup_runtime(cfg: TrainConfig) -> distributed.Context:
 
 def fit(cfg: TrainConfig | None, out_dir: str | None, *, resume: str | None = None, quiet: bool = False,
         progress: bool = True, overrides_on_resume: dict | None = None, model: torch.nn.Module | None = None,
-        train_data=None, test_data=None) -> dict:
+        train_data=None, test_data=None, callbacks=()) -> dict:
     """Train (or resume) a run and evaluate it; returns the summary dict (see ``summary.json``).
 
     Launched by torchrun, each process calls ``fit`` with the same arguments and trains its share of
@@ -117,6 +118,11 @@ def fit(cfg: TrainConfig | None, out_dir: str | None, *, resume: str | None = No
         progress: tqdm bars on stderr (when tqdm is installed).
         overrides_on_resume: options of RESUME_MUTABLE to change for the resumed run.
         model, train_data, test_data: user model / datasets instead of the config's named ones.
+        callbacks: your own :class:`dnr.harness.callbacks.Callback` objects. Each hook runs them in this order,
+            after the per-epoch evaluation (so ``on_epoch_end`` sees the row's test accuracies) and before the
+            checkpoint and the run files (so a column added to the row, or a key added to the summary, is
+            saved with it). They are not checkpointed: a callback that keeps state across epochs rebuilds it
+            from ``run.rows`` in ``on_run_start`` (``run.resumed`` says whether the run was resumed).
 
     Raises:
         ConfigError, RunError, CheckpointError: before any file is written or changed.
@@ -126,10 +132,14 @@ def fit(cfg: TrainConfig | None, out_dir: str | None, *, resume: str | None = No
     """
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
              torch.backends.cudnn.benchmark)
+    callbacks = list(callbacks)
+    for i, c in enumerate(callbacks):  # before any work: a wrong object would fail only at its first hook
+        if not isinstance(c, Callback):
+            raise TypeError(f"fit: callbacks[{i}] is a {type(c).__name__}, expected a dnr.harness.callbacks.Callback")
     try:
         return _fit(cfg, out_dir, resume=resume, quiet=quiet, progress=progress,
                     overrides_on_resume=overrides_on_resume, user_model=model, train_data=train_data,
-                    test_data=test_data)
+                    test_data=test_data, user_callbacks=callbacks)
     finally:  # threads and determinism are process-wide: leave them as the caller had them
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1])
@@ -137,7 +147,7 @@ def fit(cfg: TrainConfig | None, out_dir: str | None, *, resume: str | None = No
 
 
 def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_model=None, train_data=None,
-         test_data=None) -> dict:
+         test_data=None, user_callbacks=()) -> dict:
     log = ConsoleLog(quiet, progress)
     state = None
     if resume is not None:
@@ -172,6 +182,6 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_mod
             raise RunError(f"option --out: {out_dir!r} is a regular file, expected a folder")
     ctx = setup_runtime(cfg)
     try:
-        return train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data)
+        return train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data, user_callbacks)
     finally:
         distributed.teardown(ctx)

@@ -41,10 +41,11 @@ __all__ = ["train", "CHECKPOINT"]
 CHECKPOINT = os.path.join("checkpoints", "last.pt")
 
 
-def train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data) -> dict:
+def train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data, user_callbacks=()) -> dict:
     """The training loop of ``fit`` on this process (rank ``ctx.rank`` of ``ctx.world_size``): builds the
     run's parts, restores ``state`` (a training checkpoint) when given, trains, evaluates and writes the
-    run directory (rank 0). Returns the summary."""
+    run directory (rank 0). ``user_callbacks`` run after the evaluation and before the checkpoint. Returns
+    the summary."""
     device, rank, world = ctx.device, ctx.rank, ctx.world_size
     main = rank == 0  # rank 0 prints and writes the run directory
     if not main:
@@ -111,7 +112,7 @@ def train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data) -> d
     # The callbacks, in the order each hook runs them: the evaluation completes the epoch's row before the
     # checkpoint and the files record it; the step delay (tests) comes before the step's checkpoint.
     checkpoint_path = os.path.join(run_dir, CHECKPOINT)
-    callbacks = CallbackList([ProgressBar(), EpochEvaluation(eval_loader), StepDelay(),
+    callbacks = CallbackList([ProgressBar(), EpochEvaluation(eval_loader), StepDelay(), *user_callbacks,
                               Checkpoints(checkpoint_path, cfg.checkpoint_every),
                               *([RunFiles()] if main else []),
                               *([tensorboard] if tensorboard is not None and main else []),
