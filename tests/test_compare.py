@@ -197,6 +197,16 @@ def test_resume_and_re_evaluation(grid, tmp_path, monkeypatch):
     res = compare.run_cell(task)
     assert res["status"] == "reused" and not res["eval_reused"]
     assert _load(os.path.join(run_dir, "robust_eval.json"))["settings"]["restarts"] == 2
+    # a run saved before an option existed (config.json without it) is the same run when the option is at
+    # its default, and a different one when it is not
+    saved = _load(os.path.join(run_dir, "config.json"))
+    assert saved["curriculum"] == "none"
+    del saved["curriculum"]
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(saved, f)
+    assert compare.cell_state(run_dir, cell["config"]) == "done"
+    with pytest.raises(RunError, match=r"different config \(curriculum\)"):
+        compare.cell_state(run_dir, dict(cell["config"], curriculum="eps"))
     # a run directory holding a different run is an error, not overwritten
     other = dict(cell["config"], lr=0.01)
     with pytest.raises(RunError, match="different config .*lr"):

@@ -32,8 +32,23 @@ CELL_FIELDS = ("key", "model_name", "method", "mode", "target_density", "seed", 
 __all__ = ["CELL_FIELDS", "run_compare", "run_cell", "cell_state", "machine_info"]
 
 
+def _config_defaults() -> dict:
+    """TrainConfig's default value of every option (the options that have one)."""
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def _configs_equal(a: dict, b: dict) -> bool:
-    strip = lambda c: {k: v for k, v in c.items() if k not in RESUME_MUTABLE}  # noqa: E731
+    """Equal settings, the resume-mutable ones aside. An option missing from one side counts as its default:
+    a run saved by an older dnr, before that option existed, ran with what its default now selects (a new
+    option's default keeps the old behaviour), so upgrading dnr does not orphan a grid's finished cells."""
+    defaults = _config_defaults()
+    strip = lambda c: {k: v for k, v in {**defaults, **c}.items() if k not in RESUME_MUTABLE}  # noqa: E731
     return json.loads(json.dumps(strip(a))) == json.loads(json.dumps(strip(b)))
 
 
@@ -48,7 +63,9 @@ def cell_state(run_dir: str, config: dict) -> str:
         return "fresh"
     saved = read_json(cfg_path)
     if not _configs_equal(saved, config):
-        diff = sorted(k for k in set(saved) | set(config) if k not in RESUME_MUTABLE and saved.get(k) != config.get(k))
+        defaults = _config_defaults()
+        diff = sorted(k for k in set(saved) | set(config)
+                      if k not in RESUME_MUTABLE and saved.get(k, defaults.get(k)) != config.get(k, defaults.get(k)))
         raise RunError(f"run directory {run_dir!r} holds a run with a different config ({', '.join(diff)}); "
                        "delete it or choose another --out")
     if os.path.isfile(os.path.join(run_dir, "summary.json")):
