@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -28,6 +29,7 @@ PLUGIN = textwrap.dedent('''
     @M.register("toy-remask", replace=True)
     class RandomRemask(M.MaskedMethod):
         description = "toy: random mask, re-drawn at every epoch end"
+        options = {"every": 1}  # re-draw at the end of every N-th epoch (--method-options every=N)
 
         def __init__(self, cfg):
             super().__init__(cfg)
@@ -38,6 +40,8 @@ PLUGIN = textwrap.dedent('''
             self.keep_masks(model, optimizer)
 
         def epoch_end(self, epoch, *, last):
+            if (epoch + 1) % self.option("every"):
+                return None
             g = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
             moved = 0
             for name, layer in M.base.masked_layers(self.model):
@@ -160,3 +164,34 @@ def test_unknown_method_and_bad_plugin_are_one_line_errors(tmp_path, capsys):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     with pytest.raises(ConfigError, match="option --method"):
         resolve_config(None, {}, {"method": "nope"})
+
+
+def test_method_options_reach_the_method(tmp_path, plugin):
+    cfg = resolve_config(None, {}, dict(TINY, plugin=["toy_remask_plugin"], method="toy-remask",
+                                        method_options=["every=2"]))
+    assert cfg.method_settings == {"every": 2} and methods.create(cfg).option("every") == 2
+    assert resolve_config(None, {}, dict(TINY, plugin=["toy_remask_plugin"], method="toy-remask")).method_settings \
+        == {"every": 1}  # the declared default
+    fit(cfg, str(tmp_path / "run"), quiet=True, progress=False)
+    with open(tmp_path / "run" / "remask.jsonl") as f:
+        assert [json.loads(line)["epoch"] for line in f] == [2]  # epoch 1 skipped: every=2
+
+
+@pytest.mark.parametrize("given, words", [
+    (["every"], "got 'every', expected KEY=VALUE"),
+    (["often=2"], "got 'often', expected an option of method 'toy-remask' (every)"),
+    (["every=two"], "option --method-options every: got 'two', expected an integer"),
+    (["every=2", "every=3"], "'every' is given twice"),
+])
+def test_bad_method_options_are_one_line_errors(plugin, given, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        resolve_config(None, {}, dict(TINY, plugin=["toy_remask_plugin"], method="toy-remask", method_options=given))
+
+
+def test_method_options_on_a_method_without_options_is_refused_from_the_cli(tmp_path, capsys):
+    from dnr import cli
+    assert cli.main(["train", "--method", "dnr", "--method-options", "foo=1", "--out", str(tmp_path / "a"),
+                     "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "dnr: error: option --method-options: got 'foo', expected an option of method 'dnr' (none)"
+    assert not (tmp_path / "a").exists()

@@ -60,6 +60,9 @@ class TrainConfig:
     method: str = _f("dnr", "compression method, a name of the dnr.methods registry", type=str)
     plugin: list = _f((), "modules to import before the run (dotted paths on sys.path) that register more "
                       "compression methods with dnr.methods.register", type=str, nargs="+")
+    method_options: list | None = _f(None, "the method's own options, KEY=VALUE ... (those its class declares in "
+                                     "`options`, e.g. a plugin's; `dnr train --method NAME --help` does not list "
+                                     "them: see the method's docs)", type=str, nargs="+", optional=True)
     mode: str = _f("irregular", "sparsity unit: single weights or output channels", type=str,
                    choices=("irregular", "channel"))
     density: float = _f(0.05, "fraction of prunable weights kept, in (0, 1] (0.05 = 20x)", type=float)
@@ -185,6 +188,22 @@ class TrainConfig:
     plots: bool = _f(True, "write the markdown report and PNG plots at the end (plots need matplotlib)",
                      type=bool)
 
+    def _validate_method_options(self, flag, method) -> None:
+        declared = method.options
+        seen = set()
+        for item in self.method_options or []:
+            key, eq, _ = str(item).partition("=")
+            if not eq or not key:
+                raise ConfigError(f"option {flag('method_options')}: got {item!r}, expected KEY=VALUE")
+            if key not in declared:
+                known = ", ".join(sorted(declared)) or "none"
+                raise ConfigError(f"option {flag('method_options')}: got {key!r}, expected an option of method "
+                                  f"{self.method!r} ({known})")
+            if key in seen:
+                raise ConfigError(f"option {flag('method_options')}: {key!r} is given twice")
+            seen.add(key)
+        self.method_settings  # noqa: B018  (each value's type: a one-line ConfigError naming the option)
+
     # ------------------------------------------------------------------ derived values
     @property
     def method_class(self) -> type:
@@ -244,6 +263,17 @@ class TrainConfig:
     @property
     def resolved_eval_eps(self) -> float:
         return self.eps if self.eval_eps is None else self.eval_eps
+
+    @property
+    def method_settings(self) -> dict[str, Any]:
+        """The method's options (its class's ``options``: name -> default) with ``method_options`` applied,
+        each value of its default's type (checked by ``validate``)."""
+        declared = self.method_class.options
+        settings = dict(declared)
+        for item in self.method_options or []:
+            key, _, text = str(item).partition("=")
+            settings[key] = coerce_value(f"option --method-options {key}", text, type(declared[key]))
+        return settings
 
     @property
     def resolved_block_size(self) -> int:
@@ -352,6 +382,7 @@ class TrainConfig:
         need("cap_calibration", self.cap_calibration >= 1, "an integer >= 1")
         if self.block_size is not None:  # circulant (issue 16)
             need("block_size", self.block_size >= 1, "an integer >= 1 (or none: round(1 / --density))")
+        self._validate_method_options(flag, method)
         problem = method.check_config(self)  # the method's own rules (e.g. two phases need two epochs)
         if problem:
             raise ConfigError(problem)

@@ -61,6 +61,10 @@ class CompressionMethod:
     #: the density as its FLOP fraction and circulant as its block size 1 / k, so they set True; a method
     #: without masks gets these cells in the grid's first mode only)
     density_axis: ClassVar[bool | None] = None
+    #: the method's own options, name -> default (bool / int / float / str): set with ``--method-options
+    #: NAME=VALUE`` (``TrainConfig.method_options``), read with ``self.option(name)``; how a plugin gets options
+    #: without new TrainConfig fields
+    options: ClassVar[dict[str, Any]] = {}
     checkpoint_formats: ClassVar[tuple[str, ...]] = CHECKPOINT_FORMATS
     export_formats: ClassVar[tuple[str, ...]] = EXPORT_FORMATS
 
@@ -68,6 +72,11 @@ class CompressionMethod:
         self.cfg = cfg
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+
+    def option(self, name: str) -> Any:
+        """The value of one of the class's ``options`` for this run (its default unless ``--method-options``
+        set it)."""
+        return self.cfg.method_settings[name]
 
     # ------------------------------------------------------------------ config
     @classmethod
