@@ -28,3 +28,12 @@ def test_autoattack_is_reported_and_not_above_clean(tmp_path):
     # robust accuracy under AutoAttack is a fraction of the 8 examples and cannot exceed clean accuracy
     assert res["autoattack"] * 8 == pytest.approx(round(res["autoattack"] * 8))
     assert 0.0 <= res["autoattack"] <= res["clean"]
+    assert res["apgd"] is None  # only on request
+
+
+def test_apgd_is_reported_and_not_above_clean(tmp_path):
+    out = str(tmp_path / "run")
+    _dnr("train", *TINY, "--out", out)
+    res = json.loads(_dnr("eval", out, "--test-size", "16", "--steps", "10", "--apgd", "--quiet"))
+    assert res["n"] == 16 and res["autoattack"] is None
+    assert res["apgd"] * 16 == pytest.approx(round(res["apgd"] * 16)) and 0.0 <= res["apgd"] <= res["clean"]

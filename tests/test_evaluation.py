@@ -203,6 +203,39 @@ def test_autoattack_path_on_the_same_subset(trained, data):
     assert not (aa["correct"] & ~clean).any()  # robust implies correct
 
 
+def test_apgd_accuracy_equals_the_two_attacks_run_directly(trained, data):
+    torchattacks = pytest.importorskip("torchattacks")
+    loader = _loader(data)
+    trained.train()
+    rng = torch.get_rng_state()
+    res = evaluation.apgd_accuracy(trained, loader, eps=AA_EPS, steps=5, max_examples=30)
+    assert trained.training and _no_grads(trained) and torch.equal(torch.get_rng_state(), rng)
+    trained.eval()
+    # oracle: the torchattacks calls written out, batch by batch (the same batches: 24 + 6 examples)
+    expected = []
+    for x, y in loader:
+        x, y = x[:30 - sum(map(len, expected))], y[:30 - sum(map(len, expected))]
+        if len(x) == 0:
+            break
+        with torch.no_grad():
+            ok = trained(x).argmax(1) == y
+        for attack in (torchattacks.APGD(trained, norm="Linf", eps=AA_EPS, steps=5, n_restarts=1, loss="ce", seed=0),
+                       torchattacks.APGDT(trained, norm="Linf", eps=AA_EPS, steps=5, n_restarts=1, n_classes=10,
+                                          seed=0)):
+            idx = ok.nonzero().flatten()
+            if len(idx):
+                with torch.no_grad():
+                    ok[idx] = trained(attack(x[idx], y[idx])).argmax(1) == y[idx]
+        expected.append(ok)
+    expected = torch.cat(expected)
+    assert res["n"] == 30 and torch.equal(res["correct"], expected) and res["acc"] == expected.float().mean().item()
+    with torch.no_grad():
+        clean = trained(data[0][:30]).argmax(1) == data[1][:30]
+    assert not (res["correct"] & ~clean).any() and res["acc"] < clean.float().mean().item()
+    with pytest.raises(ValueError, match=r"steps must be >= 1, got steps=0"):
+        evaluation.apgd_accuracy(trained, loader, eps=AA_EPS, steps=0)
+
+
 def test_autoattack_without_torchattacks_names_the_install(trained, data, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchattacks", None)  # import torchattacks -> ImportError
     with pytest.raises(ImportError, match=r"pip install torchattacks"):

@@ -102,6 +102,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--no-pgd", action="store_true", help="skip PGD")
     p.add_argument("--autoattack", action="store_true",
                    help="also run AutoAttack (standard, L-inf) through the torchattacks package")
+    p.add_argument("--apgd", action="store_true",
+                   help="also run APGD-CE then APGD-T (AutoAttack's two gradient attacks, 50 steps each, "
+                        "torchattacks): most of AutoAttack's strength at a fraction of its cost")
     p.add_argument("--sanity", action="store_true",
                    help="also run the gradient-masking sanity checks (dnr.evaluation.robust_evaluation): PGD with "
                         "the given steps and 50 steps, an eps sweep [0, eps/2, eps, 2 eps, 0.3, 0.5] (PGD-20) and, "
@@ -312,7 +315,8 @@ def cmd_eval(args) -> int:
                           inputs=[args.checkpoint, ckpt.resolve_checkpoint_path(args.checkpoint)])
     model, cfg, state = hrun.load_trained_model(args.checkpoint, device)
     res = hevaluate.evaluate_trained(model, cfg, device=device, data_root=args.data_root, fgsm=not args.no_fgsm,
-                                     pgd=not args.no_pgd, autoattack=args.autoattack, sanity=args.sanity,
+                                     pgd=not args.no_pgd, autoattack=args.autoattack, apgd=args.apgd,
+                                     sanity=args.sanity,
                                      quiet=args.quiet, **numbers)
     if "robust" in res:
         from .evaluation import format_sanity

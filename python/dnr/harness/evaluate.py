@@ -127,8 +127,9 @@ def sanity_settings(eps: float, steps: int) -> dict:
 
 def evaluate_trained(model, cfg: TrainConfig, *, device: str, data_root=None, test_size=None, batch_size=None,
                      eps=None, alpha=None, steps=None, restarts=None, seed=None, fgsm=True, pgd=True,
-                     autoattack=False, sanity=False, quiet=False) -> dict:
-    """``dnr eval``: clean / FGSM / PGD (final_evaluation with :func:`attack_settings`), optionally AutoAttack,
+                     autoattack=False, apgd=False, sanity=False, quiet=False) -> dict:
+    """``dnr eval``: clean / FGSM / PGD (final_evaluation with :func:`attack_settings`), optionally AutoAttack
+    and APGD-CE + APGD-T (:func:`dnr.evaluation.apgd_accuracy`, under "apgd"),
     and with ``sanity`` the gradient-masking checks of :func:`dnr.evaluation.robust_evaluation` (full result
     under "robust"), on the run's test split; plus the model's density and compression.
 
@@ -152,7 +153,8 @@ def evaluate_trained(model, cfg: TrainConfig, *, device: str, data_root=None, te
                            restarts=att["restarts"], seed=att["seed"], log=ConsoleLog(quiet=quiet, progress=True),
                            fgsm=fgsm, pgd=pgd)
     out = {"model": cfg.model, "dataset": cfg.dataset, "method": cfg.method, "mode": cfg.mode, "n": res["n"],
-           "clean": res["clean"], "fgsm": res["fgsm"], "pgd": res["pgd"], "autoattack": None, "eps": att["eps"],
+           "clean": res["clean"], "fgsm": res["fgsm"], "pgd": res["pgd"], "autoattack": None, "apgd": None,
+           "eps": att["eps"],
            "alpha": att["alpha"], "pgd_steps": att["steps"], "pgd_restarts": att["restarts"], "seed": att["seed"]}
     try:
         if sanity:
@@ -166,10 +168,12 @@ def evaluate_trained(model, cfg: TrainConfig, *, device: str, data_root=None, te
         elif autoattack:
             out["autoattack"] = evaluation.autoattack_accuracy(model, loader, eps=att["eps"], seed=att["seed"],
                                                                device=device)["acc"]
+        if apgd:
+            out["apgd"] = evaluation.apgd_accuracy(model, loader, eps=att["eps"], seed=att["seed"], device=device)["acc"]
     except ImportError:
-        if not autoattack:
+        if not (autoattack or apgd):
             raise
-        raise ConfigError("option --autoattack needs the torchattacks package: "
+        raise ConfigError(f"option {'--autoattack' if autoattack else '--apgd'} needs the torchattacks package: "
                           f"{evaluation.AUTOATTACK_INSTALL_HINT}") from None
     report = density_report(model)
     out.update(density=report.density, compression=report.compression)
