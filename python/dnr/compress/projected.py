@@ -118,10 +118,6 @@ class ProjectedLayer(nn.Module):
         return new
 
 
-def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
-    parent, _, attr = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, attr, module)
-
 
 def build_projected(plan: SpacePlan, projections: Mapping[str, torch.Tensor], *,
                     differentiable: bool = False) -> fx.GraphModule:
@@ -148,7 +144,7 @@ def build_projected(plan: SpacePlan, projections: Mapping[str, torch.Tensor], *,
         w, b = folded_weight(modules[layer], modules[norm_name] if norm_name else None)
         hw = plan.spaces[in_space].flat.get(layer, 1) if p_in is not None else 1
         new = ProjectedLayer(modules[layer], w, b, p_out, p_in, hw)
-        _set_module(gm, layer, new if differentiable else new.to_plain())
+        gm.set_submodule(layer, new if differentiable else new.to_plain())
     graph = gm.graph
     removed = {plan.spaces[name].norms[p] for name in projections for p in plan.spaces[name].producers
                if p in plan.spaces[name].norms}

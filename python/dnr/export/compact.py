@@ -420,10 +420,6 @@ def _sliced_groupnorm(m: nn.GroupNorm, idx):
 _SLICED = ("conv", "linear", "batchnorm", "groupnorm")
 
 
-def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
-    parent, _, attr = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, attr, module)
-
 
 @torch.no_grad()
 def compact_model(
@@ -495,7 +491,7 @@ def compact_model(
             else:
                 new = _sliced_groupnorm(old, out_idx)
             new.train(False)
-            _set_module(gm, node.target, new)
+            gm.set_submodule(node.target, new)
             plan[node.target] = {"kind": kind, "out": int(out_idx.numel()), "out_total": analysis.emit[node].numel(),
                                  "in": int(in_idx.numel()), "in_total": in_emit[node].numel()}
         elif kind == "add":

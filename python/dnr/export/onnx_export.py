@@ -48,8 +48,7 @@ def dense_copy(model: nn.Module) -> nn.Module:
         if m.bias is not None:
             plain.bias.copy_(m.bias)
         plain.train(m.training)
-        parent, _, attr = name.rpartition(".")
-        setattr(out.get_submodule(parent) if parent else out, attr, plain)
+        out.set_submodule(name, plain)
     return out
 
 

@@ -524,8 +524,7 @@ def circulant(model: nn.Module, block_size: int, exclude: ExcludeSpec = None, *,
         new.train(module.training)
         replacements.append((name, new))
     for name, new in replacements:
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+        model.set_submodule(name, new)
     return model
 
 
@@ -546,8 +545,7 @@ def densify_circulant(model: nn.Module) -> nn.Module:
         if m.bias is not None:
             plain.bias.copy_(m.bias)
         plain.train(m.training)
-        parent, _, attr = name.rpartition(".")
-        setattr(out.get_submodule(parent) if parent else out, attr, plain)
+        out.set_submodule(name, plain)
     return out
 
 

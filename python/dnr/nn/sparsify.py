@@ -119,7 +119,7 @@ def sparsify(
         layer.norm_name = norms.get(name)
         replacements.append((name, layer, expand_units(units, layer.weight, mode)))
     for name, layer, mask in replacements:
-        _set_submodule(model, name, layer)
+        model.set_submodule(name, layer)
         layer.set_mask(mask)
     apply_masks(model)
     return model
@@ -203,11 +203,6 @@ def _masked_copy(module: nn.Module) -> MaskedLayer:
     return MaskedLinear.from_dense(module)
 
 
-def _set_submodule(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if getattr(parent, attr) is not layer:
-        setattr(parent, attr, layer)
 
 
 def exclusion_predicate(exclude: ExcludeSpec) -> Callable[[str, nn.Module], bool]:
