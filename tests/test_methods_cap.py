@@ -39,6 +39,8 @@ def test_cap_trains_projects_and_fine_tunes(tmp_path, method):
     assert s["density"] == pytest.approx(record["params"] / record["params_dense"], rel=1e-12)
     assert s["flops_effective"] == record["flops"] and s["flops_dense"] == record["flops_dense"]
     assert model.net.get_submodule("features.0").out_channels == record["ranks"]["features.0"]
+    with open(tmp_path / "run" / "metrics.jsonl") as f:  # projected at epoch 1's end, before its row
+        assert [json.loads(line)["density"] for line in f] == [pytest.approx(s["density"], rel=1e-12)] * 2
 
 
 def test_a_checkpoint_after_the_projection_reloads_into_the_smaller_structure(tmp_path):

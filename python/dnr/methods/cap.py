@@ -163,6 +163,13 @@ class CascadedProjection(CompressionMethod):
         self.history.append(record)
         return record
 
+    def epoch_metrics(self, first_step: int, step: int) -> dict:
+        """The metrics row's ``density`` once projected: the network's parameters over the dense model's (the
+        same measure as ``report``); 1.0 (the row's default) before."""
+        if not self.history:
+            return {}
+        return {"density": self.history[-1]["params"] / self.history[-1]["params_dense"]}
+
     def epoch_message(self, record: dict) -> str | None:
         return (f"epoch {record['epoch']}: {record['method']} projected {len(record['ranks'])} channel spaces to "
                 f"{record['flops'] / record['flops_dense']:.3f} of the dense FLOPs ({record['params']:,} of "
