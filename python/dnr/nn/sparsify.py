@@ -9,7 +9,7 @@ from typing import Callable, Iterable, Union
 import torch
 from torch import nn
 
-from ..allocation import AllocationError, largest_remainder, round_exact, water_fill
+from ..allocation import AllocationError, round_exact, water_fill
 from .masked import MaskedConv2d, MaskedLayer, MaskedLinear
 from .units import check_mode, expand_units, num_units, unit_size
 
