@@ -15,7 +15,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..nn.masked import MaskedConv2d, MaskedLayer, MaskedLinear
+from ..nn.masked import MaskedLayer
+from ..nn.plain import plain_layer
 from .._files import atomic_path
 from ._optional import require
 
@@ -36,19 +37,7 @@ def dense_copy(model: nn.Module) -> nn.Module:
     for name, m in list(out.named_modules()):
         if not isinstance(m, MaskedLayer):
             continue
-        if isinstance(m, MaskedConv2d):
-            plain = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-                              dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
-                              padding_mode=m.padding_mode, device=m.weight.device, dtype=m.weight.dtype)
-        else:
-            assert isinstance(m, MaskedLinear)
-            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
-                              device=m.weight.device, dtype=m.weight.dtype)
-        plain.weight.copy_(m.weight * m.mask)
-        if m.bias is not None:
-            plain.bias.copy_(m.bias)
-        plain.train(m.training)
-        out.set_submodule(name, plain)
+        out.set_submodule(name, plain_layer(m, m.weight * m.mask))
     return out
 
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .masked import MaskedLayer
+from .plain import plain_layer
 from .sparsify import ExcludeSpec, exclusion_predicate
 
 __all__ = ["BlockCirculantLinear", "BlockCirculantConv2d", "BlockCirculantLayer", "block_circulant_matmul",
@@ -535,17 +536,7 @@ def densify_circulant(model: nn.Module) -> nn.Module:
     ONNX exporter without FFT operators, and as the dense reference of sizes and timings)."""
     out = copy.deepcopy(model)
     for name, m in circulant_layers(out):
-        w = m.vectors
-        if isinstance(m, BlockCirculantConv2d):
-            plain = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-                              dilation=m.dilation, bias=m.bias is not None, device=w.device, dtype=w.dtype)
-        else:
-            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=w.device, dtype=w.dtype)
-        plain.weight.copy_(m.dense_weight())
-        if m.bias is not None:
-            plain.bias.copy_(m.bias)
-        plain.train(m.training)
-        out.set_submodule(name, plain)
+        out.set_submodule(name, plain_layer(m, m.dense_weight()))
     return out
 
 
