@@ -5,11 +5,36 @@ Markers (declared in pyproject.toml):
   slow        longer than ~20 s on CPU; deselect with -m "not slow"
 """
 
+import json
+import os
+
 import pytest
 import torch
 
 # Use as @pytest.mark.parametrize("device", DEVICES) or through the `device` fixture.
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.needs_cuda)]
+
+
+def metrics_rows(run_dir):
+    """A run's metrics.jsonl rows without their wall-clock values (which differ between equal runs)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    for r in rows:
+        for key in ("seconds", "images_per_s", "eval_seconds"):
+            r.pop(key)
+    return rows
+
+
+def assert_same_final_model(ref_dir, other_dir):
+    """Two finished runs ended bitwise equal: model.pt's every tensor, and the summary's clean / PGD accuracy."""
+    from dnr.harness import load_checkpoint
+    a = load_checkpoint(os.path.join(ref_dir, "model.pt"))["model"]
+    b = load_checkpoint(os.path.join(other_dir, "model.pt"))["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    sa, sb = (json.load(open(os.path.join(d, "summary.json"))) for d in (ref_dir, other_dir))
+    assert (sa["clean"], sa["pgd"]) == (sb["clean"], sb["pgd"])
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import assert_same_final_model
 import dnr.harness.callbacks as callbacks
 import dnr.methods as methods
 from dnr.baselines import CirculantADMM, project_block_circulant
@@ -141,13 +142,7 @@ def test_resume_is_bitwise_identical(trained, tmp_path, step):
     shutil.copy(os.path.join(ref, "config.json"), resumed / "config.json")
     shutil.copy(kept / f"step{step}.pt", resumed / "checkpoints" / "last.pt")
     fit(None, None, resume=str(resumed), quiet=True, progress=False)
-    a = load_checkpoint(os.path.join(ref, "model.pt"))["model"]
-    b = load_checkpoint(str(resumed / "model.pt"))["model"]
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    sa, sb = (json.load(open(os.path.join(d, "summary.json"))) for d in (ref, resumed))
-    assert (sa["clean"], sa["pgd"]) == (sb["clean"], sb["pgd"])
+    assert_same_final_model(ref, str(resumed))
 
 
 def test_applies_to_the_cnn_conv_and_linear_layers(tmp_path):

@@ -11,6 +11,8 @@ import shutil
 import pytest
 import torch
 
+from conftest import assert_same_final_model
+
 import dnr.methods as methods
 from dnr import cli
 from dnr.export import load_compact, run_onnx
@@ -69,13 +71,7 @@ def test_resume_from_a_checkpoint_is_bitwise_identical(trained, tmp_path):
     shutil.copy(os.path.join(ref, "checkpoints", "previous.pt"), resumed / "checkpoints" / "last.pt")
     assert load_checkpoint(str(resumed), kind="train")["step"] == 3
     fit(None, None, resume=str(resumed), quiet=True, progress=False)
-    a = load_checkpoint(os.path.join(ref, "model.pt"))["model"]
-    b = load_checkpoint(str(resumed / "model.pt"))["model"]
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    sa, sb = (json.load(open(os.path.join(d, "summary.json"))) for d in (ref, resumed))
-    assert (sa["clean"], sa["pgd"]) == (sb["clean"], sb["pgd"])
+    assert_same_final_model(ref, str(resumed))
 
 
 def test_bad_block_sizes_are_one_line_errors_before_any_file(tmp_path, capsys):

@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+from conftest import metrics_rows
+
 from dnr import cli
 from dnr.harness import callbacks, fit, load_checkpoint
 from dnr.harness.config import resolve_config
@@ -22,14 +24,6 @@ SCHEDULES = {
     "h-sat": dict(curriculum="h-sat", curriculum_every=2, curriculum_iters=3),
 }
 
-
-def _rows(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    for r in rows:  # wall-clock values differ between runs
-        for key in ("seconds", "images_per_s", "eval_seconds"):
-            r.pop(key)
-    return rows
 
 
 class _Stop(Exception):
@@ -58,8 +52,8 @@ def test_resume_mid_ramp_is_bitwise_the_uninterrupted_run(tmp_path, monkeypatch,
     a = load_checkpoint(os.path.join(ref, "model.pt"), kind="model")["model"]
     b = load_checkpoint(os.path.join(cut, "model.pt"), kind="model")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _rows(ref) == _rows(cut)
-    lams = [r["curriculum_lambda"] for r in _rows(ref)]
+    assert metrics_rows(ref) == metrics_rows(cut)
+    lams = [r["curriculum_lambda"] for r in metrics_rows(ref)]
     assert 0 < lams[0] < 1 and lams[0] <= lams[1]
     if name == "h-sat":
         logs = [open(os.path.join(d, "curriculum.jsonl")).read() for d in (ref, cut)]

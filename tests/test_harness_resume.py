@@ -12,6 +12,8 @@ import time
 import pytest
 import torch
 
+from conftest import metrics_rows
+
 from dnr.harness import load_checkpoint
 
 # 320 examples / batch 64 = 5 steps per epoch, 3 epochs; checkpoints every 2 steps
@@ -37,14 +39,6 @@ def _train(*args, env=None, check=True):
 def _final_state(run_dir):
     return load_checkpoint(os.path.join(run_dir, "model.pt"), kind="model")["model"]
 
-
-def _metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    for r in rows:  # wall-clock values differ between runs
-        for key in ("seconds", "images_per_s", "eval_seconds"):
-            r.pop(key)
-    return rows
 
 
 @pytest.mark.slow
@@ -91,7 +85,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, method, e
     for key in a:
         assert torch.equal(a[key], b[key]), key  # weights, masks and BatchNorm statistics, bitwise
     assert any(k.endswith("mask") for k in a) or method not in ("dnr", "static")
-    assert _metrics(ref) == _metrics(killed)
+    assert metrics_rows(ref) == metrics_rows(killed)
     with open(os.path.join(ref, "summary.json")) as f, open(os.path.join(killed, "summary.json")) as g:
         s_ref, s_res = json.load(f), json.load(g)
     for key in ("clean", "fgsm", "pgd", "density"):
