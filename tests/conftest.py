@@ -25,11 +25,15 @@ def metrics_rows(run_dir):
     return rows
 
 
+def final_model_state(run_dir):
+    """The state dict a finished run saved in its model.pt."""
+    from dnr.harness import load_checkpoint
+    return load_checkpoint(os.path.join(run_dir, "model.pt"), kind="model")["model"]
+
+
 def assert_same_final_model(ref_dir, other_dir):
     """Two finished runs ended bitwise equal: model.pt's every tensor, and the summary's clean / PGD accuracy."""
-    from dnr.harness import load_checkpoint
-    a = load_checkpoint(os.path.join(ref_dir, "model.pt"))["model"]
-    b = load_checkpoint(os.path.join(other_dir, "model.pt"))["model"]
+    a, b = final_model_state(ref_dir), final_model_state(other_dir)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key

@@ -23,7 +23,7 @@ from torch import nn
 from dnr import distributed
 from dnr.harness import ConfigError, load_checkpoint
 from dnr.harness.builders import EpochBatchSampler
-from test_harness_resume import _final_state as _model_state, _metrics as _rows  # noqa: E402
+from conftest import final_model_state, metrics_rows  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -228,14 +228,14 @@ def test_two_processes_train_the_one_process_model(tmp_path):
     worker = os.path.join(HERE, "dist_fit_worker.py")
     subprocess.run([sys.executable, worker, one], check=True, timeout=300)
     _torchrun(worker, two)
-    a, b = _model_state(one), _model_state(two)
+    a, b = final_model_state(one), final_model_state(two)
     assert a.keys() == b.keys()
     for key in a:
         if key.endswith("mask"):
             assert torch.equal(a[key], b[key]), key  # the same rewiring decisions
         else:
             torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
-    rows_a, rows_b = _rows(one), _rows(two)
+    rows_a, rows_b = metrics_rows(one), metrics_rows(two)
     assert [r["rewired_weights"] for r in rows_a] == [r["rewired_weights"] for r in rows_b]
     assert rows_a[0]["rewired_weights"] > 0
     for ra, rb in zip(rows_a, rows_b):
@@ -310,10 +310,10 @@ def test_torchrun_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
 
     out = _torchrun("-m", "dnr", "train", "--resume", killed, "--no-progress")
     assert "batch 1/5" in out.stdout
-    a, b = _model_state(ref), _model_state(killed)
+    a, b = final_model_state(ref), final_model_state(killed)
     for key in a:
         assert torch.equal(a[key], b[key]), key  # weights, masks, averaged BatchNorm statistics: bitwise
-    assert _rows(ref) == _rows(killed)
+    assert metrics_rows(ref) == metrics_rows(killed)
     with open(os.path.join(ref, "summary.json")) as f, open(os.path.join(killed, "summary.json")) as g:
         s_ref, s_res = json.load(f), json.load(g)
     for key in ("clean", "fgsm", "pgd", "density", "test_examples"):

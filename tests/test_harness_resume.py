@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import metrics_rows
+from conftest import final_model_state, metrics_rows
 
 from dnr.harness import load_checkpoint
 
@@ -35,9 +35,6 @@ def _train(*args, env=None, check=True):
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
-
-def _final_state(run_dir):
-    return load_checkpoint(os.path.join(run_dir, "model.pt"), kind="model")["model"]
 
 
 
@@ -80,7 +77,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, method, e
     out = _train("--resume", killed, "--no-progress")
     assert "resuming" in out.stdout and "batch 3/5" in out.stdout
 
-    a, b = _final_state(ref), _final_state(killed)
+    a, b = final_model_state(ref), final_model_state(killed)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key  # weights, masks and BatchNorm statistics, bitwise
