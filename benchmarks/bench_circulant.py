@@ -3,12 +3,13 @@
 For square linear layers (1024 and 4096 wide) and the VGG16 conv shapes (CIFAR, 32x32 input), at block
 sizes k in {4, 8, 16, 32, 64}, three ways of computing one layer are timed, forward and forward+backward:
 
-- ``fft``: the block-circulant layer, FFT form (rfft, per-frequency products summed over input blocks, irfft):
+- ``fft``: the block-circulant layer, FFT form (``impl="fft"``: rfft, per-frequency products summed over input blocks, irfft):
   forward in eval mode (the weight spectrum cached, as at inference and during an attack: ``fft_fwd_ms``) and
   in training mode (the weight transformed at every call: ``fft_fwd_train_ms``), forward+backward in training
   mode;
 - ``dense_matrix``: the same layer through its dense matrix (``F.linear(x, layer.dense_weight())``, the matrix
-  rebuilt from the vectors at every call, as training would have to);
+  rebuilt from the vectors at every call, as training would have to: the layer's ``impl="dense"`` form;
+  ``bench_circulant_forms.py`` compares the two forms on more shapes, and whole models);
 - ``plain``: an ``nn.Linear`` / ``nn.Conv2d`` of the same size (timed once per shape and batch: it has no k).
 
 Each FFT case is first checked against the dense-matrix form. The ``crossover`` entries give, per shape,
@@ -102,12 +103,12 @@ def main():
             if k > max(n_in, n_out):
                 continue
             if kind == "linear":
-                layer = BlockCirculantLinear(n_in, n_out, k, device=device)
+                layer = BlockCirculantLinear(n_in, n_out, k, impl="fft", device=device)
 
                 def dense(inp, layer=layer):
                     return F.linear(inp, layer.dense_weight(), layer.bias)
             else:
-                layer = BlockCirculantConv2d(n_in, n_out, 3, k, padding=1, device=device)
+                layer = BlockCirculantConv2d(n_in, n_out, 3, k, padding=1, impl="fft", device=device)
 
                 def dense(inp, layer=layer):
                     return F.conv2d(inp, layer.dense_weight(), layer.bias, padding=1)

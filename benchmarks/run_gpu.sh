@@ -44,6 +44,8 @@ done
 # block-circulant layers (issue 16): their CUDA test cases, then the benchmark at conv batch 256
 run 120 tests_circulant python -m pytest -q -p no:cacheprovider -x -m "not slow" tests/test_circulant.py
 run 180 bench_circulant python benchmarks/bench_circulant.py --device cuda --out "$OUT"
+# which product form is faster on the GPU (impl="auto"'s rule was measured on a CPU)
+run 120 bench_circulant_forms python benchmarks/bench_circulant_forms.py --device cuda --out "$OUT"
 
 phase "the harness on the GPU: sparse ResNet-18, 3 epochs of 4 steps (synthetic data, PGD-7, bf16 + channels-last)"
 rm -rf /tmp/dnr-harness-run

@@ -53,3 +53,21 @@ def test_circulant_benchmark_quick_grid_writes_json_with_crossover(tmp_path):
         assert all(row[k] > 0 for k in row if k.endswith("_ms"))
         assert row["saved_bytes_fft"] > 0
     assert {c["pass"] for c in payload["crossover"]} == {"fwd", "fwd_bwd"}
+
+
+def test_circulant_forms_benchmark_quick_grid_writes_json(tmp_path):
+    """bench_circulant_forms.py on its --quick grid: both product forms checked against each other, timed per
+    layer and per model step, and the rule's pick recorded next to the faster form."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "bench_circulant_forms.py"), "--device", "cpu", "--repeats", "1", "--threads",
+         "1", "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads((tmp_path / "circulant_forms-cpu.json").read_text())
+    assert payload["op"] == "circulant_forms"
+    assert {(r["layer"], r["k"]) for r in payload["layers"]} == {
+        ("small_cnn conv3", 4), ("small_cnn conv3", 16), ("linear 1024", 4), ("linear 1024", 16)}
+    for row in payload["layers"]:
+        assert row["fft_fwd_bwd_ms"] > 0 and row["dense_fwd_bwd_ms"] > 0
+        assert row["auto"] == row["rule"]  # the layer resolves "auto" by the documented rule
+    assert [(r["model"], r["k"]) for r in payload["results"]] == [("small_cnn", 4)]
+    assert "impl='auto' took the faster form in" in done.stdout

@@ -1,4 +1,5 @@
-"""Block-circulant layers (dnr.nn.block_circulant): the FFT products against the dense matrices they stand for.
+"""Block-circulant layers (dnr.nn.block_circulant): both product forms (FFT and dense) against the dense matrices
+they stand for.
 
 Oracles are independent of the FFT code: a dense matrix written out element by element from the documented
 convention ``C[r, c] = w[(r - c) mod k]`` with Python loops, ``F.linear`` / ``F.conv2d`` on it, and autograd of
@@ -15,9 +16,11 @@ from torch import nn
 import dnr
 from dnr.nn.block_circulant import (BlockCirculantConv2d, BlockCirculantLinear, block_circulant_conv2d,
                                     block_circulant_dense, block_circulant_matmul, circulant, circulant_layers,
-                                    circulant_report, densify_circulant, project_to_vectors)
+                                    circulant_report, densify_circulant, fft_form_pays, project_to_vectors,
+                                    set_circulant_impl)
 
 DTYPES = [pytest.param(torch.float64, id="float64"), pytest.param(torch.float32, id="float32")]
+IMPLS = ["fft", "dense"]  # the two product forms ("auto" picks one of them per layer)
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 # (out, in, k): divisible, non-divisible on either side, k = 1, k = the whole layer, odd k
@@ -36,11 +39,13 @@ def loop_dense(vectors: torch.Tensor, out_size: int, in_size: int) -> torch.Tens
     return w
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("m, n, k", LINEAR_SIZES)
-def test_linear_forward_and_backward_equal_the_dense_matrix(device, dtype, bias, m, n, k):
-    layer = BlockCirculantLinear(n, m, k, bias=bias, device=device, dtype=dtype)
+def test_linear_forward_and_backward_equal_the_dense_matrix(device, dtype, bias, m, n, k, impl):
+    layer = BlockCirculantLinear(n, m, k, bias=bias, impl=impl, device=device, dtype=dtype)
+    assert layer.product_form() == impl
     x = torch.randn(3, 2, n, device=device, dtype=dtype, requires_grad=True)
     y = layer(x)
     assert y.shape == (3, 2, m) and y.dtype == dtype
@@ -68,12 +73,14 @@ CONV_CASES = [  # (c_in, c_out, kernel, k, stride, padding, dilation)
 ]
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("c_in, c_out, kernel, k, stride, padding, dilation", CONV_CASES)
 def test_conv_forward_and_backward_equal_the_dense_kernel(device, dtype, c_in, c_out, kernel, k, stride, padding,
-                                                          dilation):
+                                                          dilation, impl):
     layer = BlockCirculantConv2d(c_in, c_out, kernel, k, stride=stride, padding=padding, dilation=dilation,
-                                 device=device, dtype=dtype)
+                                 impl=impl, device=device, dtype=dtype)
+    assert layer.product_form() == impl
     x = torch.randn(2, c_in, 9, 8, device=device, dtype=dtype, requires_grad=True)
     y = layer(x)
     dense = loop_dense(layer.vectors.detach(), c_out, c_in).to(device)
@@ -288,7 +295,7 @@ def test_low_precision_inputs_compute_in_float32():
 def test_bf16_autocast_runs_the_fft_form_in_float32():
     """--precision bf16 trains under autocast: the frequency-domain conv must not be cast to bfloat16 (torch.complex
     has no bfloat16), and both layers give their float32 result."""
-    conv, lin = BlockCirculantConv2d(8, 8, 3, 4, padding=1), BlockCirculantLinear(8, 8, 4)
+    conv, lin = BlockCirculantConv2d(8, 8, 3, 4, padding=1, impl="fft"), BlockCirculantLinear(8, 8, 4, impl="fft")
     x, v = torch.randn(2, 8, 5, 5), torch.randn(2, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         yc, yl = conv(x), lin(v)
@@ -298,14 +305,33 @@ def test_bf16_autocast_runs_the_fft_form_in_float32():
     assert conv.vectors.grad is not None
 
 
+def test_bf16_autocast_runs_the_dense_form_like_the_plain_layers():
+    """The dense form is F.conv2d / F.linear on the dense kernel: under autocast it computes in bfloat16 as
+    nn.Conv2d / nn.Linear holding that kernel do (to bfloat16 rounding: the bias is added after the product), and
+    the gradient reaches the vectors."""
+    conv, lin = BlockCirculantConv2d(8, 8, 3, 4, padding=1, impl="dense"), BlockCirculantLinear(8, 8, 4, impl="dense")
+    x, v = torch.randn(2, 8, 5, 5), torch.randn(2, 8)
+    plain_conv, plain_lin = densify_circulant(nn.Sequential(conv, lin))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yc, yl = conv(x), lin(v)
+        yc.float().sum().backward()
+        assert yc.dtype == yl.dtype == torch.bfloat16
+        torch.testing.assert_close(yc, plain_conv(x), atol=2e-2, rtol=0)
+        torch.testing.assert_close(yl, plain_lin(v), atol=2e-2, rtol=0)
+    assert conv.vectors.grad is not None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_eval_mode_weight_spectrum_cache_follows_the_vectors(kind):
-    """Eval mode without a gradient to the vectors reuses the weight spectrum; an optimizer step, load_state_dict
-    and a mode switch renew it, so the output always equals the uncached FFT form of the current vectors."""
+def test_eval_mode_weight_cache_follows_the_vectors(kind, impl):
+    """Eval mode without a gradient to the vectors reuses the prepared weight (spectrum or dense matrix); an
+    optimizer step, load_state_dict and a mode switch renew it, so the output always equals the dense layer of the
+    current vectors."""
     if kind == "linear":
-        layer, x = BlockCirculantLinear(12, 8, 4, dtype=torch.float64), torch.randn(3, 12, dtype=torch.float64)
+        layer, x = BlockCirculantLinear(12, 8, 4, impl=impl, dtype=torch.float64), \
+            torch.randn(3, 12, dtype=torch.float64)
     else:
-        layer, x = BlockCirculantConv2d(6, 8, 3, 4, padding=1, dtype=torch.float64), \
+        layer, x = BlockCirculantConv2d(6, 8, 3, 4, padding=1, impl=impl, dtype=torch.float64), \
             torch.randn(2, 6, 5, 5, dtype=torch.float64)
 
     def fresh():
@@ -315,10 +341,10 @@ def test_eval_mode_weight_spectrum_cache_follows_the_vectors(kind):
     layer.eval()
     layer.vectors.requires_grad_(False)  # a frozen model, as during an attack
     first = layer(x)
-    assert "_spectrum_cache" in layer.__dict__
-    cached = layer.__dict__["_spectrum_cache"][1]
+    assert "_weight_cache" in layer.__dict__
+    cached = layer.__dict__["_weight_cache"][1]
     torch.testing.assert_close(layer(x), first, atol=0, rtol=0)
-    assert layer.__dict__["_spectrum_cache"][1] is cached  # reused, not recomputed
+    assert layer.__dict__["_weight_cache"][1] is cached  # reused, not recomputed
     layer.vectors.requires_grad_(True)
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
     layer.train()
@@ -332,7 +358,60 @@ def test_eval_mode_weight_spectrum_cache_follows_the_vectors(kind):
         layer.vectors.data.mul_(2)  # not seen by the version counter: a mode switch drops the cache
         layer.eval()
         torch.testing.assert_close(layer(x), fresh(), atol=1e-10, rtol=0)
-    # training mode never caches (the spectrum is part of the autograd graph)
+    # training mode never caches (the prepared weight is part of the autograd graph)
     layer.train()
     layer(x)
-    assert "_spectrum_cache" not in layer.__dict__
+    assert "_weight_cache" not in layer.__dict__
+
+
+@pytest.mark.parametrize("kind, out_size, in_size, k, fft", [
+    ("conv", 128, 128, 8, True), ("conv", 512, 256, 16, True), ("conv", 128, 128, 4, False),
+    ("conv", 64, 128, 16, False), ("conv", 32, 64, 16, False),
+    ("linear", 1024, 1024, 8, True), ("linear", 4096, 4096, 64, True), ("linear", 4096, 4096, 4, True),
+    ("linear", 1024, 1024, 4, False), ("linear", 4096, 4096, 2, False), ("linear", 576, 128, 16, False),
+    ("linear", 512, 128, 16, False),
+])
+def test_auto_takes_the_fft_form_only_in_wide_layers_from_k_8(kind, out_size, in_size, k, fft):
+    """The documented rule: FFT form from k = 8 in convs with >= 128 and linear layers with >= 1,024 input and
+    output channels / features (linear >= 4,096 from k = 4); every layer built with impl="auto" resolves by it."""
+    assert fft_form_pays(kind, out_size, in_size, k) is fft
+    layer = (BlockCirculantConv2d(in_size, out_size, 1, k) if kind == "conv"
+             else BlockCirculantLinear(in_size, out_size, k))
+    assert layer.impl == "auto" and layer.product_form() == ("fft" if fft else "dense")
+
+
+def test_impl_is_set_per_model_and_bad_values_are_clear_errors():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.Linear(8, 6))
+    circulant(model, 2, impl="fft")
+    assert [layer.product_form() for _, layer in circulant_layers(model)] == ["fft", "fft"]
+    x = torch.randn(2, 4, 3, 3)
+    model.eval()
+    before = model(x)
+    previous = set_circulant_impl(model, "dense")
+    assert previous == {"0": "fft", "2": "fft"}
+    assert [layer.product_form() for _, layer in circulant_layers(model)] == ["dense", "dense"]
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)  # the same function, another product
+    assert "impl='dense' (dense)" in repr(model[0])
+    for call in (lambda: BlockCirculantLinear(4, 4, 2, impl="fast"),
+                 lambda: BlockCirculantConv2d(4, 4, 3, 2, impl=None),
+                 lambda: circulant(nn.Sequential(nn.Linear(4, 4)), 2, impl="FFT"),
+                 lambda: set_circulant_impl(model, "gemm")):
+        with pytest.raises(ValueError, match=r"impl must be one of 'auto', 'fft', 'dense', got"):
+            call()
+    with pytest.raises(ValueError, match="kind must be 'conv' or 'linear'"):
+        fft_form_pays("lstm", 8, 8, 8)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_prepared_weight_serves_several_calls(impl):
+    """layer(x, prepared=layer.prepare(x)) equals layer(x), and one prepared weight serves several calls (a
+    recurrent hidden projection) with the gradient reaching the vectors once per use."""
+    layer = BlockCirculantLinear(12, 8, 4, impl=impl, dtype=torch.float64)
+    x1, x2 = torch.randn(3, 12, dtype=torch.float64), torch.randn(3, 12, dtype=torch.float64)
+    prepared = layer.prepare(x1)
+    assert prepared[0] == impl
+    (layer(x1, prepared=prepared) + 2 * layer(x2, prepared=prepared)).sum().backward()
+    got = layer.vectors.grad.clone()
+    layer.vectors.grad = None
+    (layer(x1) + 2 * layer(x2)).sum().backward()
+    torch.testing.assert_close(got, layer.vectors.grad, atol=1e-10, rtol=0)

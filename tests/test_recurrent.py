@@ -15,8 +15,9 @@ CLASSES = [pytest.param(BlockCirculantLSTM, id="lstm"), pytest.param(BlockCircul
 TOL = dict(rtol=1e-10, atol=1e-10)
 
 
-def _pair(cls, device, *, input_size=12, hidden=8, layers=2, block_size=4, batch_first=False, bias=True):
-    layer = cls(input_size, hidden, layers, block_size=block_size, bias=bias, batch_first=batch_first,
+def _pair(cls, device, *, input_size=12, hidden=8, layers=2, block_size=4, batch_first=False, bias=True,
+          impl="auto"):
+    layer = cls(input_size, hidden, layers, block_size=block_size, bias=bias, batch_first=batch_first, impl=impl,
                 device=device, dtype=torch.float64)
     return layer, layer.to_dense()
 
@@ -25,13 +26,17 @@ def _grads(module):
     return {n: p.grad.clone() for n, p in module.named_parameters()}
 
 
+@pytest.mark.parametrize("impl", ["fft", "dense"])
 @pytest.mark.parametrize("cls", CLASSES)
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("layers,block_size,hidden", [(1, 4, 8), (3, 4, 8), (2, 3, 7), (2, 1, 5)])
-def test_forward_backward_match_torch(cls, batch_first, layers, block_size, hidden, device):
+def test_forward_backward_match_torch(cls, batch_first, layers, block_size, hidden, impl, device):
     """Outputs, final states, the input's gradient and every weight gradient (mapped to the dense weights
-    through the linear map vectors -> dense matrix) equal torch's."""
-    ours, ref = _pair(cls, device, layers=layers, block_size=block_size, hidden=hidden, batch_first=batch_first)
+    through the linear map vectors -> dense matrix) equal torch's, in both product forms (the hidden projection's
+    weight is transformed once per sequence and serves every step)."""
+    ours, ref = _pair(cls, device, layers=layers, block_size=block_size, hidden=hidden, batch_first=batch_first,
+                      impl=impl)
+    assert {layer.product_form() for _, layer in circulant_layers(ours)} == {impl}
     assert isinstance(ref, cls.torch_class)
     T, B = 5, 3
     shape = (B, T, 12) if batch_first else (T, B, 12)
@@ -101,6 +106,8 @@ def test_bad_inputs_name_the_argument(cls):
         cls(12, 8, block_size=0)
     with pytest.raises(ValueError, match="hidden_size must be an int >= 1, got 0"):
         cls(12, 0, block_size=4)
+    with pytest.raises(ValueError, match="impl must be one of 'auto', 'fft', 'dense', got 'fastest'"):
+        cls(12, 8, block_size=4, impl="fastest")
 
 
 @pytest.mark.parametrize("cls", CLASSES)

@@ -5,8 +5,10 @@
 Loads each cell's model.pt (``dnr.harness.load_trained_model``), runs it in eval mode without gradients on
 random [B, 1, 28, 28] inputs at batch 1 and 256, and records the minimum over ``--repeats`` timed runs (the
 least disturbed one on a shared CPU). Writes ``latency.json`` into the compare folder and prints a table.
-Masked (DNR) layers compute with the dense weight times its mask, so irregular sparsity is not faster on CPU;
-the block-circulant layers run their FFT form with the cached weight spectrum.
+Masked (DNR) layers compute with the dense weight times its mask, so irregular sparsity is not faster on CPU.
+Block-circulant models are timed twice: as shipped (``impl="auto"``: each layer in the product form
+``dnr.nn.block_circulant.fft_form_pays`` picks, the dense form in the small CNN's layers), and with every layer in
+the FFT form (``fft_batch{B}_ms``); both with the weight (spectrum or dense matrix) cached, as at inference.
 """
 
 import argparse
@@ -18,6 +20,7 @@ import time
 import torch
 
 from dnr.harness.run import load_trained_model
+from dnr.nn import circulant_layers, set_circulant_impl
 
 
 def latency_ms(model, batch: int, repeats: int) -> float:
@@ -55,15 +58,22 @@ def main(argv=None) -> int:
                "block_size": cfg.resolved_block_size if cfg.method == "circulant" else None}
         for b in args.batches:
             row[f"batch{b}_ms"] = latency_ms(model, b, args.repeats)
+        if circulant_layers(model):
+            set_circulant_impl(model, "fft")
+            for b in args.batches:
+                row[f"fft_batch{b}_ms"] = latency_ms(model, b, args.repeats)
         rows.append(row)
     out = {"threads": args.threads, "repeats": args.repeats, "torch": torch.__version__, "cells": rows}
     with open(os.path.join(args.compare_dir, "latency.json"), "w") as f:
         json.dump(out, f, indent=2)
         f.write("\n")
-    print("| cell | " + " | ".join(f"batch {b} ms" for b in args.batches) + " |")
-    print("|---|" + "---|" * len(args.batches))
+    print("| cell | " + " | ".join(f"batch {b} ms" for b in args.batches) + " | "
+          + " | ".join(f"FFT form, batch {b} ms" for b in args.batches) + " |")
+    print("|---|" + "---|" * (2 * len(args.batches)))
     for r in rows:
-        print(f"| {r['cell']} | " + " | ".join(f"{r[f'batch{b}_ms']:.2f}" for b in args.batches) + " |")
+        fft = [f"{r[f'fft_batch{b}_ms']:.2f}" if f"fft_batch{b}_ms" in r else "-" for b in args.batches]
+        print(f"| {r['cell']} | " + " | ".join(f"{r[f'batch{b}_ms']:.2f}" for b in args.batches) + " | "
+              + " | ".join(fft) + " |")
     return 0
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .._files import atomic_path
-from ..nn.block_circulant import circulant_layers, densify_circulant
+from ..nn.block_circulant import circulant_layers, densify_circulant, set_circulant_impl
 from .compact import compact_model
 from .model_card import model_card, write_model_card
 from .onnx_export import check_onnx, export_onnx
@@ -172,7 +172,10 @@ def _export_circulant(model, out, fmt, input_size, x, extra: dict, *, check: boo
     if fmt == "sparse":
         raise ValueError("format 'sparse' stores masked weights; a block-circulant model has none (use 'compact', "
                          "which stores only its defining vectors, or 'onnx')")
-    try:  # the FFT form: needs FFT operators in the ONNX exporter (ONNX DFT, opset 17+) and in onnxruntime
+    # the FFT form in every layer (whatever product form each computes with here: impl="auto" takes the dense
+    # form in small layers): needs FFT operators in the ONNX exporter (ONNX DFT, opset 17+) and in onnxruntime
+    previous = set_circulant_impl(model, "fft")
+    try:
         export_onnx(model, out, input_size)
         error = check_onnx(model, out, x) if check else None
         extra["onnx"] = {"model": "circulant-fft"}
@@ -181,6 +184,9 @@ def _export_circulant(model, out, fmt, input_size, x, extra: dict, *, check: boo
         return
     except Exception as err:  # noqa: BLE001 - any exporter or runtime failure selects the dense form
         reason = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+    finally:
+        for name, impl in previous.items():
+            model.get_submodule(name).impl = impl
     dense = densify_circulant(model)
     export_onnx(dense, out, input_size)
     extra["onnx"] = {"model": "circulant-dense", "fft_form_refused": reason}

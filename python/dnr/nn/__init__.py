@@ -2,8 +2,8 @@
 block-circulant layers with ``circulant(model, block_size)``."""
 
 from .block_circulant import (BlockCirculantConv2d, BlockCirculantLayer, BlockCirculantLinear, block_circulant_conv2d,
-                        block_circulant_dense, block_circulant_matmul, circulant, circulant_layers, circulant_report,
-                              densify_circulant)
+                              block_circulant_dense, block_circulant_matmul, circulant, circulant_layers,
+                              circulant_report, densify_circulant, set_circulant_impl)
 from .masked import MaskedConv2d, MaskedLayer, MaskedLinear, is_masked
 from .normalize import Normalize
 from .recurrent import BlockCirculantGRU, BlockCirculantLSTM  # E-RNN recurrent layers (issue 17)
@@ -14,5 +14,5 @@ __all__ = ["MaskedConv2d", "MaskedLinear", "MaskedLayer", "is_masked", "Normaliz
            "masked_layers", "apply_masks", "density_report", "DensityReport", "LayerDensity",
            "BlockCirculantLinear", "BlockCirculantConv2d", "BlockCirculantLayer", "block_circulant_matmul",
            "block_circulant_conv2d", "block_circulant_dense", "circulant", "circulant_layers", "circulant_report",
-           "densify_circulant",
+           "densify_circulant", "set_circulant_impl",
            "BlockCirculantLSTM", "BlockCirculantGRU"]

@@ -25,8 +25,16 @@ is an rfft over each channel block of the input, one complex convolution per fre
 with ``k // 2 + 1`` groups, computed as a real conv of the stacked real and imaginary parts), and an irfft
 over the output channel blocks.
 
+Two exact product forms (``impl``): the FFT form above, and the dense form, which builds the dense matrix (or
+kernel) from the vectors by indexing and calls ``F.linear`` / ``F.conv2d`` (gradients reach the vectors through
+the indexing). Both compute the same function (equal to float rounding) from the same stored vectors; only the
+speed differs. ``impl="auto"`` (the default) takes the FFT form only where it was measured faster: convolutions
+with at least 128 input and output channels and linear layers with at least 1,024 input and output features, at
+k >= 8 (linear layers 4,096 wide from k = 4; :func:`fft_form_pays`); small layers, where the FFTs, transposes and per-frequency products cost more than
+the dense product they replace, take the dense form (1.1-15x faster there, forward+backward on a CPU).
+
 In eval mode, while no gradient flows to the vectors (inference, attacks on a frozen model), a layer keeps
-its weight spectrum between forward passes (``BlockCirculantLayer.weight_spectrum``).
+its prepared weight (spectrum or dense matrix) between forward passes (``BlockCirculantLayer.prepare``).
 """
 
 from __future__ import annotations
@@ -46,7 +54,9 @@ from .sparsify import ExcludeSpec, exclusion_predicate
 __all__ = ["BlockCirculantLinear", "BlockCirculantConv2d", "BlockCirculantLayer", "block_circulant_matmul",
            "block_circulant_conv2d", "block_circulant_dense", "circulant", "circulant_layers", "circulant_report",
            "check_block_size", "blocks", "fft_flops", "project_to_vectors", "densify_circulant", "linear_spectrum",
-           "conv_spectrum"]
+           "conv_spectrum", "IMPLS", "check_impl", "fft_form_pays", "set_circulant_impl"]
+
+IMPLS = ("auto", "fft", "dense")
 
 # ---------------------------------------------------------------------------------------- checks and shapes
 def check_block_size(block_size, *, in_size: int | None = None, out_size: int | None = None,
@@ -64,6 +74,32 @@ def check_block_size(block_size, *, in_size: int | None = None, out_size: int | 
         raise ValueError(f"{subject}={block_size} is larger than the layer ({out_size} outputs x {in_size} inputs): "
                          f"expected at most max(out, in) = {max(in_size, out_size)}")
     return block_size
+
+
+def check_impl(impl, *, subject: str = "impl") -> str:
+    """``impl`` if it is one of :data:`IMPLS` ("auto", "fft", "dense"), else a ValueError naming it."""
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"{subject} must be one of 'auto', 'fft', 'dense', got {impl!r}")
+    return impl
+
+
+def fft_form_pays(kind: str, out_size: int, in_size: int, block_size: int) -> bool:
+    """``impl="auto"``'s rule: True where the FFT form is the faster product, False where the dense form is.
+
+    Measured on a CPU (one thread, forward+backward, batch 16-128; ``benchmarks/bench_circulant_forms.py``, the
+    table in ``benchmarks/README.md``): the FFT form wins from k = 8 in convolutions with at least 128 input and
+    output channels (VGG16's 128-512-channel layers: 1.1-3.8x faster at k = 8-16) and in linear layers with at
+    least 1,024 input and output features (2-6.5x at k = 8-16), and from k = 4 in linear layers with at least
+    4,096 (1.4x); elsewhere the dense form is faster (the small CNN's and the LSTM preset's layers 1.1-15x: the
+    FFTs, the complex transposes and the per-frequency products cost more than the small dense product they
+    replace). ``kind`` is "conv" or "linear".
+    """
+    if kind not in ("conv", "linear"):
+        raise ValueError(f"kind must be 'conv' or 'linear', got {kind!r}")
+    narrow = min(out_size, in_size)
+    if kind == "conv":
+        return block_size >= 8 and narrow >= 128
+    return (block_size >= 8 and narrow >= 1024) or (block_size >= 4 and narrow >= 4096)
 
 
 def blocks(size: int, block_size: int) -> int:
@@ -243,10 +279,15 @@ def fft_flops(out_size: int, in_size: int, block_size: int, positions: int = 1, 
 
 # ---------------------------------------------------------------------------------------- the layers
 class BlockCirculantLayer:
-    """Mixin of the block-circulant layers: the defining ``vectors`` and their counts."""
+    """Mixin of the block-circulant layers: the defining ``vectors``, their counts and the product form.
+
+    ``impl`` ("auto", "fft" or "dense"; module docstring) may be changed at any time: it is a choice of
+    computation, not state (checkpoints do not hold it)."""
 
     vectors: nn.Parameter
     block_size: int
+    impl: str = "auto"
+    kind: str = ""
 
     def load_dense(self, layer: nn.Module):
         """Set the vectors to the Euclidean projection of ``layer.weight`` (each block averaged along its
@@ -273,31 +314,61 @@ class BlockCirculantLayer:
         """Dense weights over stored weights (= k when both sizes are multiples of k)."""
         return self.num_dense / self.num_stored
 
-    def weight_spectrum(self, make: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> torch.Tensor | None:
-        """The vectors' spectrum, cached in eval mode while no gradient flows to the vectors (inference, and the
-        steps of an attack on a frozen model: one weight FFT instead of one per forward pass); None where it must
-        be computed inside the autograd graph (training). The cache is keyed by the vectors' version counter, so
-        an optimizer step, ``load_state_dict`` or any in-place op renews it; a write through ``vectors.data``
-        is not seen: call ``train()``/``eval()``, which drop the cache."""
+    def product_form(self) -> str:
+        """The product this layer computes with: "fft" or "dense" (``impl``, with "auto" resolved by
+        :func:`fft_form_pays` from the layer's size and block size)."""
+        if self.impl != "auto":
+            return self.impl
+        shape = self.dense_weight_shape
+        return "fft" if fft_form_pays(self.kind, shape[0], shape[1], self.block_size) else "dense"
+
+    def prepare(self, like: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """The weight in the form of this layer's product, for inputs like ``like`` (its dtype decides the
+        computation's: float32 / float64 as given, other dtypes float32): ("fft", the spectrum of
+        :func:`linear_spectrum` / :func:`conv_spectrum`) or ("dense", the dense matrix / kernel).
+
+        Pass it as ``layer(x, prepared=...)`` to apply the layer several times with one weight transform (a
+        recurrent cell's hidden projection over the time steps). Differentiable in the vectors. Cached in eval
+        mode while no gradient flows to the vectors (inference, and the steps of an attack on a frozen model:
+        one weight transform instead of one per forward pass); computed afresh otherwise (training). The cache
+        is keyed by the vectors' version counter, so an optimizer step, ``load_state_dict`` or any in-place op
+        renews it; a write through ``vectors.data`` is not seen: call ``train()``/``eval()``, which drop it."""
+        form = self.product_form()
+        dtype = _compute_dtype(like, self.vectors) if form == "fft" else self._dense_dtype(like)
         v = self.vectors
         exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
         if self.training or (torch.is_grad_enabled() and v.requires_grad) or torch.compiler.is_compiling() \
                 or exporting:
-            return None
-        key = (v._version, v.data_ptr(), v.device, dtype)
-        cache = self.__dict__.get("_spectrum_cache")
+            return form, self._make_weight(form, v.to(dtype))
+        key = (v._version, v.data_ptr(), v.device, dtype, form)
+        cache = self.__dict__.get("_weight_cache")
         if cache is None or cache[0] != key:
             with torch.no_grad():
-                cache = (key, make(v.detach().to(dtype)))
-            self.__dict__["_spectrum_cache"] = cache
-        return cache[1]
+                cache = (key, self._make_weight(form, v.detach().to(dtype)))
+            self.__dict__["_weight_cache"] = cache
+        return form, cache[1]
+
+    @staticmethod
+    def _dense_dtype(like: torch.Tensor) -> torch.dtype:
+        # the dense form computes like nn.Linear / nn.Conv2d: in the input's dtype (autocast then applies)
+        return like.dtype if like.is_floating_point() else torch.get_default_dtype()
+
+    def _make_weight(self, form: str, vectors: torch.Tensor) -> torch.Tensor:
+        if form == "fft" and self.kind == "linear":
+            # forward only: _CirculantMatmul's backward reaches the vectors directly (its own saved input)
+            with torch.no_grad():
+                return linear_spectrum(vectors)
+        if form == "fft":
+            return conv_spectrum(vectors)  # differentiable: the conv's backward is autograd's
+        shape = self.dense_weight_shape
+        return block_circulant_dense(vectors, shape[0], shape[1])
 
     def train(self, mode: bool = True):
-        self.__dict__.pop("_spectrum_cache", None)
+        self.__dict__.pop("_weight_cache", None)
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .double(), .cuda(): new tensors, drop the cache
-        self.__dict__.pop("_spectrum_cache", None)
+        self.__dict__.pop("_weight_cache", None)
         return super()._apply(fn, *args, **kwargs)
 
     def _init_vectors(self, fan_in: int, shape: tuple, device, dtype) -> None:
@@ -319,11 +390,15 @@ class BlockCirculantLinear(BlockCirculantLayer, nn.Module):
         in_features, out_features: as ``nn.Linear``.
         block_size: k, an int in [1, max(in_features, out_features)].
         bias: learn an additive bias.
+        impl: the product form, "auto" (default: :func:`fft_form_pays`), "fft" or "dense" (module docstring).
     """
 
+    kind = "linear"
+
     def __init__(self, in_features: int, out_features: int, block_size: int, bias: bool = True, *,
-                 device=None, dtype=None):
+                 impl: str = "auto", device=None, dtype=None):
         super().__init__()
+        self.impl = check_impl(impl)
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"BlockCirculantLinear: {name} must be an int >= 1, got {value!r}")
@@ -344,23 +419,27 @@ class BlockCirculantLinear(BlockCirculantLayer, nn.Module):
         """The equivalent dense weight [out_features, in_features] (differentiable in ``vectors``)."""
         return block_circulant_dense(self.vectors, self.out_features, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spectrum = self.weight_spectrum(linear_spectrum, _compute_dtype(x, self.vectors))
-        y = block_circulant_matmul(x, self.vectors, self.out_features, spectrum=spectrum)
+    def forward(self, x: torch.Tensor, prepared: tuple[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [*, in_features] -> [*, out_features]; ``prepared``: an optional ``self.prepare(x)``."""
+        form, weight = self.prepare(x) if prepared is None else prepared
+        if form == "fft":
+            y = block_circulant_matmul(x, self.vectors, self.out_features, spectrum=weight)
+        else:
+            y = F.linear(x.to(weight.dtype), weight)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @classmethod
-    def from_dense(cls, layer: nn.Linear, block_size: int) -> "BlockCirculantLinear":
+    def from_dense(cls, layer: nn.Linear, block_size: int, *, impl: str = "auto") -> "BlockCirculantLinear":
         """A block-circulant layer of ``layer``'s size, device and dtype; its bias is copied and its vectors are
         the Euclidean projection of ``layer.weight`` (each block averaged along its wrapped diagonals)."""
         w = layer.weight
-        new = cls(layer.in_features, layer.out_features, block_size, bias=layer.bias is not None,
+        new = cls(layer.in_features, layer.out_features, block_size, bias=layer.bias is not None, impl=impl,
                   device=w.device, dtype=w.dtype)
         return new.load_dense(layer)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}, impl={self.impl!r} ({self.product_form()})")
 
 
 class BlockCirculantConv2d(BlockCirculantLayer, nn.Module):
@@ -376,11 +455,15 @@ class BlockCirculantConv2d(BlockCirculantLayer, nn.Module):
             padding only; padding may be an int, a pair or "same"/"valid").
         block_size: k, an int in [1, max(in_channels, out_channels)].
         groups: only 1 (grouped block-circulant convolutions are not implemented: a clear error).
+        impl: the product form, "auto" (default: :func:`fft_form_pays`), "fft" or "dense" (module docstring).
     """
 
+    kind = "conv"
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size, block_size: int, stride=1, padding=0,
-                 dilation=1, bias: bool = True, *, groups: int = 1, device=None, dtype=None):
+                 dilation=1, bias: bool = True, *, groups: int = 1, impl: str = "auto", device=None, dtype=None):
         super().__init__()
+        self.impl = check_impl(impl)
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"BlockCirculantConv2d: {name} must be an int >= 1, got {value!r}")
@@ -411,26 +494,31 @@ class BlockCirculantConv2d(BlockCirculantLayer, nn.Module):
         """The equivalent dense kernel [out_channels, in_channels, kh, kw] (differentiable in ``vectors``)."""
         return block_circulant_dense(self.vectors, self.out_channels, self.in_channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spectrum = self.weight_spectrum(conv_spectrum, _compute_dtype(x, self.vectors))
-        y = block_circulant_conv2d(x, self.vectors, self.out_channels, stride=self.stride, padding=self.padding,
-                                   dilation=self.dilation, spectrum=spectrum)
+    def forward(self, x: torch.Tensor, prepared: tuple[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [B, in_channels, H, W] -> [B, out_channels, H', W']; ``prepared``: an optional ``self.prepare(x)``."""
+        form, weight = self.prepare(x) if prepared is None else prepared
+        if form == "fft":
+            y = block_circulant_conv2d(x, self.vectors, self.out_channels, stride=self.stride, padding=self.padding,
+                                       dilation=self.dilation, spectrum=weight)
+        else:
+            y = F.conv2d(x.to(weight.dtype), weight, None, self.stride, self.padding, self.dilation)
         return y if self.bias is None else y + self.bias.to(y.dtype)[:, None, None]
 
     @classmethod
-    def from_dense(cls, layer: nn.Conv2d, block_size: int) -> "BlockCirculantConv2d":
+    def from_dense(cls, layer: nn.Conv2d, block_size: int, *, impl: str = "auto") -> "BlockCirculantConv2d":
         """A block-circulant conv with ``layer``'s geometry, device and dtype (bias copied, vectors projected)."""
         if layer.padding_mode != "zeros":
             raise ValueError(f"BlockCirculantConv2d.from_dense: padding_mode must be 'zeros', got {layer.padding_mode!r}")
         w = layer.weight
         new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, block_size, stride=layer.stride,
                   padding=layer.padding, dilation=layer.dilation, bias=layer.bias is not None, groups=layer.groups,
-                  device=w.device, dtype=w.dtype)
+                  impl=impl, device=w.device, dtype=w.dtype)
         return new.load_dense(layer)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, block_size={self.block_size}, "
-                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}")
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
+                f"impl={self.impl!r} ({self.product_form()})")
 
 
 def project_to_vectors(weight: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -467,7 +555,7 @@ def circulant_layers(model: nn.Module) -> list[tuple[str, BlockCirculantLayer]]:
 
 
 def circulant(model: nn.Module, block_size: int, exclude: ExcludeSpec = None, *, convert_first: bool = True,
-              convert_last: bool = True) -> nn.Module:
+              convert_last: bool = True, impl: str = "auto") -> nn.Module:
     """Replace every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by a block-circulant layer, in place.
 
     All or nothing, like :func:`dnr.sparsify`: every layer is checked and built first; an error (a block size
@@ -481,6 +569,8 @@ def circulant(model: nn.Module, block_size: int, exclude: ExcludeSpec = None, *,
         exclude: layers to leave dense: a name or glob pattern, a module type, an iterable of those, or a
             callable ``(name, module) -> bool`` (as ``dnr.sparsify``).
         convert_first / convert_last: convert the first / last eligible layer.
+        impl: every new layer's product form: "auto" (default: the faster form per layer, :func:`fft_form_pays`),
+            "fft" or "dense" (the module docstring; :func:`set_circulant_impl` changes it later).
 
     Returns:
         ``model`` itself.
@@ -493,6 +583,7 @@ def circulant(model: nn.Module, block_size: int, exclude: ExcludeSpec = None, *,
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_block_size(block_size)
+    check_impl(impl)
     excluded = exclusion_predicate(exclude)
     already = circulant_layers(model)
     if already:
@@ -516,9 +607,9 @@ def circulant(model: nn.Module, block_size: int, exclude: ExcludeSpec = None, *,
     for name, module in chosen:
         try:
             if isinstance(module, nn.Conv2d):
-                new = BlockCirculantConv2d.from_dense(module, block_size)
+                new = BlockCirculantConv2d.from_dense(module, block_size, impl=impl)
             else:
-                new = BlockCirculantLinear.from_dense(module, block_size)
+                new = BlockCirculantLinear.from_dense(module, block_size, impl=impl)
         except ValueError as err:
             raise ValueError(f"cannot make layer {name!r} ({module}) block-circulant: {err}; leave it dense with "
                              f"exclude=[{name!r}]") from None
@@ -527,6 +618,20 @@ def circulant(model: nn.Module, block_size: int, exclude: ExcludeSpec = None, *,
     for name, new in replacements:
         model.set_submodule(name, new)
     return model
+
+
+def set_circulant_impl(model: nn.Module, impl: str) -> dict[str, str]:
+    """Set the product form of every block-circulant layer of ``model`` ("auto", "fft" or "dense"); returns the
+    previous ``impl`` of each layer by qualified name, so ``for name, old in previous.items():
+    model.get_submodule(name).impl = old`` restores them. The function computed does not change (to float
+    rounding), only its speed."""
+    check_impl(impl)
+    previous = {}
+    for name, layer in circulant_layers(model):
+        previous[name] = layer.impl
+        layer.impl = impl
+        layer.__dict__.pop("_weight_cache", None)
+    return previous
 
 
 @torch.no_grad()
@@ -543,8 +648,8 @@ def densify_circulant(model: nn.Module) -> nn.Module:
 def circulant_report(model: nn.Module, input_size=None) -> dict:
     """Stored and dense-equivalent weights of the block-circulant layers, and FLOPs per example.
 
-    Returns a JSON-ready dict: ``layers`` (name, kind, dense shape, block size, stored, dense, compression,
-    and with ``input_size`` [C, H, W] the dense-equivalent and FFT-form ``flops`` of one example),
+    Returns a JSON-ready dict: ``layers`` (name, kind, dense shape, block size, stored, dense, compression, the
+    product ``form`` it computes with, and with ``input_size`` [C, H, W] the dense-equivalent and FFT-form ``flops`` of one example),
     ``stored`` / ``dense`` totals and ``compression`` (dense over stored weights of the converted layers).
     """
     rows = []
@@ -577,7 +682,7 @@ def circulant_report(model: nn.Module, input_size=None) -> dict:
         shape = layer.dense_weight_shape
         row = {"name": name, "kind": "conv" if isinstance(layer, BlockCirculantConv2d) else "linear",
                "shape": list(shape), "block_size": layer.block_size, "stored": layer.num_stored,
-               "dense": layer.num_dense, "compression": layer.compression}
+               "dense": layer.num_dense, "compression": layer.compression, "form": layer.product_form()}
         if name in positions:
             taps = math.prod(shape[2:])
             row["flops_dense"] = 2 * positions[name] * layer.num_dense

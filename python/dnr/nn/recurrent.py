@@ -13,9 +13,10 @@ size k (or a plain ``nn.Linear`` with ``block_size=None``: a dense model that ``
 multiple of k, every gate's matrix is block-circulant on its own (E-RNN's layout); otherwise blocks straddle
 gate boundaries of the stacked matrix (still exactly a block-circulant matrix of the stacked weights).
 
-The input projection of each layer runs once over all time steps (one batched FFT product); only the
-hidden projection runs step by step. ``dense_weights()`` gives the ``torch.nn.LSTM`` / ``GRU`` state dict of
-the same function.
+The input projection of each layer runs once over all time steps (one batched product); only the
+hidden projection runs step by step, with its weight prepared once per sequence (``BlockCirculantLinear.prepare``:
+the spectrum in the FFT form, the dense matrix in the dense form; ``impl`` picks the form). ``dense_weights()``
+gives the ``torch.nn.LSTM`` / ``GRU`` state dict of the same function.
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .block_circulant import BlockCirculantLinear, check_block_size
+from .block_circulant import BlockCirculantLinear, check_block_size, check_impl
 
 __all__ = ["BlockCirculantLSTM", "BlockCirculantGRU", "BlockCirculantRNNBase"]
 
 
-def _projection(in_size: int, out_size: int, block_size: int | None, bias: bool, device, dtype) -> nn.Module:
+def _projection(in_size: int, out_size: int, block_size: int | None, bias: bool, impl: str, device,
+                dtype) -> nn.Module:
     if block_size is None:
         return nn.Linear(in_size, out_size, bias=bias, device=device, dtype=dtype)
-    return BlockCirculantLinear(in_size, out_size, block_size, bias=bias, device=device, dtype=dtype)
+    return BlockCirculantLinear(in_size, out_size, block_size, bias=bias, impl=impl, device=device, dtype=dtype)
 
 
 def _weight(projection: nn.Module) -> torch.Tensor:
@@ -48,15 +50,18 @@ class BlockCirculantRNNBase(nn.Module):
             (no dropout, no bidirectional, no proj_size).
         block_size: k of every projection (an int, at most ``max(in, G * hidden)`` of each), or None for
             dense ``nn.Linear`` projections.
+        impl: the block-circulant projections' product form, "auto" (default), "fft" or "dense"
+            (:class:`dnr.nn.BlockCirculantLinear`; the same function either way).
     """
 
     gates: int = 0
     torch_class: type = nn.Module
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, *, block_size: int | None,
-                 bias: bool = True, batch_first: bool = False, device=None, dtype=None):
+                 bias: bool = True, batch_first: bool = False, impl: str = "auto", device=None, dtype=None):
         super().__init__()
         name = type(self).__name__
+        check_impl(impl, subject=f"{name}: impl")
         for arg, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: {arg} must be an int >= 1, got {value!r}")
@@ -68,8 +73,9 @@ class BlockCirculantRNNBase(nn.Module):
         layers = []
         for layer in range(num_layers):
             cell = nn.Module()
-            cell.ih = _projection(input_size if layer == 0 else hidden_size, width, block_size, bias, device, dtype)
-            cell.hh = _projection(hidden_size, width, block_size, bias, device, dtype)
+            cell.ih = _projection(input_size if layer == 0 else hidden_size, width, block_size, bias, impl, device,
+                                  dtype)
+            cell.hh = _projection(hidden_size, width, block_size, bias, impl, device, dtype)
             layers.append(cell)
         self.layers = nn.ModuleList(layers)
         # torch's init: every weight and bias U(-1/sqrt(hidden), 1/sqrt(hidden)) (the FFT form stores vectors:
@@ -113,7 +119,7 @@ class BlockCirculantRNNBase(nn.Module):
         return plain.train(self.training)
 
     @classmethod
-    def from_dense(cls, rnn: nn.Module, block_size: int | None):
+    def from_dense(cls, rnn: nn.Module, block_size: int | None, *, impl: str = "auto"):
         """A layer with ``rnn``'s (a ``torch.nn.LSTM`` / ``GRU``) sizes, device and dtype whose projections start
         from ``rnn``'s weights projected onto block-circulant matrices (``block_size=None``: copied).
 
@@ -138,7 +144,7 @@ class BlockCirculantRNNBase(nn.Module):
                     if rnn.bias:
                         proj.bias.copy_(getattr(rnn, f"bias_{kind}_l{l}"))
                     if block_size is not None:
-                        setattr(cell, kind, BlockCirculantLinear.from_dense(proj, block_size))
+                        setattr(cell, kind, BlockCirculantLinear.from_dense(proj, block_size, impl=impl))
         return new.train(rnn.training)
 
     # ------------------------------------------------------------------ forward
@@ -182,8 +188,11 @@ class BlockCirculantRNNBase(nn.Module):
             pre = cell.ih(out)  # [B, T, G*H]: the whole sequence's input projection at once
             state = [s[l] for s in states]
             outputs = []
+            hh = cell.hh
+            # a block-circulant hidden projection transforms its weight once per sequence, not once per step
+            kwargs = {"prepared": hh.prepare(state[0])} if isinstance(hh, BlockCirculantLinear) else {}
             for t in range(pre.shape[1]):
-                state = self.step(pre[:, t], cell.hh(state[0]), state)
+                state = self.step(pre[:, t], hh(state[0], **kwargs), state)
                 outputs.append(state[0])
             out = torch.stack(outputs, dim=1)
             for kind, s in enumerate(state):
