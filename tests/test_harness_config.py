@@ -82,6 +82,8 @@ def test_cli_flags_only_override_what_is_given():
     ({"batch_size": 1.5}, "--batch-size"), ({"momentum": 0}, "--momentum"), ({"nesterov": "maybe"}, "--nesterov"),
     ({"warmup_epochs": 10, "epochs": 5}, "--warmup-epochs"), ({"lr_milestones": [1.5]}, "--lr-milestones"),
     ({"eps": math.nan}, "--eps"), ({"device": "tpu"}, "--device"),
+    ({"sparsify_until": 0.75}, "--sparsify-until"), ({"sparsify_until": -0.1}, "--sparsify-until"),
+    ({"sparsify_until": 0.6, "rewire_until": 0.5}, "--sparsify-until"),
 ])
 def test_bad_values_name_the_option_and_the_value(overrides, flag):
     with pytest.raises(ConfigError) as info:

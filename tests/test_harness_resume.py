@@ -45,11 +45,13 @@ def _train(*args, env=None, check=True):
 # cap: --phase-split 0.34 projects at the end of epoch 1 (step 5), so the kill lands in the fine-tuning of the
 # projected network and the resume rebuilds its smaller structure (and the optimizer on its parameters);
 # cap-robust projects at the end of epoch 2, after the resume
+# dnr-sparsify: the dense-to-sparse start ends at step 9 of 15, so the kill (step 8) lands inside it and the resume
+# checks the masks against the schedule's targets at step 8
 @pytest.mark.parametrize("method, extra", [
-    ("dnr", ["--augment"]), ("admm", []), ("rsr", []),
+    ("dnr", ["--augment"]), ("dnr", ["--sparsify-until", "0.6"]), ("admm", []), ("rsr", []),
     ("cap", ["--cap-flops", "0.5", "--cap-steps", "3", "--cap-calibration", "128", "--phase-split", "0.34"]),
     ("cap-robust", ["--cap-flops", "0.5", "--cap-steps", "2", "--cap-calibration", "128"])],
-    ids=["dnr", "admm", "rsr", "cap", "cap-robust"])
+    ids=["dnr", "dnr-sparsify", "admm", "rsr", "cap", "cap-robust"])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, method, extra):
     ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
     _train(*TINY, *extra, "--method", method, "--out", ref)

@@ -91,6 +91,10 @@ class TrainConfig:
     min_active: float | None = _f(None, "DNR per-layer floor: a number of units (an integer >= 1) or a fraction "
                                   "of the layer's initial units in (0, 1) (auto: 1 weight, or half the initial "
                                   "channels in channel mode)", type=float, optional=True)
+    sparsify_until: float | None = _f(None, "DNR dense-to-sparse start: train dense and prune each layer by "
+                                      "magnitude to its budget on a cubic schedule that ends at this fraction of "
+                                      "training, in [0, rewire_until) (0: start at the budget; paper: 0)",
+                                      type=float, optional=True)
     # baselines (oneshot, admm, rsr): a first phase, one exact-budget prune, masked fine-tuning
     phase_split: float = _f(0.5, "oneshot/admm/rsr: fraction of the epochs before the prune (dense AT, ADMM or "
                             "RSR training); the rest is masked AT fine-tuning with the lr schedule restarted",
@@ -225,7 +229,7 @@ class TrainConfig:
         that are set."""
         settings = dict(REWIRE_SETTINGS[self.rewire])
         settings["schedule"] = self.prune_schedule
-        for option in ("prune_rate", "prune_rate_min", "rewire_every", "rewire_until", "regrowth"):
+        for option in ("prune_rate", "prune_rate_min", "rewire_every", "rewire_until", "regrowth", "sparsify_until"):
             if getattr(self, option) is not None:
                 settings[option] = getattr(self, option)
         if self.min_active is not None:  # an integral value counts units, a fraction is relative
@@ -334,6 +338,9 @@ class TrainConfig:
             need("prune_rate_min", 0.0 <= self.prune_rate_min <= p0, f"a number in [0, p0={p0}]")
         if self.rewire_until is not None:
             need("rewire_until", 0.0 < self.rewire_until <= 1.0, "a number in (0, 1]")
+        if self.sparsify_until is not None:
+            until = self.rewiring_settings["rewire_until"]
+            need("sparsify_until", 0.0 <= self.sparsify_until < until, f"a number in [0, rewire_until={until})")
         if self.min_active is not None:
             need("min_active", 0.0 < self.min_active < 1.0 or (self.min_active >= 1 and self.min_active.is_integer()),
                  "an integer >= 1 or a fraction in (0, 1)")

@@ -67,6 +67,13 @@ class DNR:
         min_active: the per-layer floor when pruning: an int is a number of units, a float in (0, 1) a
             fraction of the layer's initial units; None (default) is 1 unit in irregular mode and
             ``CHANNEL_FLOOR`` (half) of the initial channels in channel mode, so no layer collapses.
+        sparsify_until: the dense-to-sparse start, a fraction S / T in [0, rewire_until): training starts
+            dense, and every ``rewire_every`` steps (the auto interval when that is None) each layer is pruned
+            by magnitude towards its initial unit count n_l on a cubic schedule (Zhu & Gupta: n_l + (N_l - n_l)
+            (1 - t / S)^3 units of its N_l), reaching exactly n_l, the budget K, at step S; rewiring runs from
+            there to the horizon. Building the controller then re-draws the weights outside the initial masks
+            from the layer's default init (``dnr.sparsify`` left them at zero) and opens every mask. 0 (the
+            default) starts at the budget, as the paper.
         generator: torch.Generator for random regrowth and for re-initialising regrown channels. Under
             torch.distributed (e.g. DistributedDataParallel) every rank must draw the same numbers: None
             there means a generator seeded from a seed that rank 0 draws and broadcasts (at construction,
@@ -89,6 +96,7 @@ class DNR:
         regrow_cap: float = 0.99,
         dense_threshold: float = 0.8,
         min_active: int | float | None = None,
+        sparsify_until: float = 0.0,
         generator: torch.Generator | None = None,
     ):
         _check_int("total_steps", total_steps, 1)
@@ -106,6 +114,9 @@ class DNR:
             raise ValueError(f"regrowth must be one of {REGROWTH}, got {regrowth!r}")
         _check_fraction("regrow_cap", regrow_cap, lo_open=True, hi_open=False)
         _check_fraction("dense_threshold", dense_threshold, lo_open=False, hi_open=False)
+        if isinstance(sparsify_until, bool) or not isinstance(sparsify_until, (int, float)) \
+                or not 0.0 <= sparsify_until < rewire_until:
+            raise ValueError(f"sparsify_until must be in [0, rewire_until={rewire_until}), got {sparsify_until!r}")
         if isinstance(min_active, float):
             _check_fraction("min_active", min_active, lo_open=True, hi_open=True)
         elif min_active is not None:
@@ -158,6 +169,12 @@ class DNR:
         self.epochs = 0
         self.history: list[dict[str, Any]] = []
         self.budget = self.active_weights()
+        # the dense-to-sparse start: the units each layer holds at the budget, and the schedule towards them
+        self.targets = initial
+        self.sparsify_until = float(sparsify_until)
+        self.sparsify_every = self.rewire_every or auto_rewire_interval(total_steps, rewire_until)
+        if self.sparsify_steps > 0:
+            self._open_masks()
         self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
 
     # ----------------------------------------------------------------- public API
@@ -171,11 +188,35 @@ class DNR:
         """sum_l nnz(M_l): active weights over all masked layers."""
         return sum(int(layer.mask.sum()) for _, layer in masked_layers(self.model))
 
+    @property
+    def sparsify_steps(self) -> int:
+        """S: the optimizer step at which the dense-to-sparse start reaches the budget (0: none)."""
+        return max(1, round(self.sparsify_until * self.total_steps)) if self.sparsify_until > 0 else 0
+
+    def sparsify_targets(self, step: int) -> list[int]:
+        """Units per layer the dense-to-sparse start keeps after optimizer step ``step``: n_l + (N_l - n_l)
+        (1 - step / S)^3, rounded; exactly n_l (the budget) from step S on."""
+        S = self.sparsify_steps
+        if step >= S:
+            return list(self.targets)
+        frac = (1.0 - step / S) ** 3
+        totals = [num_units(layer.weight, self.mode) for _, layer in masked_layers(self.model)]
+        return [n + int(round((N - n) * frac)) for n, N in zip(self.targets, totals)]
+
+    def expected_active(self, step: int) -> int:
+        """Active weights the schedule holds after optimizer step ``step``: all of them before the first pruning
+        step of the dense-to-sparse start, then its most recent targets, the budget K from step S on."""
+        if step >= self.sparsify_steps:
+            return self.budget
+        sizes = [unit_size(layer.weight, self.mode) for _, layer in masked_layers(self.model)]
+        units = self.sparsify_targets(step - step % self.sparsify_every)  # at step 0: every unit
+        return sum(u * size for u, size in zip(units, sizes))
+
     def end_epoch(self, last: bool = False) -> dict | None:
         """Call at the end of every epoch: rewires unless ``last`` (DNR skips the last epoch) or
         ``rewire_every`` is set. Returns the rewiring record or None."""
         self.epochs += 1
-        if last or self.rewire_every is not None or self.steps >= self._horizon:
+        if last or self.rewire_every is not None or self.steps >= self._horizon or self.steps < self.sparsify_steps:
             return None
         return self.rewire()
 
@@ -188,6 +229,10 @@ class DNR:
     @torch.no_grad()
     def rewire(self) -> dict:
         """One prune / redistribute / regrow round. Returns the record appended to ``history``."""
+        if self.steps < self.sparsify_steps:
+            raise RuntimeError(f"rewire() at optimizer step {self.steps}: the dense-to-sparse start reaches the "
+                               f"budget at step {self.sparsify_steps} (sparsify_until={self.sparsify_until}); "
+                               "rewiring starts there")
         layers = masked_layers(self.model)
         momenta = [self._momentum(name, layer.weight) for name, layer in layers]
         masks = [layer.mask for _, layer in layers]
@@ -264,7 +309,9 @@ class DNR:
                 "rewire_every": self.rewire_every, "rewire_until": self.rewire_until, "redistribution": self.redistribution,
                 "regrowth": self.regrowth, "regrow_cap": self.regrow_cap,
                 "dense_threshold": self.dense_threshold, "min_active": self.min_active,
+                "sparsify_until": self.sparsify_until, "sparsify_every": self.sparsify_every,
             },
+            "targets": self.targets,
             "generator": self.generator.get_state() if self.generator is not None else None,
             "output_gradient": self._meter.state_dict() if self._meter is not None else None,
         }
@@ -276,13 +323,18 @@ class DNR:
             raise ValueError(f"controller state is missing keys {sorted(missing)}")
         if state["mode"] != self.mode:
             raise ValueError(f"controller state is for mode {state['mode']!r}, this model uses {self.mode!r}")
-        active = self.active_weights()
-        if state["budget"] != active:
-            raise ValueError(
-                f"controller state has a budget of {state['budget']} weights but the model has {active} active: "
-                "load the model's state dict (with its masks) first"
-            )
         cfg = state["config"]
+        self.sparsify_until = float(cfg.get("sparsify_until", 0.0))
+        self.sparsify_every = int(cfg.get("sparsify_every", self.sparsify_every))
+        self.targets = list(state.get("targets", self.targets))
+        self.total_steps = cfg["total_steps"]
+        self.budget = int(state["budget"])
+        active, expected = self.active_weights(), self.expected_active(int(state["steps"]))
+        if active != expected:
+            raise ValueError(
+                f"controller state expects {expected} active weights at optimizer step {state['steps']} (budget "
+                f"{state['budget']}) but the model has {active}: load the model's state dict (with its masks) first"
+            )
         self.total_steps = cfg["total_steps"]
         self.prune_rate_initial = cfg["prune_rate"]
         self.prune_rate_min = cfg["prune_rate_min"]
@@ -297,7 +349,6 @@ class DNR:
         self.floors = list(state.get("floors", self.floors))
         self.steps = int(state["steps"])
         self.epochs = int(state["epochs"])
-        self.budget = int(state["budget"])
         self.history = list(state["history"])
         if state.get("output_gradient") is not None and self._meter is not None:
             self._meter.load_state_dict(state["output_gradient"])
@@ -313,8 +364,53 @@ class DNR:
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         apply_masks(self.model)
         self.steps += 1
+        if self.steps <= self.sparsify_steps:
+            if self.steps % self.sparsify_every == 0 or self.steps == self.sparsify_steps:
+                self._sparsify_step()
+            return
         if self.rewire_every is not None and self.steps % self.rewire_every == 0 and self.steps < self._horizon:
             self.rewire()
+
+    @torch.no_grad()
+    def _open_masks(self) -> None:
+        """The dense start: every mask all ones, and the weights outside the initial masks (zero after
+        ``dnr.sparsify``) re-drawn from the layer's default init, U(+-1/sqrt(fan_in)) as nn.Conv2d / nn.Linear."""
+        for _, layer in masked_layers(self.model):
+            bound = 1.0 / math.sqrt(layer.weight[0].numel())
+            fresh = torch.rand(tuple(layer.weight.shape), generator=self.generator) * (2 * bound) - bound
+            layer.weight.copy_(torch.where(layer.mask, layer.weight, fresh.to(layer.weight)))
+            layer.set_mask(torch.ones_like(layer.mask))
+
+    @torch.no_grad()
+    def _sparsify_step(self) -> dict:
+        """One step of the dense-to-sparse start: each layer keeps its ``sparsify_targets`` units of largest
+        magnitude among its active ones. Returns the record appended to ``history``."""
+        layers = masked_layers(self.model)
+        keep = self.sparsify_targets(self.steps)
+        record_layers, removed = [], 0
+        for (name, layer), k in zip(layers, keep):
+            before = active_units(layer.mask, self.mode)
+            size = unit_size(layer.weight, self.mode)
+            n = int(before.sum())
+            if k < n:
+                score = unit_scores(layer.weight, self.mode)
+                score[~before] = -math.inf
+                after = torch.zeros_like(before)
+                after[torch.topk(score, k).indices] = True
+                layer.set_mask(expand_units(after, layer.weight, self.mode))
+            kept = min(k, n)
+            removed += (n - kept) * size
+            record_layers.append({"name": name, "pruned": (n - kept) * size, "regrown": 0, "active": kept * size,
+                                  "density": kept * size / layer.weight.numel(), "units_pruned": n - kept})
+        apply_masks(self.model)
+        active = self.active_weights()
+        if self.steps >= self.sparsify_steps and active != self.budget:
+            raise RuntimeError(f"the dense-to-sparse start ended with {active} active weights, expected {self.budget}")
+        record = {"step": self.steps, "epoch": self.epochs, "event": "sparsify", "prune_rate": None,
+                  "pruned": removed, "regrown": 0, "active": active, "layers": record_layers}
+        self.history.append(record)
+        log.info("sparsify step %d: %d active weights (budget %d)", self.steps, active, self.budget)
+        return record
 
     def _regrowth_scores(self, name: str, layer, momentum: torch.Tensor, device) -> torch.Tensor:
         """float [num_units]: the regrowth criterion's score of every unit of ``layer`` (higher regrows first)."""

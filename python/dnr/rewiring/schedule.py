@@ -44,7 +44,7 @@ def auto_rewire_interval(total_steps: int, until: float = 1.0, rewirings: int = 
 #: constructor's defaults); "paper" is the DNR paper's schedule, made for 200-epoch runs. See docs/method.md.
 REWIRE_SETTINGS: dict[str, dict] = {
     "auto": dict(rewire_every="auto", rewire_until=0.75, prune_rate=0.3, prune_rate_min=0.005, schedule="cosine",
-                 regrowth="auto", min_active=None),
+                 regrowth="auto", min_active=None, sparsify_until=0.0),
     "paper": dict(rewire_every=None, rewire_until=1.0, prune_rate=0.5, prune_rate_min=0.005, schedule="cosine",
-                  regrowth="momentum", min_active=1),
+                  regrowth="momentum", min_active=1, sparsify_until=0.0),
 }
