@@ -159,3 +159,16 @@ def test_a_state_whose_masks_do_not_match_the_schedule_is_refused():
     state["steps"] = 3  # the masks hold step 6's targets
     with pytest.raises(ValueError, match=r"expects \d+ active weights at optimizer step 3"):
         ctl.load_state_dict(state)
+
+
+def test_a_refused_state_leaves_the_controller_as_it_was():
+    model = _model("irregular")
+    opt, ctl = _controller(model, total_steps=40, sparsify_until=0.5, rewire_every=3)
+    for t in range(1, 7):
+        _step(model, opt, t)
+    before = (ctl.sparsify_until, ctl.sparsify_every, list(ctl.targets), ctl.total_steps, ctl.budget)
+    state = ctl.state_dict()
+    state["steps"], state["config"] = 3, {**state["config"], "total_steps": 80}
+    with pytest.raises(ValueError, match="expects"):
+        ctl.load_state_dict(state)
+    assert (ctl.sparsify_until, ctl.sparsify_every, ctl.targets, ctl.total_steps, ctl.budget) == before

@@ -324,6 +324,9 @@ class DNR:
         if state["mode"] != self.mode:
             raise ValueError(f"controller state is for mode {state['mode']!r}, this model uses {self.mode!r}")
         cfg = state["config"]
+        # the schedule's parts first (expected_active reads them); put back if the check fails, so a mismatched
+        # state changes nothing
+        kept = (self.sparsify_until, self.sparsify_every, self.targets, self.total_steps, self.budget)
         self.sparsify_until = float(cfg.get("sparsify_until", 0.0))
         self.sparsify_every = int(cfg.get("sparsify_every", self.sparsify_every))
         self.targets = list(state.get("targets", self.targets))
@@ -331,11 +334,11 @@ class DNR:
         self.budget = int(state["budget"])
         active, expected = self.active_weights(), self.expected_active(int(state["steps"]))
         if active != expected:
+            self.sparsify_until, self.sparsify_every, self.targets, self.total_steps, self.budget = kept
             raise ValueError(
                 f"controller state expects {expected} active weights at optimizer step {state['steps']} (budget "
                 f"{state['budget']}) but the model has {active}: load the model's state dict (with its masks) first"
             )
-        self.total_steps = cfg["total_steps"]
         self.prune_rate_initial = cfg["prune_rate"]
         self.prune_rate_min = cfg["prune_rate_min"]
         self.schedule = cfg["schedule"]
@@ -376,9 +379,8 @@ class DNR:
         """The dense start: every mask all ones, and the weights outside the initial masks (zero after
         ``dnr.sparsify``) re-drawn from the layer's default init, U(+-1/sqrt(fan_in)) as nn.Conv2d / nn.Linear."""
         for _, layer in masked_layers(self.model):
-            bound = 1.0 / math.sqrt(layer.weight[0].numel())
-            fresh = torch.rand(tuple(layer.weight.shape), generator=self.generator) * (2 * bound) - bound
-            layer.weight.copy_(torch.where(layer.mask, layer.weight, fresh.to(layer.weight)))
+            fresh = self._default_init(layer, layer.weight.shape[0])
+            layer.weight.copy_(torch.where(layer.mask, layer.weight, fresh))
             layer.set_mask(torch.ones_like(layer.mask))
 
     @torch.no_grad()
@@ -471,9 +473,15 @@ class DNR:
         index = grown.nonzero().flatten()
         if index.numel() == 0:
             return
+        layer.weight[index] = self._default_init(layer, index.numel())
+
+    def _default_init(self, layer, rows: int) -> torch.Tensor:
+        """``rows`` output units of ``layer``'s weight drawn from nn.Conv2d / nn.Linear's default init,
+        U(+-1/sqrt(fan_in)), with the controller's generator: [rows, *weight.shape[1:]], the weight's dtype and
+        device."""
         bound = 1.0 / math.sqrt(layer.weight[0].numel())
-        fresh = torch.rand((index.numel(),) + tuple(layer.weight.shape[1:]), generator=self.generator)
-        layer.weight[index] = (fresh * (2 * bound) - bound).to(layer.weight)
+        fresh = torch.rand((rows,) + tuple(layer.weight.shape[1:]), generator=self.generator)
+        return (fresh * (2 * bound) - bound).to(layer.weight)
 
     def _reset_regrown_norm(self, name: str, layer, grown: torch.Tensor) -> None:
         """A regrown channel restarts its norm layer at the default init (scale 1, shift 0, fresh stats)."""
