@@ -65,7 +65,7 @@ def test_irregular_budget_is_exact_after_every_rewiring(widths, density, prune_r
     dnr.sparsify(model, density=density, generator=torch.Generator().manual_seed(seed))
     budget = round(density * n)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    ctl = dnr.DNR(model, opt, total_steps=10, prune_rate=prune_rate, schedule="constant")
+    ctl = dnr.DNR(model, opt, total_steps=10, prune_rate=prune_rate, schedule="constant", sparsify_until=0)
     assert ctl.budget == budget
     for i in range(3):
         _momentum_step(model, opt, seed + i)
@@ -85,7 +85,7 @@ def test_channel_budget_is_exact_after_every_rewiring(channels, kernel, density,
     model = _conv_stack([3] + channels, kernel)
     dnr.sparsify(model, density=density, mode="channel", generator=torch.Generator().manual_seed(seed))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    ctl = dnr.DNR(model, opt, total_steps=10, prune_rate=prune_rate, schedule="constant")
+    ctl = dnr.DNR(model, opt, total_steps=10, prune_rate=prune_rate, schedule="constant", sparsify_until=0)
     budget = ctl.budget
     for i in range(3):
         _momentum_step(model, opt, seed + i)
@@ -121,7 +121,7 @@ def test_pruned_weights_stay_zero_and_momentum_stays_dense(nesterov, weight_deca
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
     dnr.sparsify(model, density=0.3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=weight_decay)
-    dnr.DNR(model, opt, total_steps=100)
+    dnr.DNR(model, opt, total_steps=100, sparsify_until=0)
     x, y = torch.rand(16, 3, 6, 6), torch.randint(0, 4, (16,))
     momenta = []
     for _ in range(3):
@@ -141,7 +141,7 @@ def test_regrown_weights_start_at_zero_and_survivors_keep_values():
     model = nn.Sequential(nn.Linear(30, 30), nn.Linear(30, 5))
     dnr.sparsify(model, density=0.2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    ctl = dnr.DNR(model, opt, total_steps=100, prune_rate=0.3, schedule="constant")
+    ctl = dnr.DNR(model, opt, total_steps=100, prune_rate=0.3, schedule="constant", sparsify_until=0)
     _momentum_step(model, opt, 0)
     before = {n: (l.mask.clone(), l.weight.detach().clone()) for n, l in dnr.masked_layers(model)}
     ctl.rewire()
@@ -163,7 +163,7 @@ def test_channel_mode_regrown_channels_are_reinitialised_and_learn():
     model = _conv_stack([3, 8, 12, 16], 3)
     dnr.sparsify(model, density=0.3, mode="channel")
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    ctl = dnr.DNR(model, opt, total_steps=20, prune_rate=0.4, schedule="constant",
+    ctl = dnr.DNR(model, opt, total_steps=20, prune_rate=0.4, schedule="constant", sparsify_until=0,
                   generator=torch.Generator().manual_seed(1))
     x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 3, (8,))
     opt.zero_grad()
@@ -194,7 +194,7 @@ def test_channel_mode_pruned_channels_output_exactly_zero():
     model = _conv_stack([3, 8, 12, 16], 3)
     dnr.sparsify(model, density=0.3, mode="channel")
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    ctl = dnr.DNR(model, opt, total_steps=20, prune_rate=0.4)
+    ctl = dnr.DNR(model, opt, total_steps=20, prune_rate=0.4, sparsify_until=0)
     x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 3, (8,))
     for step in range(6):
         opt.zero_grad()
@@ -248,7 +248,7 @@ def test_adam_uses_its_first_moment():
     torch.manual_seed(0)
     model = dnr.sparsify(nn.Sequential(nn.Linear(20, 20), nn.Linear(20, 2)), density=0.3)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    ctl = dnr.DNR(model, opt, total_steps=10)
+    ctl = dnr.DNR(model, opt, total_steps=10, sparsify_until=0)
     _momentum_step(model, opt, 0)
     rec = ctl.rewire()
     assert rec["active"] == ctl.budget
@@ -362,7 +362,7 @@ def test_controller_bad_input():
 def test_rewire_before_first_step_and_mismatched_state():
     model = dnr.sparsify(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), density=0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    ctl = dnr.DNR(model, opt, total_steps=10)
+    ctl = dnr.DNR(model, opt, total_steps=10, sparsify_until=0)
     with pytest.raises(RuntimeError, match="needs at least one optimizer step first"):
         ctl.rewire()
     state = ctl.state_dict()

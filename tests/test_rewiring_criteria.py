@@ -42,7 +42,7 @@ def test_rewiring_stops_at_the_horizon_and_the_prune_rate_reaches_its_floor():
                          generator=torch.Generator().manual_seed(0))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     ctl = dnr.DNR(model, opt, total_steps=40, rewire_every=5, rewire_until=0.5, prune_rate=0.3,
-                  prune_rate_min=0.0)
+                  prune_rate_min=0.0, sparsify_until=0)
     x, y = torch.randn(16, 20), torch.randint(0, 4, (16,))
     rates = []
     for _ in range(40):
@@ -75,7 +75,7 @@ def test_gradient_regrowth_takes_the_largest_dense_gradients(device):
                          generator=torch.Generator().manual_seed(1)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     ctl = dnr.DNR(model, opt, total_steps=10, regrowth="gradient", redistribution="none", prune_rate=0.25,
-                  schedule="constant")
+                  schedule="constant", sparsify_until=0)
     x, y = torch.randn(32, 12, device=device), torch.randint(0, 5, (32,), device=device)
     _step(model, opt, x, y)
     opt.zero_grad()
@@ -100,7 +100,7 @@ def test_gradient_regrowth_takes_the_largest_dense_gradients(device):
 def test_gradient_regrowth_needs_a_gradient():
     model = dnr.sparsify(nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2)), density=0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    ctl = dnr.DNR(model, opt, total_steps=10, regrowth="gradient")
+    ctl = dnr.DNR(model, opt, total_steps=10, regrowth="gradient", sparsify_until=0)
     _step(model, opt, torch.randn(3, 4), torch.randint(0, 2, (3,)))
     opt.zero_grad()  # set_to_none: no gradient left
     with pytest.raises(RuntimeError, match="dense weight gradient"):
@@ -183,7 +183,8 @@ def test_channel_regrowth_takes_the_largest_output_gradient():
     torch.manual_seed(0)
     model = dnr.sparsify(small_cnn(), density=0.4, mode="channel", generator=torch.Generator().manual_seed(0))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    ctl = dnr.DNR(model, opt, total_steps=50, prune_rate=0.3, schedule="constant", redistribution="none")
+    ctl = dnr.DNR(model, opt, total_steps=50, prune_rate=0.3, schedule="constant", redistribution="none",
+                  sparsify_until=0)
     assert ctl.regrowth == "auto"
     x, y = _batch(16)
     _step(model, opt, x, y)
@@ -209,7 +210,8 @@ def test_fractional_floor_holds_through_rewirings(mode):
     model = dnr.sparsify(small_cnn(), density=0.3, mode=mode, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     initial = {n: int(dnr.nn.units.active_units(l.mask, mode).sum()) for n, l in dnr.masked_layers(model)}
-    ctl = dnr.DNR(model, opt, total_steps=100, prune_rate=0.9, schedule="constant", min_active=0.5)
+    ctl = dnr.DNR(model, opt, total_steps=100, prune_rate=0.9, schedule="constant", min_active=0.5,
+                  sparsify_until=0)
     budget = ctl.budget
     for seed in range(4):
         x, y = _batch(16, seed=seed)

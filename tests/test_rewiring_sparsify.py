@@ -59,6 +59,42 @@ def test_the_start_opens_every_mask_and_redraws_only_the_pruned_weights(mode):
         assert bool((fresh != 0).all()) and float(fresh.detach().abs().max()) <= bound  # nn's default init range
 
 
+def test_the_default_start_is_the_first_third_of_the_rewiring_window():
+    model = _model("irregular")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ctl = dnr.DNR(model, opt, total_steps=120)  # the library's default: sparsify_until="auto"
+    assert ctl.sparsify_until == pytest.approx(0.25) and ctl.sparsify_steps == 30
+    assert all(bool(layer.mask.all()) for _, layer in dnr.masked_layers(model))
+    for until in (0.3, 1.0):
+        model = _model("irregular")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        ctl = dnr.DNR(model, opt, total_steps=120, rewire_until=until, sparsify_until="auto")
+        assert ctl.sparsify_until == pytest.approx(until / 3) and ctl.sparsify_steps == round(120 * until / 3)
+    model = _model("irregular")
+    masks = [layer.mask.clone() for _, layer in dnr.masked_layers(model)]
+    ctl = dnr.DNR(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), total_steps=120,
+                  **dnr.rewiring.REWIRE_SETTINGS["paper"])
+    assert ctl.sparsify_steps == 0  # the paper's schedule starts at the budget from the random masks
+    assert all(torch.equal(layer.mask, m) for (_, layer), m in zip(dnr.masked_layers(model), masks))
+
+
+def test_channel_start_gives_the_reopened_channels_their_norm_back():
+    model = _model("channel")
+    norms = [model[1], model[4]]
+    closed = [~layer.mask.flatten(1).any(1) for _, layer in dnr.masked_layers(model)][:2]
+    assert all(bool(c.any()) for c in closed)
+    for norm, c in zip(norms, closed):  # dnr.sparsify zeroed them: a closed channel outputs exactly zero
+        assert bool((norm.weight[c] == 0).all()) and bool((norm.bias[c] == 0).all())
+        with torch.no_grad():  # statistics as after some training, to see them reset
+            norm.running_mean.fill_(0.5)
+            norm.running_var.fill_(2.0)
+    _controller(model)
+    for norm, c in zip(norms, closed):
+        assert bool((norm.weight[c] == 1).all()) and bool((norm.bias[c] == 0).all())
+        assert bool((norm.running_mean[c] == 0).all()) and bool((norm.running_var[c] == 1).all())
+        assert bool((norm.running_mean[~c] == 0.5).all()) and bool((norm.running_var[~c] == 2.0).all())
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_units_follow_the_cubic_schedule_and_reach_the_exact_budget(mode):
     model = _model(mode)
@@ -117,7 +153,7 @@ def test_rewiring_waits_for_the_budget_and_bad_values_are_clear_errors():
         ctl.rewire()
     assert ctl.end_epoch() is None  # no epoch-end rewiring inside the phase either
     for bad in (-0.1, 0.75, 0.9, True, "half"):
-        with pytest.raises(ValueError, match=r"sparsify_until must be in \[0, rewire_until=0.75\), got"):
+        with pytest.raises(ValueError, match=r"sparsify_until must be 'auto' or a number in \[0, rewire_until=0.75\), got"):
             dnr.DNR(_model("irregular"), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
                     total_steps=10, sparsify_until=bad)
 

@@ -2,7 +2,9 @@
 
 from ..allocation import AllocationError, largest_remainder, round_exact, water_fill
 from .controller import DNR
-from .schedule import PRUNE_SCHEDULES, REWIRE_SETTINGS, auto_rewire_interval, cosine_prune_rate, prune_rate_at
+from .schedule import (PRUNE_SCHEDULES, REWIRE_SETTINGS, auto_rewire_interval, auto_sparsify_until, cosine_prune_rate,
+                       prune_rate_at)
 
 __all__ = ["DNR", "AllocationError", "largest_remainder", "round_exact", "water_fill",
-           "PRUNE_SCHEDULES", "REWIRE_SETTINGS", "auto_rewire_interval", "cosine_prune_rate", "prune_rate_at"]
+           "PRUNE_SCHEDULES", "REWIRE_SETTINGS", "auto_rewire_interval", "auto_sparsify_until", "cosine_prune_rate",
+           "prune_rate_at"]

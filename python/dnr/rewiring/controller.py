@@ -14,7 +14,7 @@ from ..nn.sparsify import NORM_TYPES, apply_masks, masked_layers, paired_norm
 from ..nn.units import active_units, expand_units, num_units, unit_scores, unit_size
 from ..allocation import AllocationError, round_exact, water_fill
 from .channel_signal import OutputGradientMeter, find_channel_consumers
-from .schedule import PRUNE_SCHEDULES, auto_rewire_interval, prune_rate_at
+from .schedule import PRUNE_SCHEDULES, auto_rewire_interval, auto_sparsify_until, prune_rate_at
 
 REGROWTH = ("auto", "momentum", "gradient", "output_gradient", "random")
 #: min_active=None in channel mode: every layer keeps at least this fraction of its initial channels.
@@ -67,13 +67,15 @@ class DNR:
         min_active: the per-layer floor when pruning: an int is a number of units, a float in (0, 1) a
             fraction of the layer's initial units; None (default) is 1 unit in irregular mode and
             ``CHANNEL_FLOOR`` (half) of the initial channels in channel mode, so no layer collapses.
-        sparsify_until: the dense-to-sparse start, a fraction S / T in [0, rewire_until): training starts
-            dense, and every ``rewire_every`` steps (the auto interval when that is None) each layer is pruned
-            by magnitude towards its initial unit count n_l on a cubic schedule (Zhu & Gupta: n_l + (N_l - n_l)
-            (1 - t / S)^3 units of its N_l), reaching exactly n_l, the budget K, at step S; rewiring runs from
-            there to the horizon. Building the controller then re-draws the weights outside the initial masks
-            from the layer's default init (``dnr.sparsify`` left them at zero) and opens every mask. 0 (the
-            default) starts at the budget, as the paper.
+        sparsify_until: the dense-to-sparse start, a fraction S / T in [0, rewire_until), or "auto" (default:
+            ``rewire_until / 3``, i.e. 0.25 with the default horizon): training starts dense, and every
+            ``rewire_every`` steps (the auto interval when that is None) each layer is pruned by magnitude towards
+            its initial unit count n_l on a cubic schedule (Zhu & Gupta: n_l + (N_l - n_l) (1 - t / S)^3 units of
+            its N_l), reaching exactly n_l, the budget K, at step S; rewiring runs from there to the horizon.
+            Building the controller then re-draws the weights outside the initial masks from the layer's default
+            init (``dnr.sparsify`` left them at zero), resets the norm layers of the channels it reopens, and opens
+            every mask. The initial masks still set the budget K and each layer's share of it. 0 starts at the
+            budget from the random sparse masks, as the paper (``dnr train --rewire paper``).
         generator: torch.Generator for random regrowth and for re-initialising regrown channels. Under
             torch.distributed (e.g. DistributedDataParallel) every rank must draw the same numbers: None
             there means a generator seeded from a seed that rank 0 draws and broadcasts (at construction,
@@ -96,7 +98,7 @@ class DNR:
         regrow_cap: float = 0.99,
         dense_threshold: float = 0.8,
         min_active: int | float | None = None,
-        sparsify_until: float = 0.0,
+        sparsify_until: float | str = "auto",
         generator: torch.Generator | None = None,
     ):
         _check_int("total_steps", total_steps, 1)
@@ -114,9 +116,12 @@ class DNR:
             raise ValueError(f"regrowth must be one of {REGROWTH}, got {regrowth!r}")
         _check_fraction("regrow_cap", regrow_cap, lo_open=True, hi_open=False)
         _check_fraction("dense_threshold", dense_threshold, lo_open=False, hi_open=False)
-        if isinstance(sparsify_until, bool) or not isinstance(sparsify_until, (int, float)) \
+        if sparsify_until == "auto":
+            sparsify_until = auto_sparsify_until(rewire_until)
+        elif isinstance(sparsify_until, bool) or not isinstance(sparsify_until, (int, float)) \
                 or not 0.0 <= sparsify_until < rewire_until:
-            raise ValueError(f"sparsify_until must be in [0, rewire_until={rewire_until}), got {sparsify_until!r}")
+            raise ValueError(f"sparsify_until must be 'auto' or a number in [0, rewire_until={rewire_until}), "
+                             f"got {sparsify_until!r}")
         if isinstance(min_active, float):
             _check_fraction("min_active", min_active, lo_open=True, hi_open=True)
         elif min_active is not None:
@@ -376,11 +381,14 @@ class DNR:
 
     @torch.no_grad()
     def _open_masks(self) -> None:
-        """The dense start: every mask all ones, and the weights outside the initial masks (zero after
-        ``dnr.sparsify``) re-drawn from the layer's default init, U(+-1/sqrt(fan_in)) as nn.Conv2d / nn.Linear."""
-        for _, layer in masked_layers(self.model):
+        """The dense start: every mask all ones, the weights outside the initial masks (zero after ``dnr.sparsify``)
+        re-drawn from the layer's default init, U(+-1/sqrt(fan_in)) as nn.Conv2d / nn.Linear, and in channel mode
+        the reopened channels' norm layers back at their default init (scale 1, shift 0, fresh statistics)."""
+        for name, layer in masked_layers(self.model):
             fresh = self._default_init(layer, layer.weight.shape[0])
             layer.weight.copy_(torch.where(layer.mask, layer.weight, fresh))
+            if self.mode == "channel":  # dnr.sparsify zeroed the closed channels' norm scale: give it back
+                self._reset_regrown_norm(name, layer, ~active_units(layer.mask, self.mode))
             layer.set_mask(torch.ones_like(layer.mask))
 
     @torch.no_grad()
