@@ -13,7 +13,8 @@ test = DataLoader(dnr.data.fashion_mnist("test"), batch_size=500)
 model = dnr.sparsify(small_cnn(num_classes=10), density=0.05, mode="irregular")
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
 epochs = 3
-# re-applies the masks after every step and rewires every few steps (prune, redistribute, regrow)
+# starts dense, prunes to the budget by a quarter of training, then rewires every few steps (prune,
+# redistribute, regrow); it re-applies the masks after every optimizer step
 rewiring = dnr.DNR(model, optimizer, total_steps=epochs * len(train))
 
 for epoch in range(epochs):
@@ -25,8 +26,10 @@ for epoch in range(epochs):
         loss.backward()
         optimizer.step()  # DNR masks, and rewires when a rewiring is due
     rewiring.end_epoch(last=epoch == epochs - 1)  # (the paper's schedule rewires here instead)
-    moved = sum(r["pruned"] for r in rewiring.history if r["epoch"] == epoch)
-    print(f"epoch {epoch + 1}: moved {moved} of {rewiring.budget} weights in {len(rewiring.history)} rewirings so far")
+    # the first quarter prunes the dense start down to the budget ("event": "sparsify"), then DNR rewires
+    moved = sum(r["pruned"] for r in rewiring.history if r["epoch"] == epoch and "event" not in r)
+    print(f"epoch {epoch + 1}: {rewiring.active_weights()} active weights (budget {rewiring.budget}), "
+          f"moved {moved} in this epoch's rewirings")
 
 acc = dnr.attacks.evaluate(model, test, eps=0.1, alpha=0.0125, steps=20)
 report = dnr.density_report(model, input_size=(1, 28, 28))

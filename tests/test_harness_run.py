@@ -10,7 +10,7 @@ import torch
 from dnr.harness import ConfigError, fit, load_checkpoint, resolve_config
 from dnr.harness.builders import EpochBatchSampler, build_model_for
 from dnr.nn import masked_layers
-from dnr.rewiring import auto_rewire_interval
+from dnr.rewiring import auto_rewire_interval, auto_sparsify_until
 
 TINY = dict(train_size=128, test_size=32, batch_size=64, epochs=2, attack_steps=1, eval_steps=1, eval_size=16,
             threads=1, plots=False, seed=2)
@@ -53,14 +53,21 @@ def test_dnr_rewires_with_an_exact_budget(tmp_path, mode, rewire):
     budget = sum(int(layer.mask.sum()) for _, layer in masked_layers(initial))
     assert sum(int(final[n + ".mask"].sum()) for n, _ in masked_layers(initial)) == budget
     assert any(not torch.equal(final[n + ".mask"], l.mask) for n, l in masked_layers(initial))  # it rewired
-    records = [json.loads(line) for line in open(os.path.join(s["run_dir"], "rewiring.jsonl"))]
+    history = [json.loads(line) for line in open(os.path.join(s["run_dir"], "rewiring.jsonl"))]
+    records = [r for r in history if "event" not in r]  # the rewirings
+    starts = [r for r in history if r.get("event") == "sparsify"]  # the dense-to-sparse start's pruning steps
     assert all(r["active"] == budget for r in records)
-    if rewire == "paper":  # at the end of every epoch but the last
-        assert [r["epoch"] for r in records] == [1, 2]
-    else:  # every k steps before the horizon 0.75 T
+    if rewire == "paper":  # at the end of every epoch but the last, from the random masks
+        assert [r["epoch"] for r in records] == [1, 2] and not starts
+    else:  # every k steps before the horizon 0.75 T, after the dense start (irregular mode: S = T / 4)
         total = [json.loads(line) for line in open(os.path.join(s["run_dir"], "metrics.jsonl"))][-1]["step"]
         k = auto_rewire_interval(total, 0.75)
-        assert [r["step"] for r in records] == list(range(k, math.ceil(0.75 * total), k))
+        S = round(auto_sparsify_until(0.75, mode) * total)
+        assert S == (round(total / 4) if mode == "irregular" else 0)
+        assert [r["step"] for r in starts] == sorted(set(range(k, S, k)) | ({S} if S else set()))
+        assert all(a["active"] > b["active"] for a, b in zip(starts, starts[1:]))
+        assert not starts or starts[-1]["active"] == budget
+        assert [r["step"] for r in records] == [t for t in range(k, math.ceil(0.75 * total), k) if t > S]
 
 
 def test_quiet_mode_prints_nothing(tmp_path, capsys):

@@ -70,15 +70,22 @@ def test_the_default_start_is_the_first_third_of_the_rewiring_window():
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         ctl = dnr.DNR(model, opt, total_steps=120, rewire_until=until, sparsify_until="auto")
         assert ctl.sparsify_until == pytest.approx(until / 3) and ctl.sparsify_steps == round(120 * until / 3)
-    model = _model("irregular")
-    masks = [layer.mask.clone() for _, layer in dnr.masked_layers(model)]
-    ctl = dnr.DNR(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), total_steps=120,
-                  **dnr.rewiring.REWIRE_SETTINGS["paper"])
-    assert ctl.sparsify_steps == 0  # the paper's schedule starts at the budget from the random masks
-    assert all(torch.equal(layer.mask, m) for (_, layer), m in zip(dnr.masked_layers(model), masks))
+    for mode, settings in (("irregular", dnr.rewiring.REWIRE_SETTINGS["paper"]), ("channel", {})):
+        # the paper's schedule, and channel mode by default, start at the budget from the random masks
+        model = _model(mode)
+        masks = [layer.mask.clone() for _, layer in dnr.masked_layers(model)]
+        ctl = dnr.DNR(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), total_steps=120,
+                      **settings)
+        assert ctl.sparsify_until == 0.0 and ctl.sparsify_steps == 0
+        assert all(torch.equal(layer.mask, m) for (_, layer), m in zip(dnr.masked_layers(model), masks))
+    assert dnr.rewiring.auto_sparsify_until(0.75, "channel") == 0.0
+    with pytest.raises(ValueError, match="mode must be 'irregular' or 'channel', got 'rows'"):
+        dnr.rewiring.auto_sparsify_until(0.75, "rows")
 
 
 def test_channel_start_gives_the_reopened_channels_their_norm_back():
+    """dnr.sparsify zeroed a closed channel's norm scale and shift; behind a ReLU such a channel gets no gradient,
+    so the dense start must reset them, or the channels it opens would stay dead (and still count)."""
     model = _model("channel")
     norms = [model[1], model[4]]
     closed = [~layer.mask.flatten(1).any(1) for _, layer in dnr.masked_layers(model)][:2]

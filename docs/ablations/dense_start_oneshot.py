@@ -28,6 +28,7 @@ FRACTION = float(os.environ.get("DENSE_UNTIL", "0.5"))
 
 class OneShotDenseStart(controller.DNR):
     def __init__(self, model, optimizer, **kwargs):
+        kwargs["sparsify_until"] = 0.0  # this script's one-shot start replaces the library's gradual one
         super().__init__(model, optimizer, **kwargs)
         self.dense_steps = int(round(FRACTION * self.total_steps))
         self.counts = [int(layer.mask.sum()) for _, layer in masked_layers(model)]  # irregular: units = weights

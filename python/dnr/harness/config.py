@@ -93,8 +93,9 @@ class TrainConfig:
                                   "channels in channel mode)", type=float, optional=True)
     sparsify_until: float | None = _f(None, "DNR dense-to-sparse start: train dense and prune each layer by "
                                       "magnitude to its budget on a cubic schedule that ends at this fraction of "
-                                      "training, in [0, rewire_until) (auto: rewire_until / 3, i.e. 0.25; 0: start at "
-                                      "the budget from the random masks; paper: 0)",
+                                      "training, in [0, rewire_until) (auto: rewire_until / 3, i.e. 0.25, in irregular "
+                                      "mode, 0 in channel mode; 0: start at the budget from the random masks; "
+                                      "paper: 0)",
                                       type=float, optional=True)
     # baselines (oneshot, admm, rsr): a first phase, one exact-budget prune, masked fine-tuning
     phase_split: float = _f(0.5, "oneshot/admm/rsr: fraction of the epochs before the prune (dense AT, ADMM or "

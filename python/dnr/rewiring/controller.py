@@ -68,7 +68,8 @@ class DNR:
             fraction of the layer's initial units; None (default) is 1 unit in irregular mode and
             ``CHANNEL_FLOOR`` (half) of the initial channels in channel mode, so no layer collapses.
         sparsify_until: the dense-to-sparse start, a fraction S / T in [0, rewire_until), or "auto" (default:
-            ``rewire_until / 3``, i.e. 0.25 with the default horizon): training starts dense, and every
+            ``dnr.rewiring.auto_sparsify_until``: ``rewire_until / 3``, i.e. 0.25 with the default horizon, in
+            irregular mode; 0 in channel mode, where it was measured worse): training starts dense, and every
             ``rewire_every`` steps (the auto interval when that is None) each layer is pruned by magnitude towards
             its initial unit count n_l on a cubic schedule (Zhu & Gupta: n_l + (N_l - n_l) (1 - t / S)^3 units of
             its N_l), reaching exactly n_l, the budget K, at step S; rewiring runs from there to the horizon.
@@ -117,7 +118,7 @@ class DNR:
         _check_fraction("regrow_cap", regrow_cap, lo_open=True, hi_open=False)
         _check_fraction("dense_threshold", dense_threshold, lo_open=False, hi_open=False)
         if sparsify_until == "auto":
-            sparsify_until = auto_sparsify_until(rewire_until)
+            pass  # resolved below, once the mode is known
         elif isinstance(sparsify_until, bool) or not isinstance(sparsify_until, (int, float)) \
                 or not 0.0 <= sparsify_until < rewire_until:
             raise ValueError(f"sparsify_until must be 'auto' or a number in [0, rewire_until={rewire_until}), "
@@ -147,6 +148,8 @@ class DNR:
         self.model = model
         self.optimizer = optimizer
         self.mode = modes.pop()
+        if sparsify_until == "auto":
+            sparsify_until = auto_sparsify_until(rewire_until, self.mode)
         self.total_steps = int(total_steps)
         self.prune_rate_initial = float(prune_rate)
         self.prune_rate_min = float(prune_rate_min)
@@ -387,7 +390,8 @@ class DNR:
         for name, layer in masked_layers(self.model):
             fresh = self._default_init(layer, layer.weight.shape[0])
             layer.weight.copy_(torch.where(layer.mask, layer.weight, fresh))
-            if self.mode == "channel":  # dnr.sparsify zeroed the closed channels' norm scale: give it back
+            if self.mode == "channel":  # dnr.sparsify zeroed the closed channels' norm scale and shift: behind a
+                # ReLU a zero output gets no gradient (ReLU'(0) = 0), so without this they would stay dead
                 self._reset_regrown_norm(name, layer, ~active_units(layer.mask, self.mode))
             layer.set_mask(torch.ones_like(layer.mask))
 

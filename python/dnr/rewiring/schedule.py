@@ -40,11 +40,15 @@ def auto_rewire_interval(total_steps: int, until: float = 1.0, rewirings: int = 
     return max(1, min(longest, round(until * total_steps / rewirings)))
 
 
-def auto_sparsify_until(rewire_until: float) -> float:
-    """``sparsify_until="auto"``: the dense-to-sparse start takes the first third of the rewiring window,
-    ``rewire_until / 3`` (0.25 with the default horizon 0.75, the value measured in docs/method.md: +7.7 APGD points
-    over starting at the budget in a 1,248-step run, level in a 184-step one)."""
-    return rewire_until / 3
+def auto_sparsify_until(rewire_until: float, mode: str = "irregular") -> float:
+    """``sparsify_until="auto"``. Irregular sparsity: the dense-to-sparse start takes the first third of the
+    rewiring window, ``rewire_until / 3`` (0.25 with the default horizon 0.75: +7.7 APGD points over starting at the
+    budget in a 1,248-step run, -1.2 in a 184-step one; docs/method.md). Channel sparsity: 0, the start at the
+    budget (the dense start measured 2.5 APGD points worse on the 184-step main job, and has no long-run
+    measurement yet)."""
+    if mode not in ("irregular", "channel"):
+        raise ValueError(f"mode must be 'irregular' or 'channel', got {mode!r}")
+    return rewire_until / 3 if mode == "irregular" else 0.0
 
 
 #: Named rewiring settings of ``dnr.DNR`` (``dnr train --rewire NAME``). "auto" is the default of the library (the
