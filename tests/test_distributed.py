@@ -234,7 +234,10 @@ def test_two_processes_train_the_one_process_model(tmp_path):
         if key.endswith("mask"):
             assert torch.equal(a[key], b[key]), key  # the same rewiring decisions
         else:
-            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+            # the gradient sums' order differs between one and two processes; over 24 steps at lr 0.1, 6 of them
+            # dense (DNR's dense-to-sparse start), that moved the weights by up to 5e-5 (measured); a wrong draw or
+            # a rank training on its own gradients moves them by the size of an update (lr * grad, about 1e-2)
+            torch.testing.assert_close(a[key], b[key], atol=2e-4, rtol=1e-3, msg=key)
     rows_a, rows_b = metrics_rows(one), metrics_rows(two)
     assert [r["rewired_weights"] for r in rows_a] == [r["rewired_weights"] for r in rows_b]
     assert rows_a[0]["rewired_weights"] > 0
