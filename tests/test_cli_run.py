@@ -64,11 +64,14 @@ def test_train_writes_the_run_directory(run):
     assert [float(r["loss"]) for r in csv_rows] == pytest.approx([r["loss"] for r in rows])
     assert {"density", "prune_rate", "seconds", "images_per_s", "test_pgd_acc", "lr"} <= set(csv_rows[0])
 
-    rewires = [json.loads(line) for line in open(os.path.join(out, "rewiring.jsonl"))]
-    # the default cadence: every round(0.75 * 8 / 20) -> 1 step before the horizon 0.75 * 8 = 6
-    assert [r["step"] for r in rewires] == [1, 2, 3, 4, 5]
+    history = [json.loads(line) for line in open(os.path.join(out, "rewiring.jsonl"))]
+    # the default cadence: every round(0.75 * 8 / 20) -> 1 step before the horizon 0.75 * 8 = 6, after the
+    # dense-to-sparse start, whose pruning steps end at round(0.25 * 8) = 2
+    assert [(r["step"], r.get("event")) for r in history] == [(1, "sparsify"), (2, "sparsify"), (3, None), (4, None),
+                                                              (5, None)]
+    rewires = history[2:]
     assert all(r["pruned"] == r["regrown"] > 0 for r in rewires)
-    assert [r["rewired_weights"] for r in rows] == [sum(r["pruned"] for r in rewires[:4]), rewires[4]["pruned"]]
+    assert [r["rewired_weights"] for r in rows] == [sum(r["pruned"] for r in rewires[:2]), rewires[2]["pruned"]]
     state = load_checkpoint(out, kind="train")
     assert (state["epoch"], state["batch"], state["step"]) == (2, 0, 8)
 

@@ -34,7 +34,8 @@ class DynamicRewiring(MaskedMethod):
         return self.controller.end_epoch(last=last)
 
     def epoch_metrics(self, first_step: int, step: int) -> dict:
-        moved = [r["pruned"] for r in self.controller.history if first_step < r["step"] <= step]
+        # the rewirings only: the dense-to-sparse start's pruning steps ("event": "sparsify") move nothing
+        moved = [r["pruned"] for r in self.controller.history if first_step < r["step"] <= step and "event" not in r]
         return {"prune_rate": self.controller.prune_rate, "rewired_weights": sum(moved) if moved else None}
 
     def log_records(self) -> dict[str, list[dict]]:
