@@ -283,7 +283,7 @@ class DNR:
             layer.set_mask(expand_units(after, layer.weight, self.mode))
             if self.mode == "channel":
                 self._reinit_regrown_channels(layer, after & ~before)
-                self._reset_regrown_norm(name, layer, after & ~before)
+                self._reset_norm_channels(name, layer, after & ~before)
             record_layers.append({
                 "name": name, "mu": mu[i], "mean_momentum": mean_momentum[i],
                 "pruned": pruned[i] * sizes[i], "regrown": regrown[i] * sizes[i],
@@ -392,7 +392,7 @@ class DNR:
             layer.weight.copy_(torch.where(layer.mask, layer.weight, fresh))
             if self.mode == "channel":  # dnr.sparsify zeroed the closed channels' norm scale and shift: behind a
                 # ReLU a zero output gets no gradient (ReLU'(0) = 0), so without this they would stay dead
-                self._reset_regrown_norm(name, layer, ~active_units(layer.mask, self.mode))
+                self._reset_norm_channels(name, layer, ~active_units(layer.mask, self.mode))
             layer.set_mask(torch.ones_like(layer.mask))
 
     @torch.no_grad()
@@ -495,19 +495,20 @@ class DNR:
         fresh = torch.rand((rows,) + tuple(layer.weight.shape[1:]), generator=self.generator)
         return (fresh * (2 * bound) - bound).to(layer.weight)
 
-    def _reset_regrown_norm(self, name: str, layer, grown: torch.Tensor) -> None:
-        """A regrown channel restarts its norm layer at the default init (scale 1, shift 0, fresh stats)."""
+    def _reset_norm_channels(self, name: str, layer, channels: torch.Tensor) -> None:
+        """The channels (bool [out_channels]) that (re)enter the network, regrown or reopened by the dense start,
+        restart their norm layer at the default init (scale 1, shift 0, fresh stats)."""
         norm_name = getattr(layer, "norm_name", None)
-        if norm_name is None or not bool(grown.any()):
+        if norm_name is None or not bool(channels.any()):
             return
         norm = paired_norm(dict(self.model.named_modules()), name, layer, norm_name)
         if norm.weight is not None:
-            norm.weight[grown] = 1.0
+            norm.weight[channels] = 1.0
         if norm.bias is not None:
-            norm.bias[grown] = 0.0
+            norm.bias[channels] = 0.0
         if isinstance(norm, NORM_TYPES[:2]) and norm.running_mean is not None:
-            norm.running_mean[grown] = 0.0
-            norm.running_var[grown] = 1.0
+            norm.running_mean[channels] = 0.0
+            norm.running_var[channels] = 1.0
 
 
 def _momentum_key(optimizer: torch.optim.Optimizer, weights: list[torch.Tensor], names: list[str]) -> str:
