@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from dnr import cli
+from dnr import cli, methods
 from dnr.harness import compare
 from dnr.harness.compare import report as compare_report
 from dnr.harness.config import ConfigError
@@ -211,6 +211,15 @@ def test_resume_and_re_evaluation(grid, tmp_path, monkeypatch):
     other = dict(cell["config"], lr=0.01)
     with pytest.raises(RunError, match="different config .*lr"):
         compare.cell_state(run_dir, other)
+    # same config, older defaults: a finished cell trained before the method's defaults changed is not reused
+    summary_path = os.path.join(run_dir, "summary.json")
+    summary = _load(summary_path)
+    assert summary["defaults_revision"] == methods.get("dnr").defaults_revision == 1
+    for stale in (dict(summary, defaults_revision=0), {k: v for k, v in summary.items() if k != "defaults_revision"}):
+        with open(summary_path, "w") as f:
+            json.dump(stale, f)
+        with pytest.raises(RunError, match=r"revision 0 of method 'dnr'.*this dnr has revision 1.*delete it"):
+            compare.cell_state(run_dir, cell["config"])
 
 
 @pytest.mark.parametrize("change, words", [

@@ -49,6 +49,7 @@ class CompressionMethod:
         needs_sparse_target: the config's density must be < 1.
         density_axis: ``dnr compare`` gives it a cell per density (None: when ``sparse``).
         checkpoint_formats / export_formats: the formats its models can be saved / exported in.
+        defaults_revision: the revision of the method's defaults (see below).
     """
 
     name: ClassVar[str] = ""
@@ -66,6 +67,10 @@ class CompressionMethod:
     #: without new TrainConfig fields
     options: ClassVar[dict[str, Any]] = {}
     checkpoint_formats: ClassVar[tuple[str, ...]] = CHECKPOINT_FORMATS
+    #: bumped whenever a change of the method's defaults changes what a config that leaves options unset
+    #: trains; recorded in ``summary.json``, so that ``dnr compare`` refuses to reuse a cell trained under
+    #: older defaults (its config is unchanged, its behaviour is not). A run without the record counts as 0.
+    defaults_revision: ClassVar[int] = 0
     export_formats: ClassVar[tuple[str, ...]] = EXPORT_FORMATS
 
     def __init__(self, cfg: Any):

@@ -19,6 +19,8 @@ class DynamicRewiring(MaskedMethod):
 
     description = "dynamic network rewiring + AT"
     needs_sparse_target = True
+    # 1: sparsify_until="auto" (the dense-to-sparse start in irregular mode) became the default
+    defaults_revision = 1
 
     def __init__(self, cfg):
         super().__init__(cfg)

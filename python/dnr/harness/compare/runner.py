@@ -4,7 +4,8 @@ own evaluation settings, then write the report.
 Reuse: a run directory with summary.json whose config.json equals the cell's config is not retrained; one
 with a checkpoint but no summary is resumed; robust_eval.json is reused only when its evaluation settings
 (including the SHA-256 of model.pt) equal the cell's current ones. A run directory whose config differs
-from the cell's is an error (nothing is overwritten).
+from the cell's is an error (nothing is overwritten), and so is a finished run trained under an older
+revision of its method's defaults (``CompressionMethod.defaults_revision``): same config, other behaviour.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from typing import Callable
 
 from ... import evaluation
+from ...methods import registry
 from ..._files import read_json, sha256_file, write_json
 from ..config import ConfigError, TrainConfig, check_number, require
 from ..errors import RunError
@@ -68,7 +70,14 @@ def cell_state(run_dir: str, config: dict) -> str:
                       if k not in RESUME_MUTABLE and saved.get(k, defaults.get(k)) != config.get(k, defaults.get(k)))
         raise RunError(f"run directory {run_dir!r} holds a run with a different config ({', '.join(diff)}); "
                        "delete it or choose another --out")
-    if os.path.isfile(os.path.join(run_dir, "summary.json")):
+    summary_path = os.path.join(run_dir, "summary.json")
+    if os.path.isfile(summary_path):
+        method = registry.get(config["method"])
+        trained_under = read_json(summary_path).get("defaults_revision", 0)
+        if trained_under != method.defaults_revision:
+            raise RunError(f"run directory {run_dir!r} was trained under revision {trained_under} of method "
+                           f"{method.name!r}'s defaults, this dnr has revision {method.defaults_revision} (the "
+                           "defaults changed, so its results are not the cell's); delete it or choose another --out")
         return "done"
     if os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
         return "resume"
