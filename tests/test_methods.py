@@ -120,6 +120,14 @@ def test_a_plugin_method_trains_through_fit(tmp_path, plugin):
     assert (saved["method"], saved["plugin"]) == ("toy-remask", ["toy_remask_plugin"])
     last = load_checkpoint(os.path.join(s["run_dir"], "checkpoints", "last.pt"))
     assert last["method"] == {"history": records}
+    # dnr compare's reuse check in a fresh worker process, where only the saved config names the plugin
+    code = ("import json, sys; from dnr.harness.compare import cell_state; "
+            "print(cell_state(sys.argv[1], json.load(open(sys.argv[1] + '/config.json'))))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, s["run_dir"]], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.stdout.strip() == "done", proc.stderr
 
 
 def _dnr(args, plugin_dir, cwd):

@@ -72,6 +72,7 @@ def cell_state(run_dir: str, config: dict) -> str:
                        "delete it or choose another --out")
     summary_path = os.path.join(run_dir, "summary.json")
     if os.path.isfile(summary_path):
+        registry.import_plugins(config.get("plugin") or [])  # a worker process may not have imported it yet
         method = registry.get(config["method"])
         trained_under = read_json(summary_path).get("defaults_revision", 0)
         if trained_under != method.defaults_revision:
