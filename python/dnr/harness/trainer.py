@@ -224,7 +224,8 @@ def final_summary(run: TrainingRun, test_loader, input_shape, user_model: bool) 
                            steps=cfg.eval_steps, restarts=cfg.eval_restarts, seed=cfg.seed, log=run.log)
     report = run.method.report(model, input_shape)
     return {
-        "method": cfg.method, "defaults_revision": run.method.defaults_revision, "mode": cfg.mode, "sparse": run.method.sparse, "model": type(model).__name__ if user_model else cfg.model,
+        "method": cfg.method, "defaults_revision": run.method.defaults_revision, "mode": cfg.mode,
+        "sparse": run.method.sparse, "model": type(model).__name__ if user_model else cfg.model,
         "dataset": cfg.dataset,
         "density": report["density"], "effective_density": report["effective_density"],
         "compression": report["compression"], "epochs": cfg.epochs,

@@ -67,11 +67,11 @@ class CompressionMethod:
     #: without new TrainConfig fields
     options: ClassVar[dict[str, Any]] = {}
     checkpoint_formats: ClassVar[tuple[str, ...]] = CHECKPOINT_FORMATS
+    export_formats: ClassVar[tuple[str, ...]] = EXPORT_FORMATS
     #: bumped whenever a change of the method's defaults changes what a config that leaves options unset
     #: trains; recorded in ``summary.json``, so that ``dnr compare`` refuses to reuse a cell trained under
     #: older defaults (its config is unchanged, its behaviour is not). A run without the record counts as 0.
     defaults_revision: ClassVar[int] = 0
-    export_formats: ClassVar[tuple[str, ...]] = EXPORT_FORMATS
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
