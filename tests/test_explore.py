@@ -132,4 +132,61 @@ def test_real_tiny_exploration_from_the_command_line(tmp_path, capsys):
     for r in res["rows"]:
         assert r["epochs"] in (2, 3) and r["stopped"] == (r["epochs"] == 2)
         assert r["stopped"] == (r["bound"] < 0.99)
-    assert "explore: 4 configurations" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "explore: 4 configurations" in printed
+    assert [line.split(":")[0] for line in printed.splitlines() if line.startswith("[")] == [
+        "[1/4] gru-h8-k1", "[2/4] gru-h8-k4", "[3/4] lstm-h8-k1", "[4/4] lstm-h8-k4"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptedTrial(CurveTrial):
+    """CurveTrial that raises when it reaches configuration number ``stop_at`` (1-based), as a killed run."""
+
+    def __init__(self, stop_at):
+        super().__init__()
+        self.stop_at, self.started = stop_at, 0
+
+    def __call__(self, c):
+        self.started += 1
+        if self.started == self.stop_at:
+            raise Interrupted
+        return super().__call__(c)
+
+
+def test_an_interrupted_exploration_resumes_without_retraining(tmp_path):
+    spec = ExploreSpec(**SPEC).validate()
+    whole = run_explore(spec, str(tmp_path / "whole"), trial=CurveTrial())
+    out = str(tmp_path / "ex")
+    with pytest.raises(Interrupted):
+        run_explore(spec, out, trial=InterruptedTrial(stop_at=4))
+    saved = json.load(open(os.path.join(out, "explore_partial.json")))
+    assert [r["name"] for r in saved["rows"]] == ["gru-h32-k1", "gru-h32-k2", "gru-h32-k4"]
+    assert not os.path.exists(os.path.join(out, "explore.json"))
+    lines = []
+    resumed_trial = CurveTrial()
+    resumed = run_explore(spec, out, trial=resumed_trial, progress=lines.append)
+    # only the five configurations left were trained; the three saved rows were reused
+    assert sorted(resumed_trial.trained) == sorted(("gru", c["hidden_size"], c["block_size"])
+                                                   for c in spec.configurations()[3:])
+    strip = lambda res: [{k: v for k, v in r.items() if k != "seconds"} for r in res["rows"]]  # noqa: E731
+    assert strip(resumed) == strip(whole)
+    for key in ("pareto_params", "pareto_flops", "smallest", "stopped", "epochs_saved"):
+        assert resumed[key] == whole[key], key
+    assert lines[0] == "resuming: 3 of 8 configurations already explored"
+    assert len(lines) == 6 and lines[1].startswith("[4/8] gru-h32-k8: accuracy ")
+    assert "stopped after epoch 4" in lines[1]
+    assert not os.path.exists(os.path.join(out, "explore_partial.json"))  # every row is in explore.json now
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+    out = str(tmp_path / "ex")
+    with pytest.raises(Interrupted):
+        run_explore(ExploreSpec(**SPEC).validate(), out, trial=InterruptedTrial(stop_at=2))
+    before = open(os.path.join(out, "explore_partial.json")).read()
+    other = ExploreSpec(**dict(SPEC, requirement=0.8)).validate()
+    with pytest.raises(ConfigError, match=r"interrupted exploration of another config \(keys requirement differ\)"):
+        run_explore(other, out, trial=CurveTrial())
+    assert open(os.path.join(out, "explore_partial.json")).read() == before  # nothing lost

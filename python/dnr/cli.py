@@ -205,12 +205,14 @@ def _add_explore(sub) -> None:  # E-RNN's design exploration (issue 17)
                     "requirement (rule: from epoch ceil(check_fraction * budget), at least 2, stop when acc_e + the "
                     "larger of the last two per-epoch gains x the epochs left < requirement), and write OUT/explore.json, "
                     "explore.md and explore.png: the Pareto fronts of accuracy against parameters and FLOPs, the "
-                    "smallest model that meets the requirement and the epochs saved.\n\nConfig keys (YAML or "
+                    "smallest model that meets the requirement and the epochs saved. One progress line per configuration; "
+                    "the rows so far are saved in OUT/explore_partial.json, so an interrupted exploration resumes "
+                    "(finished configurations reused) when run again with the same config and --out.\n\nConfig keys (YAML or "
                     "JSON): requirement (required), cells, hidden_sizes, block_sizes, budget_epochs, check_fraction, "
                     "dataset, data_root, reading (rows / pixels), train_size, test_size, batch_size, lr, seed, title.",
         epilog="example: dnr explore --config docs/e-rnn/explore.yaml --out runs/explore-ernn")
     p.add_argument("--config", required=True, metavar="FILE", help="explore config (YAML needs pyyaml, or JSON)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not hold an exploration)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not hold a finished exploration; an interrupted one of the same config is resumed)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
     p.set_defaults(func=cmd_explore)
 
@@ -399,7 +401,7 @@ def cmd_explore(args) -> int:
         hconfig.check_number("option --threads", args.threads, int, lo=1)
         import torch
         torch.set_num_threads(args.threads)
-    res = run_explore(spec, args.out)
+    res = run_explore(spec, args.out, progress=lambda line: print(line, flush=True))
     print(f"explore: {len(res['rows'])} configurations, {res['stopped']} stopped early, {res['epochs_saved']} of "
           f"{res['epochs_total']} epochs saved; smallest meeting {spec.requirement}: {res['smallest'] or 'none'}")
     print(f"report: {os.path.join(args.out, 'explore.md')}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 import time
@@ -33,13 +34,13 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from ._files import check_output_dir, write_json
+from ._files import check_output_dir, read_json, write_json
 from .harness.config import ConfigError, check_choice, check_list, check_number, load_config_file, require
 from .data import DATASET_NAMES
 from .models.recurrent import CELLS, READINGS, SequenceClassifier
 from .nn.block_circulant import BlockCirculantLinear, fft_flops
 
-__all__ = ["ExploreSpec", "explore", "stop_bound", "pareto_front", "sequence_flops", "train_curve", "run_explore",
+__all__ = ["ExploreSpec", "explore", "config_name", "stop_bound", "pareto_front", "sequence_flops", "train_curve", "run_explore",
            "load_explore_spec"]
 
 
@@ -114,12 +115,31 @@ def stop_bound(curve: list[float], budget_epochs: int) -> float:
     return curve[-1] + max(0.0, max(gains)) * (budget_epochs - len(curve))
 
 
-def explore(spec: ExploreSpec, trial: Callable[[dict], Iterator[float]]) -> dict:
+def config_name(config: dict) -> str:
+    """A configuration's name in the tables: ``{cell}-h{hidden_size}-k{block_size}``."""
+    return f"{config['cell']}-h{config['hidden_size']}-k{config['block_size']}"
+
+
+def explore(spec: ExploreSpec, trial: Callable[[dict], Iterator[float]], *, done: dict[str, dict] | None = None,
+            on_row: Callable[[dict, int, int], None] | None = None) -> dict:
     """Run every configuration of ``spec`` through ``trial`` (config -> iterator of per-epoch test accuracies),
     applying the early-stopping rule; ``trial`` must also be able to describe the model (``trial.describe(config)``
-    -> {"params", "flops"}). Returns the JSON-ready result (see :func:`summarise`)."""
+    -> {"params", "flops"}). Returns the JSON-ready result (see :func:`summarise`).
+
+    Args:
+        done: rows of configurations already explored (name -> row, from an interrupted run): reused, not
+            retrained. Every configuration is seeded on its own, so a resumed exploration equals an
+            uninterrupted one (up to the ``seconds`` column).
+        on_row: called after each configuration with (row, its 1-based index, the number of configurations),
+            e.g. to print progress or save the rows so far.
+    """
     rows = []
-    for config in spec.configurations():
+    configs = spec.configurations()
+    for index, config in enumerate(configs, start=1):
+        name = config_name(config)
+        if done and name in done:
+            rows.append(done[name])
+            continue
         curve, stopped, bound = [], False, None
         start = time.perf_counter()
         for acc in trial(config):
@@ -131,8 +151,11 @@ def explore(spec: ExploreSpec, trial: Callable[[dict], Iterator[float]]) -> dict
                 if bound < spec.requirement:
                     stopped = True
                     break
-        rows.append({**config, **trial.describe(config), "curve": curve, "accuracy": curve[-1], "stopped": stopped,
-                     "epochs": len(curve), "bound": bound, "seconds": time.perf_counter() - start})
+        rows.append({**config, **trial.describe(config), "name": name, "curve": curve, "accuracy": curve[-1],
+                     "stopped": stopped, "epochs": len(curve), "bound": bound,
+                     "seconds": time.perf_counter() - start})
+        if on_row is not None:
+            on_row(rows[-1], index, len(configs))
     return summarise(spec, rows)
 
 
@@ -148,9 +171,8 @@ def summarise(spec: ExploreSpec, rows: list[dict]) -> dict:
     requirement (fewest parameters, then FLOPs) and the epochs / trials saved by early stopping."""
     finished = [r for r in rows if not r["stopped"]]
     meeting = sorted((r for r in finished if r["accuracy"] >= spec.requirement), key=lambda r: (r["params"], r["flops"]))
-    name = lambda r: f"{r['cell']}-h{r['hidden_size']}-k{r['block_size']}"  # noqa: E731
     for r in rows:
-        r["name"] = name(r)
+        r["name"] = config_name(r)
     saved = sum(spec.budget_epochs - r["epochs"] for r in rows)
     return {"spec": dataclasses.asdict(spec), "check_epoch": spec.check_epoch, "rows": rows,
             "pareto_params": [r["name"] for r in pareto_front(finished, "params")],
@@ -287,16 +309,50 @@ def write_plot(result: dict, path: str) -> str | None:
     return path
 
 
-def run_explore(spec: ExploreSpec, out: str, trial: Callable | None = None) -> dict:
+PARTIAL = "explore_partial.json"
+
+
+def run_explore(spec: ExploreSpec, out: str, trial: Callable | None = None,
+                progress: Callable[[str], None] | None = None) -> dict:
     """Explore ``spec`` (the real training unless ``trial`` is given) and write explore.json / .md / .png into
-    ``out`` (created; an existing explore.json there is refused, nothing is overwritten)."""
+    ``out`` (created; an existing explore.json there is refused, nothing is overwritten).
+
+    The rows are saved to ``out/explore_partial.json`` (atomically) after every configuration, so an interrupted
+    exploration resumes where it stopped when run again with the same config and ``out``: the finished
+    configurations are reused, not retrained; a partial file of another config is refused. ``progress`` gets one
+    line per configuration (the CLI prints them)."""
     check_output_dir(out, argument="--out")
     if os.path.exists(os.path.join(out, "explore.json")):
         raise ConfigError(f"--out: {out!r} already holds an exploration (explore.json); choose a new folder")
+    partial = os.path.join(out, PARTIAL)
+    spec_json = json.loads(json.dumps(dataclasses.asdict(spec)))  # lists, as read back from the file
+    done: dict[str, dict] = {}
+    if os.path.exists(partial):
+        saved = read_json(partial)
+        if not isinstance(saved, dict) or saved.get("spec") != spec_json:
+            differ = sorted(k for k in spec_json if not isinstance(saved, dict)
+                            or (saved.get("spec") or {}).get(k) != spec_json[k])
+            raise ConfigError(f"--out: {out!r} holds an interrupted exploration of another config (keys "
+                              f"{', '.join(differ)} differ); use the same config to resume it, or a new folder")
+        done = {r["name"]: r for r in saved["rows"]}
+        if progress is not None:
+            progress(f"resuming: {len(done)} of {len(spec.configurations())} configurations already explored")
     trial = trial if trial is not None else RecurrentTrial(spec)
-    result = explore(spec, trial)
     os.makedirs(out, exist_ok=True)
+    rows_so_far = list(done.values())
+
+    def on_row(row: dict, index: int, total: int) -> None:
+        rows_so_far.append(row)
+        write_json(partial, {"spec": spec_json, "rows": rows_so_far})
+        if progress is not None:
+            how = f"stopped after epoch {row['epochs']} (bound {row['bound']:.4f})" if row["stopped"] else \
+                f"after {row['epochs']} epochs"
+            progress(f"[{index}/{total}] {row['name']}: accuracy {row['accuracy']:.4f} {how}, "
+                     f"{row['params']:,} params, {row['seconds']:.0f} s")
+
+    result = explore(spec, trial, done=done, on_row=on_row)
     write_markdown(result, os.path.join(out, "explore.md"))
     result["plot"] = write_plot(result, os.path.join(out, "explore.png"))
     write_json(os.path.join(out, "explore.json"), result)
+    os.remove(partial)  # every row is in explore.json now
     return result
