@@ -24,8 +24,10 @@ __all__ = ["VGG", "vgg16", "VGG16_CONFIG", "vgg_cnn", "VGG_CNN_CONFIG"]
 
 VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 #: ``vgg_cnn``: a VGG-style network for 28x28 inputs (two 3x3 conv-BN-ReLU per stage, two max-pools, so the
-#: 7x7 map of the last stage is flattened into the linear head)
-VGG_CNN_CONFIG = (32, 32, "M", 64, 64, "M", 128, 128)
+#: 7x7 map of the last stage is flattened into the linear head). Widths 16/32/64 per stage, as small_cnn's: at
+#: 7.4M multiply-adds per image (3.7x small_cnn) adversarial training on the full Fashion-MNIST set stays
+#: CPU-sized (twice these widths is 29M, ~3 hours per 4-epoch PGD-7 run on one core; docs/cap/README.md)
+VGG_CNN_CONFIG = (16, 16, "M", 32, 32, "M", 64, 64)
 
 
 class VGG(nn.Module):
@@ -81,6 +83,7 @@ def vgg16(num_classes: int = 10, in_channels: int = 3, input_size: int = 32, mea
 
 def vgg_cnn(num_classes: int = 10, in_channels: int = 1, input_size: int = 28, mean=None, std=None) -> VGG:
     """A VGG-style CNN for Fashion-MNIST-sized inputs (input_size a multiple of 4): :class:`VGG` with
-    ``VGG_CNN_CONFIG`` (six 3x3 conv-BN-ReLU layers of 32/32/64/64/128/128 channels, two max-pools) and a
-    Linear(128 * 7 * 7, num_classes) head at 28x28. 285,984 conv + 62,720 linear weights at 10 classes."""
+    ``VGG_CNN_CONFIG`` (six 3x3 conv-BN-ReLU layers of 16/16/32/32/64/64 channels, two max-pools) and a
+    Linear(64 * 7 * 7, num_classes) head at 28x28. 71,568 conv + 31,360 linear weights at 10 classes, 7.4M
+    multiply-adds per 28x28 image."""
     return VGG(VGG_CNN_CONFIG, num_classes, in_channels, input_size, mean, std)
