@@ -120,6 +120,19 @@ def test_eval_options_and_json_file(run, capsys, tmp_path):
     assert json.load(open(tmp_path / "e.json")) == res
 
 
+def test_eval_threads(run, capsys, tmp_path):
+    out, _ = run
+    before = torch.get_num_threads()
+    try:
+        code, stdout, _ = _main(capsys, "eval", out, "--test-size", "8", "--steps", "1", "--threads", "1", "--quiet")
+        assert code == 0 and json.loads(stdout)["n"] == 8 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    code, _, err = _main(capsys, "eval", out, "--threads", "0", "--out", str(tmp_path / "e.json"))
+    assert code == 2 and "option --threads: got 0" in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "e.json")
+
+
 def test_eval_autoattack_needs_torchattacks(run, capsys):
     out, _ = run
     try:

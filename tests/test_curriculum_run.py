@@ -104,6 +104,7 @@ def test_analyze_hessian_prints_clean_and_adversarial_lambda_max(hsat_run, capsy
 @pytest.mark.parametrize("argv, match", [
     (["--iters", "0"], "option --iters: got 0"), (["--examples", "-3"], "option --examples: got -3"),
     (["--split", "val"], "option --split: got 'val'"), (["--eps", "-1"], "option --eps: got -1.0"),
+    (["--threads", "0"], "option --threads: got 0"),
 ])
 def test_analyze_hessian_bad_options(hsat_run, capsys, argv, match):
     assert cli.main(["analyze", "hessian", hsat_run, *argv]) == 2

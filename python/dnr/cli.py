@@ -83,6 +83,18 @@ def _preset_line(name: str) -> str:
     return line
 
 
+def _add_threads(p) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
+
+
+def _set_threads(args) -> None:
+    """Apply --threads (checked first: a bad value is a one-line error before any work)."""
+    if args.threads is not None:
+        hconfig.check_number("option --threads", args.threads, int, lo=1)
+        import torch
+        torch.set_num_threads(args.threads)
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", formatter_class=_Formatter,
                        help="clean / FGSM / PGD (/ AutoAttack) accuracy of a checkpoint",
@@ -118,6 +130,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="let --out replace an existing file (never a checkpoint, a run file or an input)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_threads(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -193,6 +206,7 @@ def _add_analyze(sub) -> None:
     h.add_argument("--seed", type=int, default=None, help="seed of the attack and the start vector (default: the run's)")
     h.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     h.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_threads(h)
     h.set_defaults(func=cmd_analyze_hessian)
 
 
@@ -213,7 +227,7 @@ def _add_explore(sub) -> None:  # E-RNN's design exploration (issue 17)
         epilog="example: dnr explore --config docs/e-rnn/explore.yaml --out runs/explore-ernn")
     p.add_argument("--config", required=True, metavar="FILE", help="explore config (YAML needs pyyaml, or JSON)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not hold a finished exploration; an interrupted one of the same config is resumed)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
+    _add_threads(p)
     p.set_defaults(func=cmd_explore)
 
 
@@ -311,6 +325,7 @@ def _interruptible(run_dir: str, train):
 def cmd_eval(args) -> int:
     numbers = {name: getattr(args, name) for name in hevaluate.EVAL_OPTION_FIELDS}
     hevaluate.check_evaluation_options(**numbers)  # before anything is loaded
+    _set_threads(args)
     device = hevaluate.resolve_device(args.device)
     if args.out:
         check_output_file(args.out, argument="option --out", force=args.force,
@@ -397,10 +412,7 @@ def _interruptible_compare(work):
 def cmd_explore(args) -> int:
     from .explore import load_explore_spec, run_explore
     spec = load_explore_spec(args.config)
-    if args.threads is not None:
-        hconfig.check_number("option --threads", args.threads, int, lo=1)
-        import torch
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     res = run_explore(spec, args.out, progress=lambda line: print(line, flush=True))
     print(f"explore: {len(res['rows'])} configurations, {res['stopped']} stopped early, {res['epochs_saved']} of "
           f"{res['epochs_total']} epochs saved; smallest meeting {spec.requirement}: {res['smallest'] or 'none'}")
@@ -432,6 +444,7 @@ def cmd_info(args) -> int:
 
 def cmd_analyze_hessian(args) -> int:
     from .harness.analyze import hessian_of_checkpoint
+    _set_threads(args)
     res = hessian_of_checkpoint(args.checkpoint, examples=args.examples, iters=args.iters, eps=args.eps,
                                 split=args.split, data_root=args.data_root, seed=args.seed, device=args.device)
     if args.json:
