@@ -26,7 +26,7 @@ VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "
 #: ``vgg_cnn``: a VGG-style network for 28x28 inputs (two 3x3 conv-BN-ReLU per stage, two max-pools, so the
 #: 7x7 map of the last stage is flattened into the linear head). Widths 16/32/64 per stage, as small_cnn's: at
 #: 7.4M multiply-adds per image (3.7x small_cnn) adversarial training on the full Fashion-MNIST set stays
-#: CPU-sized (twice these widths is 29M, ~3 hours per 4-epoch PGD-7 run on one core; docs/cap/README.md)
+#: CPU-sized (twice these widths is 29M, an estimated ~3 hours per 4-epoch PGD-7 run on one core; docs/cap/README.md)
 VGG_CNN_CONFIG = (16, 16, "M", 32, 32, "M", 64, 64)
 
 
