@@ -219,14 +219,16 @@ def _add_explore(sub) -> None:  # E-RNN's design exploration (issue 17)
                     "requirement (rule: from epoch ceil(check_fraction * budget), at least 2, stop when acc_e + the "
                     "larger of the last two per-epoch gains x the epochs left < requirement), and write OUT/explore.json, "
                     "explore.md and explore.png: the Pareto fronts of accuracy against parameters and FLOPs, the "
-                    "smallest model that meets the requirement and the epochs saved. One progress line per configuration; "
-                    "the rows so far are saved in OUT/explore_partial.json, so an interrupted exploration resumes "
-                    "(finished configurations reused) when run again with the same config and --out.\n\nConfig keys (YAML or "
-                    "JSON): requirement (required), cells, hidden_sizes, block_sizes, budget_epochs, check_fraction, "
+                    "smallest model that meets the requirement and the epochs saved. One progress line per "
+                    "configuration; the rows so far are saved in OUT/explore_partial.json, so an interrupted "
+                    "exploration resumes (finished configurations reused) when run again with the same config and "
+                    "--out.\n\nConfig keys (YAML or JSON): requirement (required), cells, hidden_sizes, block_sizes, budget_epochs, check_fraction, "
                     "dataset, data_root, reading (rows / pixels), train_size, test_size, batch_size, lr, seed, title.",
         epilog="example: dnr explore --config docs/e-rnn/explore.yaml --out runs/explore-ernn")
     p.add_argument("--config", required=True, metavar="FILE", help="explore config (YAML needs pyyaml, or JSON)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not hold a finished exploration; an interrupted one of the same config is resumed)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder (must not hold a finished exploration; an interrupted one of the same config "
+                        "is resumed)")
     _add_threads(p)
     p.set_defaults(func=cmd_explore)
 

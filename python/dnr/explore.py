@@ -40,8 +40,8 @@ from .data import DATASET_NAMES
 from .models.recurrent import CELLS, READINGS, SequenceClassifier
 from .nn.block_circulant import BlockCirculantLinear, fft_flops
 
-__all__ = ["ExploreSpec", "explore", "config_name", "stop_bound", "pareto_front", "sequence_flops", "train_curve", "run_explore",
-           "load_explore_spec"]
+__all__ = ["ExploreSpec", "explore", "config_name", "stop_bound", "pareto_front", "sequence_flops", "train_curve",
+           "run_explore", "load_explore_spec"]
 
 
 @dataclasses.dataclass
@@ -171,8 +171,6 @@ def summarise(spec: ExploreSpec, rows: list[dict]) -> dict:
     requirement (fewest parameters, then FLOPs) and the epochs / trials saved by early stopping."""
     finished = [r for r in rows if not r["stopped"]]
     meeting = sorted((r for r in finished if r["accuracy"] >= spec.requirement), key=lambda r: (r["params"], r["flops"]))
-    for r in rows:
-        r["name"] = config_name(r)
     saved = sum(spec.budget_epochs - r["epochs"] for r in rows)
     return {"spec": dataclasses.asdict(spec), "check_epoch": spec.check_epoch, "rows": rows,
             "pareto_params": [r["name"] for r in pareto_front(finished, "params")],
@@ -329,9 +327,9 @@ def run_explore(spec: ExploreSpec, out: str, trial: Callable | None = None,
     done: dict[str, dict] = {}
     if os.path.exists(partial):
         saved = read_json(partial)
-        if not isinstance(saved, dict) or saved.get("spec") != spec_json:
-            differ = sorted(k for k in spec_json if not isinstance(saved, dict)
-                            or (saved.get("spec") or {}).get(k) != spec_json[k])
+        saved_spec = saved.get("spec") if isinstance(saved, dict) else None
+        if saved_spec != spec_json:
+            differ = sorted(k for k in spec_json if (saved_spec or {}).get(k) != spec_json[k])
             raise ConfigError(f"--out: {out!r} holds an interrupted exploration of another config (keys "
                               f"{', '.join(differ)} differ); use the same config to resume it, or a new folder")
         done = {r["name"]: r for r in saved["rows"]}
