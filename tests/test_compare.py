@@ -12,7 +12,7 @@ import pytest
 from dnr import cli, methods
 from dnr.harness import compare
 from dnr.harness.compare import report as compare_report
-from dnr.harness.config import ConfigError
+from dnr.harness.config import ConfigError, TrainConfig, resolve_config
 from dnr.harness import RunError
 
 pytestmark = pytest.mark.slow  # one real 6-cell grid (~20-40 s on 2 busy cores)
@@ -365,6 +365,15 @@ def test_plan_of_models_and_grids():
     assert {c["config"]["model"] for c in one} == {"wide_cnn"}
 
 
+def test_each_models_cells_get_that_models_lr_unless_the_config_sets_one():
+    spec = dict(MULTI, models=["small_cnn", "lstm"], grids=None, methods=["dense-at"], seeds=[0], modes=["irregular"],
+                densities=[0.1],
+                train={k: v for k, v in TRAIN.items() if k != "lr"})
+    assert {c["model_name"]: c["config"]["lr"] for c in compare.plan_cells(spec)} == {"small_cnn": 0.05, "lstm": 0.5}
+    spec["train"] = dict(spec["train"], lr=0.1)
+    assert {c["config"]["lr"] for c in compare.plan_cells(spec)} == {0.1}
+
+
 def test_grids_take_missing_keys_from_the_top_level_and_merge_equal_cells():
     spec = dict(MULTI, models=None, methods=["dnr"], modes=["irregular"], densities=[0.1], seeds=[0],
                 grids=[{"seeds": [0, 1]}, {"densities": [0.1, 0.2]}])
@@ -485,3 +494,21 @@ def test_multi_grid_rerun_reuses_each_cell_with_its_own_evaluation(multi_grid, m
     monkeypatch.setattr(ev, "robust_evaluation", no)
     assert cli.main(["compare", "--config", cfg, "--out", out, "--threads", "1"]) == 0
     assert capsys.readouterr().out.count(": reused") == len(MULTI_KEYS)
+
+
+@pytest.mark.parametrize("model, same", [("small_cnn", True), ("lstm", False)])
+def test_a_cell_saved_before_max_grad_norm_existed_ran_without_clipping(tmp_path, model, same):
+    """An older dnr saved no max_grad_norm and never clipped: such a cell equals today's plan where the plan does
+    not clip either (a CNN), and is not reused where today's default clips (a recurrent model)."""
+    from dnr.harness.compare.runner import cell_state
+    config = resolve_config(overrides={"model": model}).to_dict()
+    old = {k: v for k, v in config.items() if k != "max_grad_norm"}
+    run_dir = tmp_path / "cell"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(old))
+    if same:
+        assert cell_state(str(run_dir), config) == "restart"  # same config, no checkpoint yet
+    else:
+        with pytest.raises(RunError, match=r"different config \(max_grad_norm\)"):
+            cell_state(str(run_dir), config)
+    assert TrainConfig.from_saved(old).max_grad_norm == 0.0  # a resumed or re-read old run does not clip

@@ -111,6 +111,20 @@ def test_bad_config_files(tmp_path):
         load_config_file(str(tmp_path / "missing.yaml"))
 
 
+@pytest.mark.parametrize("model, expected", [("small_cnn", 0.05), ("wide_cnn", 0.05), ("vgg_cnn", 0.05),
+                                             ("lstm", 0.5), ("gru", 0.5), ("lstm_perm", 0.5), ("gru_perm", 0.5)])
+def test_the_model_sets_the_lr_unless_one_is_given(tmp_path, model, expected):
+    assert resolve_config(overrides={"model": model}).lr == expected
+    assert TrainConfig(model=model).validate().lr == expected  # the Python API resolves it the same way
+    assert resolve_config(overrides={"model": model, "lr": 0.2}).lr == 0.2  # a flag wins
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: {model}\nlr: 0.3\n")
+    assert resolve_config(file_values=load_config_file(str(path))).lr == 0.3  # so does a config file
+    assert resolve_config("cifar10-vgg16-irregular", overrides={"model": model}).lr == 0.1  # and a preset's lr
+    # what ran is what is saved: the resolved value, so a resume or a reused compare cell sees the same rate
+    assert resolve_config(overrides={"model": model}).to_dict()["lr"] == expected
+
+
 def test_config_round_trips_through_its_dict():
     cfg = resolve_config("cifar100-resnet18-channel", {}, {"warmup_epochs": 5})
     assert TrainConfig(**json.loads(json.dumps(cfg.to_dict()))).validate() == cfg

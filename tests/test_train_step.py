@@ -139,3 +139,38 @@ def test_compiled_training_follows_the_eager_run(tmp_path):
             torch.testing.assert_close(compiled[key], eager[key], atol=1e-4, rtol=1e-3, msg=key)
         else:
             assert torch.equal(compiled[key], eager[key]), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("max_norm", [None, 1e-3, 1e3])
+@pytest.mark.parametrize("synced", [False, True])
+def test_gradient_clipping_bounds_the_step_by_the_global_norm(device, dtype, max_norm, synced):
+    """The oracle: the gradient by torch.autograd.grad, its global norm and the step p - lr * min(1, c / norm) * g
+    by hand; ``synced`` takes the data-parallel path (a one-rank grad_sync), which clips after the averaging."""
+    model = _model(device).to(dtype)
+    x, y = _batch(device)
+    x = x.to(dtype)
+    params = [p for p in model.parameters()]
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+    scale = 1.0 if max_norm is None else min(1.0, max_norm / (norm.item() + 1e-6))
+    expected = [p.detach() - 0.1 * scale * g for p, g in zip(params, grads)]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.SGD(params, lr=0.1)
+    engine.adversarial_step(model, x, y, opt, eps=0.1, alpha=0.05, steps=1, beta=1.0, max_grad_norm=max_norm,
+                            grad_sync=(lambda stats: stats) if synced else None)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-10)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, **tol)
+    if max_norm == 1e-3:  # the bound binds: the whole step is lr * max_norm long
+        assert norm.item() > 1e-2
+        moved = torch.sqrt(sum(((p.detach() - b).double() ** 2).sum() for p, b in zip(params, before)))
+        assert moved.item() == pytest.approx(0.1 * 1e-3, rel=1e-4)
+
+
+def test_the_recurrent_models_clip_by_default_and_zero_turns_it_off():
+    assert resolve_config(overrides={"model": "gru"}).max_grad_norm == 1.0
+    assert resolve_config(overrides={"model": "small_cnn"}).max_grad_norm == 0.0
+    assert resolve_config(overrides={"model": "lstm", "max_grad_norm": 0}).max_grad_norm == 0.0
+    with pytest.raises(ConfigError, match=r"option --max-grad-norm: got -1.0, expected a number >= 0"):
+        resolve_config(overrides={"max_grad_norm": -1})

@@ -38,6 +38,7 @@ def adversarial_step(
     grad_sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
     autocast_dtype: torch.dtype | None = None,
     curriculum=None,
+    max_grad_norm: float | None = None,
 ) -> dict:
     """One hybrid adversarial training step.
 
@@ -52,6 +53,10 @@ def adversarial_step(
 
     ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the attack's and the training's forward passes under
     ``torch.autocast``; the backward pass, the optimizer and the masks stay in the parameters' dtype.
+
+    ``max_grad_norm``, when given, rescales the gradients of ``model``'s parameters so that their global L2
+    norm is at most that (``torch.nn.utils.clip_grad_norm_``) before the optimizer step: a recurrent network's
+    gradients can explode at a learning rate that trains it well otherwise.
 
     Data-parallel training passes ``grad_sync(stats)`` (see :class:`dnr.distributed.GradientSync`): called
     after ``backward()``, it averages the gradients over the ranks and returns ``stats`` (float32 [4]:
@@ -92,6 +97,7 @@ def adversarial_step(
             raise FloatingPointError(f"loss is {value}: stopping before the optimizer step")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        _clip_gradients(model, max_grad_norm)
         optimizer.step()
         return {"loss": value, "clean_correct": int(clean_correct), "adv_correct": int(adv_correct),
                 "n": int(y.numel())}
@@ -104,9 +110,15 @@ def adversarial_step(
     if not math.isfinite(total_loss):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"loss is {total_loss / n_all} (over all ranks): stopping before the optimizer step")
+    _clip_gradients(model, max_grad_norm)  # after the averaging: every rank sees the same gradients, clips alike
     optimizer.step()
     return {"loss": total_loss / n_all, "clean_correct": int(round(clean)), "adv_correct": int(round(adv)),
             "n": int(round(n_all))}
+
+
+def _clip_gradients(model: nn.Module, max_norm: float | None) -> None:
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
 
 
 def train_epoch(
@@ -128,6 +140,7 @@ def train_epoch(
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     curriculum=None,
+    max_grad_norm: float | None = None,
 ) -> dict:
     """Train ``model`` for one epoch of hybrid adversarial training.
 
@@ -148,6 +161,7 @@ def train_epoch(
         channels_last: move the input batches to the channels-last memory format (for a model converted
             with ``model.to(memory_format=torch.channels_last)``).
         curriculum: a :class:`dnr.curriculum.Curriculum` consulted at every step (see adversarial_step).
+        max_grad_norm: clip every step's global gradient norm to this (see adversarial_step); None: never.
 
     Returns:
         dict: mean loss, clean and adversarial training accuracy, images, images/s, seconds.
@@ -165,7 +179,8 @@ def train_epoch(
         try:
             out = adversarial_step(model, x, y, optimizer, eps=eps, alpha=alpha, steps=steps, beta=beta,
                                    attack_bn_mode=attack_bn_mode, penalty=penalty, grad_sync=grad_sync,
-                                   autocast_dtype=autocast_dtype, curriculum=curriculum)
+                                   autocast_dtype=autocast_dtype, curriculum=curriculum,
+                                   max_grad_norm=max_grad_norm)
         except FloatingPointError as err:
             raise FloatingPointError(f"{err} (batch {i} of this epoch)") from None
         if lr_scheduler is not None:

@@ -18,9 +18,10 @@ from .. import methods
 from ..rewiring.controller import REGROWTH
 from ..curriculum import CURRICULA, RAMP_SHAPES, check_curriculum_args
 from ..rewiring.schedule import REWIRE_SETTINGS
+from ..models import default_lr, default_max_grad_norm  # the model's, where the options are not given
 from ..evaluation import default_pgd_alpha  # the one rule for the evaluation's PGD step size
 
-__all__ = ["ConfigError", "TrainConfig", "PRESETS", "PUBLISHED", "DEFAULT_PRESET", "resolve_config",
+__all__ = ["ConfigError", "TrainConfig", "SAVED_BEFORE_OPTION", "PRESETS", "PUBLISHED", "DEFAULT_PRESET", "resolve_config",
            "validate_options", "require", "coerce_value", "check_number", "check_choice", "check_list", "SEED_RANGE", "load_config_file", "add_config_arguments", "config_overrides_from_args"]
 
 # The compression methods (--method) are those of the dnr.methods registry: methods.available().
@@ -29,6 +30,12 @@ COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autot
 PRECISIONS = ("fp32", "bf16")  # fp16 would need loss scaling in the attack's input gradients too
 DEFAULT_PRESET = "fashion-mnist-quick"
 SEED_RANGE = (0, 2**32 - 1)  # numpy's np.random.seed accepts exactly these
+
+
+# Options added after runs were first saved, with the value every run saved before them ran with. A saved
+# config without the key means this, where today's default may select something else (the recurrent models
+# clip their gradients by default since max_grad_norm exists; runs saved before it never clipped).
+SAVED_BEFORE_OPTION = {"max_grad_norm": 0.0}
 
 
 class ConfigError(ValueError):
@@ -130,7 +137,11 @@ class TrainConfig:
     # optimisation
     epochs: int = _f(6, "training epochs", type=int)
     batch_size: int = _f(128, "training batch size", type=int)
-    lr: float = _f(0.05, "initial (peak) learning rate", type=float)
+    lr: float | None = _f(None, "initial (peak) learning rate (none: the model's, dnr.models.default_lr: 0.5 for "
+                          "the recurrent models, 0.05 for the others)", type=float, optional=True)
+    max_grad_norm: float | None = _f(None, "clip each step's gradients to this global L2 norm (0: never; none: the "
+                                     "model's, dnr.models.default_max_grad_norm: 1 for the recurrent models, never "
+                                     "for the others)", type=float, optional=True)
     momentum: float = _f(0.9, "SGD momentum, in (0, 1) (DNR needs momentum)", type=float)
     nesterov: bool = _f(True, "Nesterov momentum", type=bool)
     weight_decay: float = _f(5e-4, "L2 weight decay (through the optimizer)", type=float)
@@ -295,6 +306,13 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_saved(cls, values: dict) -> "TrainConfig":
+        """The validated config of a saved run (config.json, a checkpoint's ``config``). An option the run's
+        dnr did not have yet takes the value that run ran with (SAVED_BEFORE_OPTION), not today's default:
+        a resumed or re-read run keeps its behaviour."""
+        return cls(**{**SAVED_BEFORE_OPTION, **values}).validate()
+
     # ------------------------------------------------------------------ validation
     def validate(self, *, flags: dict[str, str] | None = None) -> "TrainConfig":
         """Check every field; raises ConfigError naming the first bad one. Returns self.
@@ -332,6 +350,12 @@ class TrainConfig:
         def need(name, ok, expected):
             require(f"option {flag(name)}", getattr(self, name), ok, expected)
 
+        # resolved here, so that config.json and checkpoints hold what ran
+        if self.lr is None:
+            self.lr = default_lr(self.model)
+        if self.max_grad_norm is None:
+            self.max_grad_norm = default_max_grad_norm(self.model)
+
         need("density", 0.0 < self.density <= 1.0, "a number in (0, 1]")
         if self.prune_rate is not None:
             need("prune_rate", 0.0 < self.prune_rate < 1.0, "a number in (0, 1)")
@@ -355,6 +379,7 @@ class TrainConfig:
              f"an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (2**32 - 1)")
         need("eval_every", self.eval_every >= 0, "an integer >= 0")
         need("lr", self.lr > 0, "a number > 0")
+        need("max_grad_norm", self.max_grad_norm >= 0, "a number >= 0 (0: never clip)")
         need("momentum", 0.0 < self.momentum < 1.0, "a number in (0, 1)")
         need("weight_decay", self.weight_decay >= 0, "a number >= 0")
         need("lr_gamma", 0.0 < self.lr_gamma <= 1.0, "a number in (0, 1]")
@@ -525,7 +550,7 @@ _PAPER = dict(method="dnr", density=0.05, epochs=200, eps=8 / 255, alpha=2 / 255
 PRESETS: dict[str, dict] = {
     # the default `dnr train`: minutes on two CPU cores, embedded Fashion-MNIST subset, DNR at 20x
     "fashion-mnist-quick": dict(dataset="fashion-mnist", data_root="embedded", model="small_cnn", method="dnr",
-                                mode="irregular", density=0.05, epochs=4, batch_size=128, lr=0.05, nesterov=True,
+                                mode="irregular", density=0.05, epochs=4, batch_size=128, nesterov=True,
                                 lr_schedule="cosine", eps=0.1, alpha=0.025, attack_steps=5, eval_steps=20,
                                 eval_every=1, eval_size=200, train_size=None),
 }

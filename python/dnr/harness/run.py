@@ -59,7 +59,7 @@ def load_trained_model(path: str, device: str = "cpu") -> tuple[torch.nn.Module,
     """Rebuild the model of a checkpoint (training or final) and load its weights and masks."""
     state = load_checkpoint(path)
     try:
-        cfg = TrainConfig(**state["config"]).validate()
+        cfg = TrainConfig.from_saved(state["config"])
     except (TypeError, ConfigError) as err:
         raise CheckpointError(f"checkpoint {state['path']!r} has an invalid config: {err}") from None
     model = build_model_for(cfg)
@@ -168,7 +168,7 @@ def _fit(cfg, out_dir, *, resume, quiet, progress, overrides_on_resume, user_mod
             run_dir = os.path.dirname(os.path.dirname(os.path.abspath(state["path"])))
             saved, where = state["config"], f"checkpoint {state['path']!r}"
         try:
-            cfg = TrainConfig(**{**saved, **(overrides_on_resume or {})}).validate()
+            cfg = TrainConfig.from_saved({**saved, **(overrides_on_resume or {})})
         except (TypeError, ConfigError) as err:
             raise CheckpointError(f"{where} has an invalid config: {err}") from None
     else:

@@ -144,7 +144,8 @@ def train(cfg, ctx, run_dir, state, log, user_model, train_data, test_data, user
         try:
             stats = train_epoch(train_model, loader, optimizer, device=device, lr_scheduler=scheduler,
                                 progress=after_step, totals=run.totals, penalty=method.loss_term,
-                                grad_sync=grad_sync, curriculum=curriculum, **attack)
+                                grad_sync=grad_sync, curriculum=curriculum,
+                                max_grad_norm=cfg.max_grad_norm or None, **attack)  # 0: never clip
         except FloatingPointError as err:
             last = checkpoint_path if os.path.exists(checkpoint_path) else "none written yet"
             raise TrainingDiverged(

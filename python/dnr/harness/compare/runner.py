@@ -22,7 +22,7 @@ from typing import Callable
 from ... import evaluation
 from ...methods import registry
 from ..._files import read_json, sha256_file, write_json
-from ..config import ConfigError, TrainConfig, check_number, require
+from ..config import SAVED_BEFORE_OPTION, ConfigError, TrainConfig, check_number, require
 from ..errors import RunError
 from ..run import CHECKPOINT, RESUME_MUTABLE
 from .report import write_compare_report
@@ -35,9 +35,11 @@ __all__ = ["CELL_FIELDS", "run_compare", "run_cell", "cell_state", "machine_info
 
 
 def _config_defaults() -> dict:
-    """TrainConfig's default value of every option (the options that have one)."""
-    out = {}
+    """The value a saved config without an option ran with: SAVED_BEFORE_OPTION's, else TrainConfig's default."""
+    out = dict(SAVED_BEFORE_OPTION)
     for f in dataclasses.fields(TrainConfig):
+        if f.name in out:
+            continue
         if f.default is not dataclasses.MISSING:
             out[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:
