@@ -18,7 +18,8 @@ MODEL_NAMES = ("small_cnn", "wide_cnn", "vgg16", "resnet18", "vgg_cnn", *RECURRE
 # CNNs (the quick job's setting). A recurrent cell's gates want steps 10x larger: at 0.05 the quick job's LSTM /
 # GRU end 25 clean points below the same runs at 0.5. At 0.5 the block-circulant GRU's gradients explode (its
 # loss climbs from 2.2 to 14 within 40 steps, the gradient norm to 54) unless each step's gradients are
-# clipped to norm 1, which leaves the runs that did not explode where they were (docs/e-rnn/README.md, "The learning rate and gradient clipping").
+# clipped to norm 1, which also lifts the block-circulant LSTM and leaves DNR's runs where they were
+# (docs/e-rnn/README.md, "The learning rate and gradient clipping").
 CNN_LR = 0.05
 RECURRENT_LR = 0.5
 RECURRENT_MAX_GRAD_NORM = 1.0
