@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shutil
+import threading
 import time
 from typing import Callable
 
@@ -112,6 +113,18 @@ def _model_stats(model, cfg: TrainConfig) -> dict:
             stats[key] = rep.flops_dense + circ["flops_dense"]
         stats["flops_effective"] = rep.flops_dense + circ["flops_fft"]
     return stats
+
+
+def exit_with_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:
+    """End this process once the process ``parent_pid`` is gone (the initializer of `dnr compare --jobs N`'s
+    workers). Killing the parent (SIGTERM from ``timeout`` or a job scheduler, SIGKILL) does not stop a process
+    pool's workers: each would go on training its cell for up to hours, unseen. A daemon thread polls the
+    parent's pid; the interrupted cell resumes from its last checkpoint (written atomically) on the next run."""
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(poll_seconds)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="dnr-compare-exit-with-parent").start()
 
 
 def run_cell(task: dict) -> dict:
@@ -258,7 +271,8 @@ def run_compare(spec: dict, out_dir: str, *, jobs: int = 1, threads: int | None 
         import concurrent.futures as cf
         import multiprocessing as mp
         pending = list(tasks)
-        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                    initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
             running: dict = {}
             try:
                 while pending or running:
