@@ -27,8 +27,7 @@ for method, extra in (("dense-at", {}), ("circulant", {"block_size": 8, "density
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
-            params = [p for p in model.parameters() if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
             opt.step()
             if step % 5 == 4:
                 trace.append(f"{step + 1}: {loss.item():.2f} / {norm.item():.3g}")

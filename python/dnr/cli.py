@@ -222,7 +222,8 @@ def _add_explore(sub) -> None:  # E-RNN's design exploration (issue 17)
                     "smallest model that meets the requirement and the epochs saved. One progress line per "
                     "configuration; the rows so far are saved in OUT/explore_partial.json, so an interrupted "
                     "exploration resumes (finished configurations reused) when run again with the same config and "
-                    "--out.\n\nConfig keys (YAML or JSON): requirement (required), cells, hidden_sizes, block_sizes, budget_epochs, check_fraction, "
+                    "--out.\n\nConfig keys (YAML or JSON): requirement (required), cells, hidden_sizes, "
+                    "block_sizes, budget_epochs, check_fraction, "
                     "dataset, data_root, reading (rows / pixels), train_size, test_size, batch_size, lr, seed, title.",
         epilog="example: dnr explore --config docs/e-rnn/explore.yaml --out runs/explore-ernn")
     p.add_argument("--config", required=True, metavar="FILE", help="explore config (YAML needs pyyaml, or JSON)")

@@ -117,8 +117,8 @@ def adversarial_step(
 
 
 def _clip_gradients(model: nn.Module, max_norm: float | None) -> None:
-    if max_norm is not None:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    if max_norm is not None:  # clip_grad_norm_ skips the parameters without a gradient
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 def train_epoch(

@@ -21,7 +21,8 @@ from ..rewiring.schedule import REWIRE_SETTINGS
 from ..models import default_lr, default_max_grad_norm  # the model's, where the options are not given
 from ..evaluation import default_pgd_alpha  # the one rule for the evaluation's PGD step size
 
-__all__ = ["ConfigError", "TrainConfig", "SAVED_BEFORE_OPTION", "PRESETS", "PUBLISHED", "DEFAULT_PRESET", "resolve_config",
+__all__ = ["ConfigError", "TrainConfig", "SAVED_BEFORE_OPTION", "PRESETS", "PUBLISHED", "DEFAULT_PRESET",
+           "resolve_config",
            "validate_options", "require", "coerce_value", "check_number", "check_choice", "check_list", "SEED_RANGE", "load_config_file", "add_config_arguments", "config_overrides_from_args"]
 
 # The compression methods (--method) are those of the dnr.methods registry: methods.available().

@@ -10,6 +10,7 @@ from .resnet import BasicBlock, ResNet, resnet18
 from .small_cnn import SmallCNN, small_cnn, wide_cnn
 from .vgg import VGG, VGG16_CONFIG, VGG_CNN_CONFIG, vgg16, vgg_cnn
 
-__all__ = ["MODEL_NAMES", "build_model", "default_lr", "default_max_grad_norm", "BasicBlock", "ResNet", "resnet18", "SmallCNN", "small_cnn", "wide_cnn",
+__all__ = ["MODEL_NAMES", "build_model", "default_lr", "default_max_grad_norm",
+           "BasicBlock", "ResNet", "resnet18", "SmallCNN", "small_cnn", "wide_cnn",
            "VGG", "VGG16_CONFIG", "vgg16", "VGG_CNN_CONFIG", "vgg_cnn",
            "RECURRENT_MODELS", "SequenceClassifier", "recurrent_classifier"]
