@@ -222,6 +222,51 @@ def test_resume_and_re_evaluation(grid, tmp_path, monkeypatch):
             compare.cell_state(run_dir, cell["config"])
 
 
+def test_an_interrupted_cell_evaluation_continues_after_its_last_batch(grid, tmp_path, monkeypatch):
+    """A cell killed while it is evaluated keeps the batches it finished (robust_eval.partial.pt) and the next
+    run evaluates only the rest, to the result of an uninterrupted evaluation."""
+    import dataclasses
+    from dnr.harness import builders
+    from dnr.harness.compare.runner import EVAL_PROGRESS_FILE
+
+    class Killed(Exception):
+        pass
+
+    real = builders.make_test_loader
+
+    def small_batches(kill_at=None):
+        def make(cfg, *args, **kwargs):  # 16-example batches: 4 of them
+            loader = real(dataclasses.replace(cfg, eval_batch_size=16), *args, **kwargs)
+            if kill_at is None:
+                return loader
+            return (batch if i < kill_at else (_ for _ in ()).throw(Killed()) for i, batch in enumerate(loader))
+        return make
+
+    src = os.path.join(grid[0], "runs", "static-irregular-d0.1-s0")
+    run_dir = str(tmp_path / "runs" / "static-irregular-d0.1-s0")
+    shutil.copytree(src, run_dir)
+    eval_path, progress = os.path.join(run_dir, "robust_eval.json"), os.path.join(run_dir, EVAL_PROGRESS_FILE)
+    spec = compare.validate_compare_spec(dict(SPEC, methods=["static"], seeds=[0]))
+    cell = compare.plan_cells(spec)[0]
+    task = {"key": cell["key"], "run_dir": run_dir, "config": cell["config"], "eval": spec["eval"], "seed": 0,
+            "threads": 1, "worker": False}
+    os.remove(eval_path)
+    monkeypatch.setattr(builders, "make_test_loader", small_batches(kill_at=2))
+    with pytest.raises(Killed):
+        compare.run_cell(task)
+    assert not os.path.exists(eval_path) and os.path.exists(progress)
+    monkeypatch.setattr(builders, "make_test_loader", small_batches())
+    res = compare.run_cell(task)
+    assert res["status"] == "reused" and not res["eval_reused"] and not os.path.exists(progress)
+    resumed = _load(eval_path)["result"]
+    os.remove(eval_path)
+    compare.run_cell(task)  # uninterrupted
+    whole = _load(eval_path)["result"]
+    resumed.pop("seconds"), whole.pop("seconds")
+    assert resumed == whole and resumed["n"] == 64
+
+
+
 @pytest.mark.parametrize("change, words", [
     ({"methods": ["dnr", "magic"]}, ["'methods'", "'magic'", "one of"]),
     ({"methods": []}, ["'methods'", "non-empty"]),

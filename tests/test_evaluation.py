@@ -1,8 +1,10 @@
 """dnr.evaluation: robust_evaluation (clean / FGSM / PGD / AutoAttack / eps sweep + gradient-masking sanity checks),
 autoattack_accuracy and format_sanity, on a tiny linear model trained on a separable 4-class toy problem."""
 
+import copy
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -12,6 +14,8 @@ from torch import nn
 
 from dnr import attacks, evaluation
 from dnr.evaluation import autoattack_accuracy, format_sanity, robust_evaluation
+
+from conftest import DEVICES
 
 K, N, BATCH, EPS = 4, 64, 24, 0.08
 AA_EPS = 0.1
@@ -317,3 +321,113 @@ def test_cli_eval_sanity(tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err
         assert code == 2 and "dnr: error: option --autoattack needs the torchattacks package" in err, err
         assert "pip install torchattacks" in err and err.strip().splitlines()[-1].startswith("dnr: error:")
+
+
+# ------------------------------------------------------------------ resume_file: an interrupted evaluation continues
+
+# PGD with one or two large steps: the random starts decide some examples (seeds 5 and 6 differ), so an equal
+# result after a resume needs the generators' states restored, not only the finished batches' results. At AA_EPS
+# AutoAttack's APGD attacks break every example, so the gradient-free Square attack (~40 s per batch on this CPU)
+# has nothing left to run on: the AutoAttack case checks that its results and subset survive the resume.
+RESUME = dict(eps=AA_EPS, pgd_steps=(1, 2), alpha=AA_EPS / 2, sweep_eps=[AA_EPS / 2, AA_EPS], sweep_steps=1,
+              sweep_examples=40)
+
+
+class _Killed(Exception):
+    pass
+
+
+def _killed_after(loader, batches):
+    """The loader, interrupted (as by a kill) when it is asked for batch number ``batches``."""
+    for i, batch in enumerate(loader):
+        if i == batches:
+            raise _Killed
+        yield batch
+
+
+class _CountingPGD:
+    def __init__(self):
+        self.calls, self.pgd = 0, attacks.pgd
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.pgd(*args, **kwargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("autoattack", [False, True])
+def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_result(trained, data, tmp_path, device, autoattack,
+                                                                      monkeypatch):
+    if autoattack:
+        pytest.importorskip("torchattacks")
+    model = copy.deepcopy(trained).to(device)
+    loader = [(x.to(device), y.to(device)) for x, y in _loader(data, batch=8)]  # 8 batches; killed after 3
+    kwargs = dict(RESUME, autoattack=autoattack, autoattack_examples=40 if autoattack else None, seed=5)
+    counter = _CountingPGD()
+    monkeypatch.setattr(evaluation._attacks, "pgd", counter)
+    whole = robust_evaluation(model, loader, **kwargs)
+    whole_calls, counter.calls = counter.calls, 0
+    assert _strip(robust_evaluation(model, loader, **dict(kwargs, seed=6))) != _strip(whole)  # the starts matter
+    counter.calls = 0
+
+    path = str(tmp_path / "progress.pt")
+    with pytest.raises(_Killed):
+        robust_evaluation(model, _killed_after(loader, 3), resume_file=path, **kwargs)
+    first_calls, counter.calls = counter.calls, 0
+    saved = torch.load(path, weights_only=True)  # a plain tensor file: loads with weights_only
+    assert saved["batches"] == 3 and saved["n"] == 24
+    lines = []
+    resumed = robust_evaluation(model, loader, resume_file=path, progress=lines.append, **kwargs)
+    assert _strip(resumed) == _strip(whole)
+    assert first_calls + counter.calls == whole_calls  # no batch was attacked twice
+    assert "resuming after batch 3 (n=24)" in lines[0] and lines[1].startswith("[dnr.robust_evaluation] batch 4:")
+    assert not os.path.exists(path)  # finished: the progress file is gone
+    # killed after the last batch but before the caller kept the result: nothing is attacked again
+    with pytest.raises(_Killed):
+        robust_evaluation(model, _killed_after(loader + [None], 8), resume_file=path, **kwargs)
+    counter.calls = 0
+    assert _strip(robust_evaluation(model, loader, resume_file=path, **kwargs)) == _strip(whole)
+    assert counter.calls == 0
+
+
+def test_a_progress_file_of_other_settings_or_weights_is_replaced(trained, data, tmp_path):
+    loader = _loader(data, batch=8)
+    path = str(tmp_path / "progress.pt")
+    with pytest.raises(_Killed):
+        robust_evaluation(trained, _killed_after(loader, 3), resume_file=path, **RESUME, seed=5)
+    # other settings: seed 6's evaluation starts over and is seed 6's
+    assert _strip(robust_evaluation(trained, loader, resume_file=path, **RESUME, seed=6)) == \
+        _strip(robust_evaluation(trained, loader, **RESUME, seed=6))
+    # other weights: the same settings on a changed model start over too
+    with pytest.raises(_Killed):
+        robust_evaluation(trained, _killed_after(loader, 3), resume_file=path, **RESUME, seed=5)
+    changed = copy.deepcopy(trained)
+    with torch.no_grad():
+        changed[1].bias[0] += 0.5
+    assert _strip(robust_evaluation(changed, loader, resume_file=path, **RESUME, seed=5)) == \
+        _strip(robust_evaluation(changed, loader, **RESUME, seed=5))
+
+
+def test_a_progress_file_of_other_data_is_a_one_line_error(trained, data, tmp_path):
+    loader = _loader(data, batch=8)
+    path = str(tmp_path / "progress.pt")
+    with pytest.raises(_Killed):
+        robust_evaluation(trained, _killed_after(loader, 3), resume_file=path, **RESUME)
+    x, y = data
+    other = _loader((x.flip(0), y.flip(0)), batch=8)
+    with pytest.raises(ValueError, match=r"^robust_evaluation: resume_file .*progress.pt holds the results of 3 "
+                                         r"batches of other data than this loader's; remove it"):
+        robust_evaluation(trained, other, resume_file=path, **RESUME)
+    with pytest.raises(ValueError, match=r"holds 3 batches but the loader yielded only 2"):
+        robust_evaluation(trained, loader[:2], resume_file=path, **RESUME)
+    assert os.path.exists(path)  # not destroyed by a refused call
+
+
+def test_resume_file_errors_come_before_any_attack(trained, data, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluation._attacks, "pgd", lambda *a, **k: pytest.fail("attacked before the error"))
+    with pytest.raises(ValueError, match=r"resume_file .*no-such-folder.*p.pt: its folder .* does not exist"):
+        robust_evaluation(trained, _loader(data), eps=EPS, resume_file=str(tmp_path / "no-such-folder" / "p.pt"))
+    with pytest.raises(ValueError, match=r"resume_file .* is a folder, expected a file path"):
+        robust_evaluation(trained, _loader(data), eps=EPS, resume_file=str(tmp_path))
+    with pytest.raises(TypeError, match=r"resume_file must be a path or None, got int"):
+        robust_evaluation(trained, _loader(data), eps=EPS, resume_file=3)

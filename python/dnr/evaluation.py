@@ -22,6 +22,7 @@ the model maps ``x`` to logits ``[B, K]`` (normalisation inside the model, as in
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import sys
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from . import attacks as _attacks
+from .eval_progress import EvaluationProgress, state_dict_sha256
 
 __all__ = ["autoattack_accuracy", "apgd_accuracy", "robust_evaluation", "format_sanity", "default_pgd_alpha", "SWEEP_LARGE_EPS"]
 
@@ -364,7 +366,8 @@ def robust_evaluation(model: nn.Module, loader: Iterable, *, eps: float, alpha: 
                       sweep_eps: Optional[Sequence[float]] = None, sweep_steps: int = 20,
                       sweep_examples: Optional[int] = None, seed: int = 0,
                       device: Optional[Union[str, torch.device]] = None, clip: Tuple[float, float] = (0.0, 1.0),
-                      progress: Union[None, bool, Callable[[str], None]] = None) -> Dict[str, object]:
+                      progress: Union[None, bool, Callable[[str], None]] = None,
+                      resume_file: Optional[str] = None) -> Dict[str, object]:
     """Clean / FGSM / PGD (/ AutoAttack) accuracy, an eps sweep and gradient-masking sanity checks.
 
     What is computed (model in eval mode; one pass over ``loader``):
@@ -430,6 +433,11 @@ def robust_evaluation(model: nn.Module, loader: Iterable, *, eps: float, alpha: 
         device: where to run; default the device of the model's parameters.
         clip: valid pixel range ``(lo, hi)``.
         progress: ``True`` prints a line per batch to stderr; a callable receives that line.
+        resume_file: a file in which the evaluation saves its progress after every batch (atomically); a
+            later call with the same settings and the same weights skips the batches it holds and returns
+            what an uninterrupted call would (:mod:`dnr.eval_progress` says why that is exact). A file
+            written for other settings or weights is replaced; one written for other data is a
+            ValueError. Removed when the evaluation finishes. ``None`` (default): nothing is saved.
 
     Returns:
         A JSON-serialisable dict: ``n`` (examples), ``eps``, ``clean``, ``fgsm`` (or ``None``),
@@ -488,10 +496,25 @@ def robust_evaluation(model: nn.Module, loader: Iterable, *, eps: float, alpha: 
     elif callable(progress):
         say = progress
 
-    n = 0
     kmax = steps_list[-1]
+    # everything the per-example results depend on besides the data (which is hashed batch by batch)
+    fingerprint = json.dumps({
+        "eps": eps, "alphas": {str(k): a for k, a in alphas.items()}, "restarts": restarts, "fgsm": fgsm,
+        "autoattack": autoattack, "autoattack_examples": autoattack_examples, "sweep": sweep,
+        "sweep_steps": sweep_steps, "sweep_examples": sweep_examples, "seed": seed, "clip": [lo, hi],
+        "device": dev.type, "weights": state_dict_sha256(model) if resume_file is not None else None})
+    saved = EvaluationProgress(fn, resume_file, fingerprint,
+                               {**{f"pgd{k}": g for k, g in gens.items()},
+                                **{f"sweep{i}": sweep_gens[e] for i, e in enumerate(sweep or [])}})
+    parts.update(saved.parts)
+    n = saved.n
+    if saved.done and say is not None:
+        say(f"[dnr.robust_evaluation] resuming after batch {saved.done} (n={n}) from {resume_file}")
     with _attacks.attack_mode(model, "eval"):
         for bi, (x, y) in enumerate(_batches(fn, loader, dev)):
+            if bi < saved.done:  # evaluated before the interruption
+                saved.skip(x, y)
+                continue
             b = int(y.shape[0])
             parts["clean"].append(_correct(model, x, y))
             if fgsm:
@@ -521,6 +544,8 @@ def robust_evaluation(model: nn.Module, loader: Iterable, *, eps: float, alpha: 
                 if parts["aa"]:
                     line += f" autoattack {acc('aa'):.4f}"
                 say(line)
+            saved.save(x, y, parts, n)
+    saved.finish_skipping()
     if n == 0:
         raise ValueError(f"{fn}: loader yielded no examples")
 
@@ -545,6 +570,7 @@ def robust_evaluation(model: nn.Module, loader: Iterable, *, eps: float, alpha: 
         res["sweep"].append({"eps": e, "acc": float(c.float().mean()), "n": int(c.numel())})
     res["sanity"] = _sanity_checks(res)
     res["seconds"] = time.perf_counter() - t0
+    saved.remove()
     return res
 
 

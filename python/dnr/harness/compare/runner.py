@@ -3,7 +3,8 @@ own evaluation settings, then write the report.
 
 Reuse: a run directory with summary.json whose config.json equals the cell's config is not retrained; one
 with a checkpoint but no summary is resumed; robust_eval.json is reused only when its evaluation settings
-(including the SHA-256 of model.pt) equal the cell's current ones. A run directory whose config differs
+(including the SHA-256 of model.pt) equal the cell's current ones, and an interrupted evaluation continues
+after its last finished batch (``robust_eval.partial.pt``, ``robust_evaluation``'s ``resume_file``). A run directory whose config differs
 from the cell's is an error (nothing is overwritten), and so is a finished run trained under an older
 revision of its method's defaults (``CompressionMethod.defaults_revision``): same config, other behaviour.
 """
@@ -29,10 +30,13 @@ from ..run import CHECKPOINT, RESUME_MUTABLE
 from .report import write_compare_report
 from .spec import CompareSpec, evaluation_settings
 
+# robust_evaluation's progress in a cell's run directory while it is evaluated (removed when it finishes)
+EVAL_PROGRESS_FILE = "robust_eval.partial.pt"
+
 # what compare_spec.json records about each cell (the report reads it back)
 CELL_FIELDS = ("key", "model_name", "method", "mode", "target_density", "seed", "grids", "eval", "run_dir", "config")
 
-__all__ = ["CELL_FIELDS", "run_compare", "run_cell", "cell_state", "machine_info"]
+__all__ = ["CELL_FIELDS", "EVAL_PROGRESS_FILE", "run_compare", "run_cell", "cell_state", "machine_info"]
 
 
 def _config_defaults() -> dict:
@@ -182,7 +186,7 @@ def run_cell(task: dict) -> dict:
                 restarts=ev["restarts"], fgsm=ev["fgsm"], autoattack=ev["autoattack"],
                 autoattack_examples=ev["autoattack_examples"], sweep_eps=list(ev["sweep_eps"]) or None,
                 sweep_steps=ev["sweep_steps"], sweep_examples=ev["sweep_examples"], seed=task["seed"],
-                device=device)
+                device=device, resume_file=os.path.join(run_dir, EVAL_PROGRESS_FILE))
         except ImportError as err:
             if not ev["autoattack"]:
                 raise
