@@ -26,6 +26,7 @@ def _run(args, tmp_path):
 @pytest.mark.parametrize("script, extra", [
     ("channel_zero_outgoing.py", ["--mode", "channel", "--density", "0.25", "--rewire-every", "2"]),
     ("dense_start_oneshot.py", ["--density", "0.1"]),
+    ("regrowth_init.py", ["--density", "0.1", "--rewire-every", "2", "--sparsify-until", "0"]),
 ])
 def test_screening_script_trains(script, extra, tmp_path):
     out = tmp_path / "run"
