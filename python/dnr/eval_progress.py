@@ -54,8 +54,8 @@ def _chain(digest: str, x: Tensor, y: Tensor) -> str:
 
 
 class EvaluationProgress:
-    """Progress of one evaluation, kept in ``path`` (``None``: kept nowhere, every method a no-op but the
-    bookkeeping).
+    """Progress of one evaluation, kept in ``path`` (``None``: kept nowhere; :meth:`save` and :meth:`remove`
+    do nothing, and nothing is hashed).
 
     Args:
         fn: the calling function's name, for error messages.
@@ -117,10 +117,10 @@ class EvaluationProgress:
 
     def save(self, x: Tensor, y: Tensor, parts: Dict[str, List[Tensor]], n: int) -> None:
         """Record one more evaluated batch ``(x, y)``; ``parts`` and ``n`` include it."""
+        if self.path is None:  # nothing kept: no hashing (for CUDA inputs, no copy to the host per batch)
+            return
         self._digest = _chain(self._digest, x, y)
         self._batches += 1
-        if self.path is None:
-            return
         state = {"format": FORMAT, "fingerprint": self.fingerprint, "batches": self._batches, "n": n,
                  "data_sha256": self._digest,
                  "parts": {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool) for k, v in parts.items()},
