@@ -26,6 +26,7 @@ import sys
 import torch
 from torch import nn
 
+import dnr
 import dnr.methods.dnr as dnr_method
 import dnr.rewiring.controller as controller
 from dnr.cli import main
@@ -59,7 +60,6 @@ class RandomRegrowthInit(controller.DNR):
 
     def rewire(self):
         if BN_LOG and self.probe is None:
-            import dnr
             device = next(self.model.parameters()).device
             self.probe = dnr.data.fashion_mnist("test").tensors[0][:256].to(device)
         means_before = norm_input_means(self.model, self.probe) if BN_LOG else None

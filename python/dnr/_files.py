@@ -11,9 +11,11 @@ import json
 import os
 import tempfile
 import zipfile
-from typing import IO, Iterable, Iterator
+from typing import IO, Iterable, Iterator, Mapping
 
-__all__ = ["atomic_path", "atomic_open", "sha256_file", "FileWriteError", "OutputRefused", "DamagedFileError",
+import torch
+
+__all__ = ["atomic_path", "atomic_open", "sha256_file", "tensor_bytes", "tensors_sha256", "FileWriteError", "OutputRefused", "DamagedFileError",
            "check_output_file", "check_output_dir", "protected_reason", "is_dnr_checkpoint", "read_json",
            "write_json", "read_jsonl", "RUN_FILES"]
 
@@ -284,4 +286,21 @@ def sha256_file(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+    return h.hexdigest()
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's elements as raw bytes, in row-major order (copied to the host; any dtype, 0-d included)."""
+    t = t.detach().cpu().contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Hex SHA-256 over named tensors in sorted name order: each name, then its :func:`tensor_bytes`.
+
+    The digest the dnr-sparse export format stores (dnr.export.sparse_format): its formula must not change."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        h.update(key.encode())
+        h.update(tensor_bytes(tensors[key]))
     return h.hexdigest()

@@ -11,7 +11,7 @@ generator, whose state is saved; torchattacks' AutoAttack seeds its sub-attacks 
 batch's AutoAttack result does not depend on the batches before it.
 
 What identifies a file: the evaluation's settings (a JSON string the caller builds) and a SHA-256 of
-the model's state dict. A file written for other settings or other weights is stale and is replaced.
+the model's state dict (``dnr._files.tensors_sha256``). A file written for other settings or other weights is stale and is replaced.
 The data cannot be identified up front (a loader is read once), so the file also holds a hash chained
 over the batches it covers; when the skipped batches do not hash to it, the data changed and the call
 fails with a one-line error instead of mixing two test sets.
@@ -24,32 +24,21 @@ import os
 from typing import Dict, List, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ._files import atomic_path
+from ._files import atomic_path, tensor_bytes
 
-__all__ = ["EvaluationProgress", "state_dict_sha256"]
+__all__ = ["EvaluationProgress"]
 
 FORMAT = 1
 
 
-def state_dict_sha256(model: nn.Module) -> str:
-    """SHA-256 over the model's state dict (names, dtypes, shapes and bytes, in the dict's order)."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def _chain(digest: str, x: Tensor, y: Tensor) -> str:
-    """The data hash after one more batch: sha256(previous digest, x bytes, y bytes)."""
+    """The data hash after one more batch: sha256(previous digest, x and y with their dtypes and shapes)."""
     h = hashlib.sha256(digest.encode())
     for t in (x, y):
-        t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(tensor_bytes(t))
     return h.hexdigest()
 
 
@@ -74,7 +63,6 @@ class EvaluationProgress:
         self._batches = 0  # batches covered so far: skipped ones, then evaluated ones
         self._digest = ""  # the data hash over the batches seen so far
         self._saved_digest = ""
-        self._skipped = 0
         if path is None:
             return
         if not isinstance(path, (str, os.PathLike)):
@@ -103,17 +91,16 @@ class EvaluationProgress:
         """Account for one of the ``done`` batches (not evaluated again); after the last one, check that they
         are the batches the file was written for."""
         self._digest = _chain(self._digest, x, y)
-        self._skipped += 1
         self._batches += 1
-        if self._skipped == self.done and self._digest != self._saved_digest:
+        if self._batches == self.done and self._digest != self._saved_digest:
             raise ValueError(f"{self.fn}: resume_file {self.path} holds the results of {self.done} batches of other "
                              f"data than this loader's; remove it (or pass another resume_file) to start over")
 
     def finish_skipping(self) -> None:
         """Called when the loader is exhausted: it must have covered the batches the file holds."""
-        if self._skipped < self.done:
+        if self._batches < self.done:  # nothing is evaluated (nor counted) before the skipping is over
             raise ValueError(f"{self.fn}: resume_file {self.path} holds {self.done} batches but the loader yielded "
-                             f"only {self._skipped}; remove it (or pass another resume_file) to start over")
+                             f"only {self._batches}; remove it (or pass another resume_file) to start over")
 
     def save(self, x: Tensor, y: Tensor, parts: Dict[str, List[Tensor]], n: int) -> None:
         """Record one more evaluated batch ``(x, y)``; ``parts`` and ``n`` include it."""

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from . import attacks as _attacks
-from .eval_progress import EvaluationProgress, state_dict_sha256
+from ._files import tensors_sha256
+from .eval_progress import EvaluationProgress
 
 __all__ = ["autoattack_accuracy", "apgd_accuracy", "robust_evaluation", "format_sanity", "default_pgd_alpha", "SWEEP_LARGE_EPS"]
 
@@ -502,7 +503,7 @@ def robust_evaluation(model: nn.Module, loader: Iterable, *, eps: float, alpha: 
         "eps": eps, "alphas": {str(k): a for k, a in alphas.items()}, "restarts": restarts, "fgsm": fgsm,
         "autoattack": autoattack, "autoattack_examples": autoattack_examples, "sweep": sweep,
         "sweep_steps": sweep_steps, "sweep_examples": sweep_examples, "seed": seed, "clip": [lo, hi],
-        "device": dev.type, "weights": state_dict_sha256(model) if resume_file is not None else None})
+        "device": dev.type, "weights": tensors_sha256(model.state_dict()) if resume_file is not None else None})
     saved = EvaluationProgress(fn, resume_file, fingerprint,
                                {**{f"pgd{k}": g for k, g in gens.items()},
                                 **{f"sweep{i}": sweep_gens[e] for i, e in enumerate(sweep or [])}})

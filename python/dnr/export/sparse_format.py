@@ -24,16 +24,14 @@ safetensors header (8 bytes + JSON).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
-from typing import Mapping
 
 import torch
 from torch import nn
 
-from .._files import atomic_path
+from .._files import atomic_path, tensors_sha256
 from ..nn.masked import MaskedLayer
 from ._optional import require
 
@@ -170,15 +168,6 @@ def _unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return bits.reshape(-1)[:n].bool()
 
 
-def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].contiguous()
-        h.update(key.encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def save_sparse(model: nn.Module, path: str | os.PathLike, *, dtype=None, metadata: dict | None = None) -> SparseLayout:
     """Write ``model``'s state in the compressed ``dnr-sparse`` format (see the module docstring).
 
@@ -212,7 +201,7 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, dtype=None, metada
         layout[key] = entry
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.update({"format": FORMAT, "version": str(VERSION), "architecture": type(model).__name__,
-                 "layout": json.dumps(layout, separators=(",", ":")), "sha256": _digest(tensors)})
+                 "layout": json.dumps(layout, separators=(",", ":")), "sha256": tensors_sha256(tensors)})
     with atomic_path(path) as tmp:
         st.save_file(tensors, tmp, metadata=meta)
     return sparse_layout(model, dtype)
@@ -239,7 +228,7 @@ def read_sparse(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
         raise SparseFormatError(f"{path!r} is not a {FORMAT} file (format={meta.get('format')!r})")
     if meta.get("version") != str(VERSION):
         raise SparseFormatError(f"{path!r} has {FORMAT} version {meta.get('version')!r}; this dnr reads {VERSION}")
-    if _digest(stored) != meta.get("sha256"):
+    if tensors_sha256(stored) != meta.get("sha256"):
         raise SparseFormatError(f"{path!r} is corrupt: the SHA-256 of its tensors does not match its header")
     try:
         layout = json.loads(meta["layout"])

@@ -4,9 +4,10 @@ own evaluation settings, then write the report.
 Reuse: a run directory with summary.json whose config.json equals the cell's config is not retrained; one
 with a checkpoint but no summary is resumed; robust_eval.json is reused only when its evaluation settings
 (including the SHA-256 of model.pt) equal the cell's current ones, and an interrupted evaluation continues
-after its last finished batch (``robust_eval.partial.pt``, ``robust_evaluation``'s ``resume_file``). A run directory whose config differs
-from the cell's is an error (nothing is overwritten), and so is a finished run trained under an older
-revision of its method's defaults (``CompressionMethod.defaults_revision``): same config, other behaviour.
+after its last finished batch (``robust_eval.partial.pt``, ``robust_evaluation``'s ``resume_file``). A run
+directory whose config differs from the cell's is an error (nothing is overwritten), and so is a finished run
+trained under an older revision of its method's defaults (``CompressionMethod.defaults_revision``): same
+config, other behaviour.
 """
 
 from __future__ import annotations
