@@ -101,10 +101,37 @@ def test_bad_configs_are_one_line_errors(tmp_path):
         ExploreSpec(**dict(SPEC, budget_epochs=1)).validate()
     with pytest.raises(ConfigError, match="cells"):
         ExploreSpec(**dict(SPEC, cells=["rnn"])).validate()
+    with pytest.raises(ConfigError, match="'lr'"):
+        ExploreSpec(**dict(SPEC, lr=0.0)).validate()
+    with pytest.raises(ConfigError, match="'max_grad_norm'"):
+        ExploreSpec(**dict(SPEC, max_grad_norm=-1.0)).validate()
     cfg = tmp_path / "x.json"
     cfg.write_text(json.dumps({"cells": ["gru"], "requirment": 0.5}))
     assert cli.main(["explore", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
     assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize("settings, lr, bound", [
+    ({}, 0.5, 1.0),                                # dnr train's recurrent defaults (README: lr 0.5, norm 1)
+    ({"lr": 0.05, "max_grad_norm": 0.0}, 0.05, None),  # the config's own; 0 never clips
+    ({"max_grad_norm": 3.0}, 0.5, 3.0)])
+def test_the_real_trial_trains_at_the_recurrent_defaults_unless_told(monkeypatch, settings, lr, bound):
+    """Every SGD the trial builds gets ``lr``, and every step clips to ``bound`` (2 epochs x 2 steps), or none."""
+    import torch
+    from dnr.explore import RecurrentTrial
+    real_sgd, real_clip = torch.optim.SGD, torch.nn.utils.clip_grad_norm_
+    lrs, bounds = [], []
+    monkeypatch.setattr(torch.optim, "SGD", lambda params, lr, **kw: lrs.append(lr) or real_sgd(params, lr=lr, **kw))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: bounds.append(max_norm) or real_clip(params, max_norm))
+    spec = ExploreSpec(requirement=0.5, cells=["gru", "lstm"], hidden_sizes=[8], block_sizes=[4], budget_epochs=2,
+                       train_size=64, test_size=32, batch_size=32, **settings).validate()
+    trial = RecurrentTrial(spec)
+    for cell in ("gru", "lstm"):
+        accs = list(trial({"cell": cell, "hidden_size": 8, "block_size": 4}))
+        assert len(accs) == 2
+    assert lrs == [lr, lr]
+    assert bounds == ([] if bound is None else [bound] * 8)
 
 
 def test_writes_json_markdown_plot_and_refuses_to_overwrite(tmp_path):

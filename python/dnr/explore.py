@@ -2,7 +2,9 @@
 
 Every configuration of the grid (a recurrent classifier of ``dnr.models.recurrent``: cell "lstm" / "gru",
 hidden size, block size k; k = 1 is the dense model) is trained under the same short budget of ``budget_epochs``
-epochs (clean training, SGD with a cosine schedule) and its test accuracy is measured after every epoch.
+epochs (clean training, SGD with a cosine schedule, at the recurrent models' default learning rate and gradient
+clipping of ``dnr train`` unless the config sets ``lr`` / ``max_grad_norm``) and its test accuracy is measured
+after every epoch.
 
 Early stopping (the rule): from epoch ``check_epoch = max(2, ceil(check_fraction * budget_epochs))`` on, after
 epoch e a configuration is stopped when even an optimistic extrapolation of its learning curve misses the
@@ -37,6 +39,7 @@ from torch import nn
 from ._files import check_output_dir, read_json, write_json
 from .harness.config import ConfigError, check_choice, check_list, check_number, load_config_file, require
 from .data import DATASET_NAMES
+from .models import default_lr, default_max_grad_norm
 from .models.recurrent import CELLS, READINGS, SequenceClassifier
 from .nn.block_circulant import BlockCirculantLinear, fft_flops
 
@@ -60,13 +63,21 @@ class ExploreSpec:
     train_size: int | None = 2000
     test_size: int | None = 500
     batch_size: int = 64
-    lr: float = 0.05
+    lr: float | None = None                  # None: the cell's dnr.models.default_lr, as dnr train (0.5)
+    max_grad_norm: float | None = None       # None: the cell's default_max_grad_norm (1); 0: never clip
     seed: int = 0
     title: str = "E-RNN design exploration"
 
     @property
     def check_epoch(self) -> int:
         return max(2, math.ceil(self.check_fraction * self.budget_epochs))
+
+    def optimizer_settings(self, cell: str) -> tuple[float, float]:
+        """(learning rate, gradient-norm bound; 0 = no clipping) of a ``cell`` configuration: the config's, else
+        what ``dnr train`` uses for that cell's models (the recurrent presets share one default)."""
+        lr = default_lr(cell) if self.lr is None else self.lr
+        bound = default_max_grad_norm(cell) if self.max_grad_norm is None else self.max_grad_norm
+        return lr, bound
 
     def configurations(self) -> list[dict]:
         return [{"cell": c, "hidden_size": h, "block_size": k}
@@ -85,7 +96,10 @@ class ExploreSpec:
         check_choice(key("reading"), self.reading, READINGS)
         check_choice(key("dataset"), self.dataset, DATASET_NAMES)
         check_number(key("batch_size"), self.batch_size, int, lo=1)
-        check_number(key("lr"), self.lr, float, lo=0.0, lo_open=True)
+        if self.lr is not None:
+            check_number(key("lr"), self.lr, float, lo=0.0, lo_open=True)
+        if self.max_grad_norm is not None:
+            check_number(key("max_grad_norm"), self.max_grad_norm, float, lo=0.0)
         for name in ("train_size", "test_size"):
             if getattr(self, name) is not None:
                 check_number(key(name), getattr(self, name), int, lo=1)
@@ -177,7 +191,8 @@ def summarise(spec: ExploreSpec, rows: list[dict]) -> dict:
             "pareto_flops": [r["name"] for r in pareto_front(finished, "flops")],
             "smallest": meeting[0]["name"] if meeting else None,
             "stopped": sum(r["stopped"] for r in rows), "epochs_saved": saved,
-            "epochs_total": spec.budget_epochs * len(rows)}
+            "epochs_total": spec.budget_epochs * len(rows),
+            "optimizer": {cell: spec.optimizer_settings(cell) for cell in spec.cells}}  # resolved: lr, clip bound
 
 
 # ---------------------------------------------------------------------------------------- the real trial
@@ -197,7 +212,8 @@ def sequence_flops(model: SequenceClassifier) -> int:
 class RecurrentTrial:
     """The default ``trial`` of :func:`explore`: builds the configuration's classifier (block-circulant
     projections from the start, head dense) and yields its test accuracy after every epoch of clean SGD training
-    (momentum 0.9, cosine over the budget; the same seed, data order and initialisation stream for every config)."""
+    (momentum 0.9, cosine over the budget, ``spec.optimizer_settings``; the same seed, data order and
+    initialisation stream for every config)."""
 
     def __init__(self, spec: ExploreSpec):
         from .data import build_dataset, dataset_info
@@ -227,8 +243,10 @@ class RecurrentTrial:
         return ds.images[:n].float().div_(255), ds.labels[:n]
 
     def __call__(self, config: dict) -> Iterator[float]:
+        lr, max_grad_norm = self.spec.optimizer_settings(config["cell"])
         return train_curve(self.build_seeded(config), *self._tensors(self.train_set, self.spec.train_size),
-                           *self._tensors(self.test_set, self.spec.test_size), self.spec)
+                           *self._tensors(self.test_set, self.spec.test_size), self.spec, lr=lr,
+                           max_grad_norm=max_grad_norm)
 
     def build_seeded(self, config: dict) -> SequenceClassifier:
         torch.manual_seed(self.spec.seed)
@@ -236,11 +254,12 @@ class RecurrentTrial:
 
 
 def train_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-                spec: ExploreSpec) -> Iterator[float]:
+                spec: ExploreSpec, *, lr: float, max_grad_norm: float = 0.0) -> Iterator[float]:
     """Yield the test accuracy after each of ``spec.budget_epochs`` epochs of clean SGD training of ``model``
-    (x [N, C, S, S] in [0, 1], y [N]); the caller stops consuming to stop training."""
+    (x [N, C, S, S] in [0, 1], y [N]) at peak learning rate ``lr``, each step's gradients clipped to global norm
+    ``max_grad_norm`` (0: not clipped); the caller stops consuming to stop training."""
     steps_per_epoch = max(1, x.shape[0] // spec.batch_size)
-    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9, nesterov=True)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, spec.budget_epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(spec.seed)
     for _ in range(spec.budget_epochs):
@@ -251,6 +270,8 @@ def train_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_test: torc
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if max_grad_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             opt.step()
             sched.step()
         model.eval()
@@ -270,6 +291,9 @@ def write_markdown(result: dict, path: str) -> None:
              f"**Smallest model meeting the requirement:** {result['smallest'] or 'none'}", "",
              f"Early stopping: {result['stopped']} of {len(result['rows'])} configurations stopped; "
              f"{result['epochs_saved']} of {result['epochs_total']} training epochs saved.", "",
+             "Training (clean SGD, momentum 0.9, cosine): " + "; ".join(
+                 f"{cell} lr {lr:g}, gradients clipped to norm {bound:g}" if bound else f"{cell} lr {lr:g}, no clipping"
+                 for cell, (lr, bound) in result["optimizer"].items()) + ".", "",
              "| configuration | params | FLOPs / sequence | accuracy | epochs | stopped | bound | Pareto (params / FLOPs) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: r["params"]):
