@@ -105,25 +105,33 @@ def test_bad_configs_are_one_line_errors(tmp_path):
         ExploreSpec(**dict(SPEC, lr=0.0)).validate()
     with pytest.raises(ConfigError, match="'max_grad_norm'"):
         ExploreSpec(**dict(SPEC, max_grad_norm=-1.0)).validate()
+    with pytest.raises(ConfigError, match="'circulant_gradient'"):
+        ExploreSpec(**dict(SPEC, circulant_gradient="median")).validate()
     cfg = tmp_path / "x.json"
     cfg.write_text(json.dumps({"cells": ["gru"], "requirment": 0.5}))
     assert cli.main(["explore", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
     assert not os.path.exists(tmp_path / "o")
 
 
-@pytest.mark.parametrize("settings, lr, bound", [
-    ({}, 0.5, 1.0),                                # dnr train's recurrent defaults (README: lr 0.5, norm 1)
-    ({"lr": 0.05, "max_grad_norm": 0.0}, 0.05, None),  # the config's own; 0 never clips
-    ({"max_grad_norm": 3.0}, 0.5, 3.0)])
-def test_the_real_trial_trains_at_the_recurrent_defaults_unless_told(monkeypatch, settings, lr, bound):
-    """Every SGD the trial builds gets ``lr``, and every step clips to ``bound`` (2 epochs x 2 steps), or none."""
+@pytest.mark.parametrize("settings, lr, bound, averaged", [
+    ({}, 0.5, 1.0, True),     # dnr train's recurrent defaults (README: lr 0.5, norm 1) and the "mean" rule
+    ({"lr": 0.05, "max_grad_norm": 0.0, "circulant_gradient": "sum"}, 0.05, None, False),  # 0 never clips
+    ({"max_grad_norm": 3.0}, 0.5, 3.0, True)])
+def test_the_real_trial_trains_at_the_recurrent_defaults_unless_told(monkeypatch, settings, lr, bound, averaged):
+    """Every SGD the trial builds gets ``lr``, and every step (2 epochs x 2 steps x 2 cells) clips to ``bound``
+    (or not at all) and then averages the block-circulant vectors' gradients (or not)."""
     import torch
+    import dnr.explore
     from dnr.explore import RecurrentTrial
     real_sgd, real_clip = torch.optim.SGD, torch.nn.utils.clip_grad_norm_
-    lrs, bounds = [], []
+    real_average = dnr.explore.average_circulant_gradients
+    lrs, bounds, calls = [], [], []
     monkeypatch.setattr(torch.optim, "SGD", lambda params, lr, **kw: lrs.append(lr) or real_sgd(params, lr=lr, **kw))
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
-                        lambda params, max_norm: bounds.append(max_norm) or real_clip(params, max_norm))
+                        lambda params, max_norm: calls.append("clip") or bounds.append(max_norm)
+                        or real_clip(params, max_norm))
+    monkeypatch.setattr(dnr.explore, "average_circulant_gradients",
+                        lambda model: calls.append("average") or real_average(model))
     spec = ExploreSpec(requirement=0.5, cells=["gru", "lstm"], hidden_sizes=[8], block_sizes=[4], budget_epochs=2,
                        train_size=64, test_size=32, batch_size=32, **settings).validate()
     trial = RecurrentTrial(spec)
@@ -132,6 +140,8 @@ def test_the_real_trial_trains_at_the_recurrent_defaults_unless_told(monkeypatch
         assert len(accs) == 2
     assert lrs == [lr, lr]
     assert bounds == ([] if bound is None else [bound] * 8)
+    step = (["clip"] if bound is not None else []) + (["average"] if averaged else [])
+    assert calls == step * 8
 
 
 def test_writes_json_markdown_plot_and_refuses_to_overwrite(tmp_path):

@@ -3,8 +3,9 @@
 Every configuration of the grid (a recurrent classifier of ``dnr.models.recurrent``: cell "lstm" / "gru",
 hidden size, block size k; k = 1 is the dense model) is trained under the same short budget of ``budget_epochs``
 epochs (clean training, SGD with a cosine schedule, at the recurrent models' default learning rate and gradient
-clipping of ``dnr train`` unless the config sets ``lr`` / ``max_grad_norm``) and its test accuracy is measured
-after every epoch.
+clipping of ``dnr train`` unless the config sets ``lr`` / ``max_grad_norm``, and the block-circulant vectors'
+"mean" gradient rule of the circulant methods unless ``circulant_gradient`` is "sum") and its test accuracy is
+measured after every epoch.
 
 Early stopping (the rule): from epoch ``check_epoch = max(2, ceil(check_fraction * budget_epochs))`` on, after
 epoch e a configuration is stopped when even an optimistic extrapolation of its learning curve misses the
@@ -41,7 +42,7 @@ from .harness.config import ConfigError, check_choice, check_list, check_number,
 from .data import DATASET_NAMES
 from .models import default_lr, default_max_grad_norm
 from .models.recurrent import CELLS, READINGS, SequenceClassifier
-from .nn.block_circulant import BlockCirculantLinear, fft_flops
+from .nn.block_circulant import CIRCULANT_GRADIENTS, BlockCirculantLinear, average_circulant_gradients, fft_flops
 
 __all__ = ["ExploreSpec", "explore", "config_name", "stop_bound", "pareto_front", "sequence_flops", "train_curve",
            "run_explore", "load_explore_spec"]
@@ -65,6 +66,7 @@ class ExploreSpec:
     batch_size: int = 64
     lr: float | None = None                  # None: the cell's dnr.models.default_lr, as dnr train (0.5)
     max_grad_norm: float | None = None       # None: the cell's default_max_grad_norm (1); 0: never clip
+    circulant_gradient: str = "mean"         # the vectors' gradient rule, as the circulant methods' (mean / sum)
     seed: int = 0
     title: str = "E-RNN design exploration"
 
@@ -94,6 +96,7 @@ class ExploreSpec:
         check_number(key("budget_epochs"), self.budget_epochs, int, lo=2)
         check_number(key("check_fraction"), self.check_fraction, float, lo=0.0, hi=1.0, lo_open=True)
         check_choice(key("reading"), self.reading, READINGS)
+        check_choice(key("circulant_gradient"), self.circulant_gradient, CIRCULANT_GRADIENTS)
         check_choice(key("dataset"), self.dataset, DATASET_NAMES)
         check_number(key("batch_size"), self.batch_size, int, lo=1)
         if self.lr is not None:
@@ -257,7 +260,9 @@ def train_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_test: torc
                 spec: ExploreSpec, *, lr: float, max_grad_norm: float = 0.0) -> Iterator[float]:
     """Yield the test accuracy after each of ``spec.budget_epochs`` epochs of clean SGD training of ``model``
     (x [N, C, S, S] in [0, 1], y [N]) at peak learning rate ``lr``, each step's gradients clipped to global norm
-    ``max_grad_norm`` (0: not clipped); the caller stops consuming to stop training."""
+    ``max_grad_norm`` (0: not clipped) and the block-circulant vectors' gradients averaged when
+    ``spec.circulant_gradient`` is "mean" (:func:`dnr.nn.block_circulant.average_circulant_gradients`); the
+    caller stops consuming to stop training."""
     steps_per_epoch = max(1, x.shape[0] // spec.batch_size)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, spec.budget_epochs * steps_per_epoch)
@@ -272,6 +277,8 @@ def train_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_test: torc
             loss.backward()
             if max_grad_norm > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            if spec.circulant_gradient == "mean":  # after clipping, as the circulant methods' step pre-hook
+                average_circulant_gradients(model)
             opt.step()
             sched.step()
         model.eval()
@@ -293,7 +300,8 @@ def write_markdown(result: dict, path: str) -> None:
              f"{result['epochs_saved']} of {result['epochs_total']} training epochs saved.", "",
              "Training (clean SGD, momentum 0.9, cosine): " + "; ".join(
                  f"{cell} lr {lr:g}, gradients clipped to norm {bound:g}" if bound else f"{cell} lr {lr:g}, no clipping"
-                 for cell, (lr, bound) in result["optimizer"].items()) + ".", "",
+                 for cell, (lr, bound) in result["optimizer"].items())
+             + f"; block-circulant vectors' gradient rule: {spec['circulant_gradient']}.", "",
              "| configuration | params | FLOPs / sequence | accuracy | epochs | stopped | bound | Pareto (params / FLOPs) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: r["params"]):

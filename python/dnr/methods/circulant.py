@@ -2,8 +2,17 @@
 
 The second compression family next to pruning: the model is converted once by ``dnr.circulant`` (the
 block size is ``cfg.block_size``) and then trained with the run's attack, hybrid loss and schedule like any
-other method. The structure is fixed and regular, so nothing happens after steps or at epoch ends; the
-stored vectors are the trained parameters, so checkpoints hold only them (about k times fewer weights).
+other method. The structure is fixed and regular, so nothing happens at epoch ends; the stored vectors are the
+trained parameters, so checkpoints hold only them (about k times fewer weights).
+
+The vectors' gradient (method option ``gradient``, ``--method-options gradient=sum|mean``): ``sum`` (the
+default) is autograd's gradient, as CirCNN and E-RNN train: each vector entry stands for k entries of the
+dense-equivalent weight, so SGD moves that weight about k times as far per unit of learning rate as it moves a
+dense one. ``mean`` divides by k (:func:`dnr.nn.block_circulant.average_circulant_gradients`, an optimizer step
+pre-hook, after gradient clipping), which makes SGD on the vectors projected SGD on the dense-equivalent weight.
+Measured (docs/e-rnn/README.md, "The vectors' gradient rule"): ``mean`` wins in longer clean runs of the
+recurrent models at their lr 0.5 (dnr explore), ``sum`` in the short adversarial quick jobs of the CNN and GRU,
+so the default stays autograd's.
 """
 
 from __future__ import annotations
@@ -11,7 +20,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..nn import density_report
-from ..nn.block_circulant import circulant, circulant_layers, circulant_report
+from ..nn.block_circulant import (CIRCULANT_GRADIENTS, average_circulant_gradients, circulant, circulant_layers,
+                                  circulant_report)
 from .base import CompressionMethod
 from .registry import register
 
@@ -28,12 +38,26 @@ class BlockCirculant(CompressionMethod):
     # its models have no masks: the sparse file format has nothing to store; compact = the vectors themselves
     export_formats = ("compact", "onnx")
     density_axis = True  # dnr compare: one cell per density, at block size round(1 / density)
+    options = {"gradient": "sum"}  # the vectors' gradient rule (module docstring): autograd's, or "mean"
 
     @classmethod
     def check_config(cls, cfg) -> str | None:
         if cfg.eps == 0:
             return "option --eps: got 0, but --method circulant trains adversarially (eps > 0)"
+        rule = cfg.method_settings["gradient"]
+        if rule not in CIRCULANT_GRADIENTS:
+            return (f"option --method-options gradient: got {rule!r}, expected one of "
+                    f"{', '.join(CIRCULANT_GRADIENTS)}")
         return None
+
+    def attach(self, model: nn.Module, optimizer, *, total_steps: int, steps_per_epoch: int) -> None:
+        super().attach(model, optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+        if self.option("gradient") == "mean":
+            # inside optimizer.step(): after the harness's gradient clipping and any data-parallel averaging;
+            # layers converted later (admm-circulant's projection) are found at their first step
+            def average(optimizer, args, kwargs) -> None:  # a step pre-hook must return None
+                average_circulant_gradients(model)
+            optimizer.register_step_pre_hook(average)
 
     def epoch_metrics(self, first_step: int, step: int) -> dict:
         """The metrics row's ``density``: stored over dense-equivalent weights of the block-circulant layers
