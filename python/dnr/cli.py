@@ -226,8 +226,8 @@ def _add_explore(sub) -> None:  # E-RNN's design exploration (issue 17)
                     "block_sizes, budget_epochs, check_fraction, "
                     "dataset, data_root, reading (rows / pixels), train_size, test_size, batch_size, lr and max_grad_norm "
                     "(default: dnr train's for the recurrent models, lr 0.5 and clipping to norm 1; 0 = no "
-                    "clipping), circulant_gradient (mean, the default of the circulant methods, or sum), seed, "
-                    "title.",
+                    "clipping), circulant_gradient (the block-circulant vectors' gradient rule: mean, the default, "
+                    "or sum), seed, title.",
         epilog="example: dnr explore --config docs/e-rnn/explore.yaml --out runs/explore-ernn")
     p.add_argument("--config", required=True, metavar="FILE", help="explore config (YAML needs pyyaml, or JSON)")
     p.add_argument("--out", required=True, metavar="DIR",
