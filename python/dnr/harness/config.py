@@ -69,8 +69,9 @@ class TrainConfig:
     plugin: list = _f((), "modules to import before the run (dotted paths on sys.path) that register more "
                       "compression methods with dnr.methods.register", type=str, nargs="+")
     method_options: list | None = _f(None, "the method's own options, KEY=VALUE ... (those its class declares in "
-                                     "`options`, e.g. a plugin's; `dnr train --method NAME --help` does not list "
-                                     "them: see the method's docs)", type=str, nargs="+", optional=True)
+                                     "`options`; built in: circulant and admm-circulant take gradient=sum|mean, the "
+                                     "block-circulant vectors' gradient rule; a plugin's: see its docs)", type=str,
+                                     nargs="+", optional=True)
     mode: str = _f("irregular", "sparsity unit: single weights or output channels", type=str,
                    choices=("irregular", "channel"))
     density: float = _f(0.05, "fraction of prunable weights kept, in (0, 1] (0.05 = 20x)", type=float)
