@@ -8,6 +8,7 @@ the same run and writes ``<op>-<device>.json`` into ``benchmarks/results/`` (or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -65,6 +66,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def exact_float32():
+    """IEEE float32 inside the block, TF32 as before after it.
+
+    On Ampere and later GPUs cuDNN runs float32 convolutions and RNNs in TF32 by default (relative
+    errors near 1e-3), so a plain-PyTorch reference there is too coarse for a float32 correctness
+    check. Each benchmark checks its op against the reference inside this block and times both
+    outside it, under the defaults a user trains with (recorded as ``tf32`` in the JSON)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def time_fn(fn, device: torch.device, repeats: int, warmup: int = 3, inner: int = 1) -> float:
     """Milliseconds per call of fn() over `repeats` timed runs (each `inner` calls): the
     median on CUDA, the minimum on CPU (shared CPUs are noisy; the minimum is the run
@@ -113,6 +130,8 @@ def environment(device: torch.device) -> dict:
         "dnr": dnr.__version__,
         "dnr_backend": dnr.ops.backend(),
         "threads": torch.get_num_threads(),
+        # the float32 precision the timings ran at (cuDNN's TF32 is on by default, matmul's off)
+        "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

@@ -112,7 +112,7 @@ def main():
 
                 def dense(inp, layer=layer):
                     return F.conv2d(inp, layer.dense_weight(), layer.bias, padding=1)
-            with torch.no_grad():  # correctness first: the FFT form against the dense matrix
+            with torch.no_grad(), _common.exact_float32():  # correctness first: FFT form against the dense matrix
                 torch.testing.assert_close(layer(x), dense(x), rtol=1e-3, atol=1e-3)
             fft_fwd, fft_fwd_train, fft_fb = timed(layer, x, g, list(layer.parameters()))
             dense_fwd, _, dense_fb = timed(dense, x, g, list(layer.parameters()))

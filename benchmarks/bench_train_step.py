@@ -153,7 +153,8 @@ def main():
     rows = []
     for name in models:
         in_channels, size = (1, 28) if name == "small_cnn" else (3, 32)
-        check(name, device, args.density, in_channels, size, min(batch, 32))
+        with _common.exact_float32():
+            check(name, device, args.density, in_channels, size, min(batch, 32))
         rows.append(measure(name, device, args.density, in_channels, size, batch, steps, args.repeats,
                             cuda or args.bf16))
     _common.write("train_step", device, rows, args, {"eps": EPS, "alpha": ALPHA, "lr": LR, "beta": 0.5})

@@ -60,3 +60,17 @@ def device(request) -> str:
 def _seed():
     """Every test starts from the same random state."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _ieee_float32():
+    """Every test computes float32 in IEEE float32, also on the GPU.
+
+    On Ampere and later GPUs cuDNN runs float32 convolutions and RNNs in TF32 by default (a 10-bit
+    mantissa: relative errors near 1e-3), so torch's own float32 reference ops there are far less
+    exact than the float32 tolerances the tests hold the dnr ops to (the first GPU run failed 7
+    comparisons on this alone). Restored after the test."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
