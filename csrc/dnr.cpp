@@ -38,13 +38,13 @@ PyObject* PyInit__C(void) {
 
 // Tags: every op is pt2_compliant (fake kernels in python/dnr/ops/_registry.py).
 // cudagraph_unsafe marks the ops whose CUDA path cannot be replayed from a CUDA
-// graph: masked_conv2d and its backward read the mask on the host (nonzero, a
-// sync) to pick the live output channels, so a replay would keep the live set of
-// the capture after a rewiring changed the mask in place; momentum_stats and
-// masked_sgd_step_ upload a table of data pointers from a host buffer at every
-// call, which a replay would not redo. torch.compile runs them outside CUDA graphs
-// (mode="reduce-overhead" graphs the rest). pgd_step_ only launches one kernel on
-// device tensors and needs no tag.
+// graph: momentum_stats and masked_sgd_step_ upload a table of data pointers from a
+// host buffer at every call, which a replay would not redo. torch.compile runs them
+// outside CUDA graphs (mode="reduce-overhead" graphs the rest). masked_conv2d and
+// its backward need no tag: their CUDA path reads the mask on the device only (the
+// live-channel gather, a host sync, is CPU-only: csrc/masked_conv2d.cpp), so a
+// replay sees a mask rewired in place. pgd_step_ launches one kernel on device
+// tensors.
 TORCH_LIBRARY(dnr, m) {
   // value == conv2d(input, weight * mask, bias, ...); the weight gradient is the
   // dense one (wrt weight * mask) when dense_weight_grad, else that times mask.
@@ -54,7 +54,7 @@ TORCH_LIBRARY(dnr, m) {
       "masked_conv2d(Tensor input, Tensor weight, Tensor mask, Tensor? bias, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, "
       "bool dense_weight_grad) -> Tensor",
-      {at::Tag::pt2_compliant_tag, at::Tag::cudagraph_unsafe});
+      {at::Tag::pt2_compliant_tag});
   // Gradients of masked_conv2d wrt (input, weight, bias); an entry whose
   // output_mask is false is not computed (returned undefined, None in Python).
   // grad_input and grad_weight have masked_conv2d's output layout.
@@ -62,7 +62,7 @@ TORCH_LIBRARY(dnr, m) {
       "masked_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
       "Tensor mask, int[2] stride, int[2] padding, int[2] dilation, int groups, "
       "bool dense_weight_grad, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
-      {at::Tag::pt2_compliant_tag, at::Tag::cudagraph_unsafe});
+      {at::Tag::pt2_compliant_tag});
   // One PGD step, in place: d = clamp(delta + alpha*sign(grad), -eps, eps);
   // x_adv = clamp(x + d, lo, hi); delta = x_adv - x. eps, alpha: [] or [B].
   // sign(NaN) = 0: an element whose gradient is NaN does not move.

@@ -17,12 +17,10 @@
 namespace dnr {
 namespace {
 
-// Live output channels of a mask: (indices int64 [K], K). On CUDA, K is a device
-// sync (nonzero). It is recomputed at every call, not cached: no cache key sees
-// every write of a mask (writes through `.data`, e.g. a broadcast, leave the
-// version counter alone); the sync waits once per layer for work already queued,
-// small next to a training batch's convolutions; and the ops are cudagraph_unsafe
-// anyway (csrc/dnr.cpp).
+// Live output channels of a mask: (indices int64 [K], K). It is recomputed at every
+// call, not cached: no cache key sees every write of a mask (writes through `.data`,
+// e.g. a broadcast, leave the version counter alone). Only CPU tensors take this path
+// (see may_gather).
 std::pair<at::Tensor, int64_t> live_channels(const at::Tensor& mask) {
   const at::Tensor alive = mask.reshape({mask.size(0), -1}).any(1);
   const at::Tensor index = alive.nonzero().squeeze(1);
@@ -65,6 +63,17 @@ void check_conv_args(
   TORCH_CHECK(groups >= 1, "dnr::masked_conv2d: groups must be >= 1, got ", groups);
 }
 
+// Whether to look for pruned output channels at all: on the CPU only. On CUDA the
+// live count K is a host sync (nonzero) per layer and call, which leaves the GPU idle
+// while the host launches what follows; on an H200 that cost more than the gather
+// saved (benchmarks/README.md, GPU section: with it, the masked convolution took
+// 1.8-3.1x the dense one's forward + backward and a sparse ResNet-18 PGD-7 training
+// step 1.7x the plain masked step's). On CUDA the zero filters are convolved instead;
+// channel mode's FLOP saving there comes from export (dnr.export.compact_model).
+bool may_gather(const at::Tensor& weight, int64_t groups) {
+  return groups == 1 && weight.is_cpu();
+}
+
 // The gathered path pays off only when some output channel is entirely pruned;
 // with groups > 1 the filters of a group are tied to its input channels.
 // (With no live channel at all the plain convolution of the all-zero weight runs:
@@ -82,7 +91,7 @@ at::Tensor masked_conv2d(
   const at::Tensor w = weight * mask;
   const std::vector<int64_t> no_output_padding{0, 0};
   const at::MemoryFormat layout = conv_layout(input, weight);
-  if (groups == 1) {
+  if (may_gather(weight, groups)) {
     auto [index, live] = live_channels(mask);
     if (gather_channels(weight, groups, live)) {
       const std::optional<at::Tensor> bias_live =
@@ -118,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward(
   const std::vector<int64_t> bias_sizes{weight.size(0)};
   at::Tensor grad_input, grad_weight, grad_bias;
   std::optional<std::pair<at::Tensor, int64_t>> live;
-  if (groups == 1) {
+  if (may_gather(weight, groups)) {
     live = live_channels(mask);
   }
   if (live && gather_channels(weight, groups, live->second)) {
