@@ -58,7 +58,7 @@ def layer_rows(device, repeats, block_sizes, layers):
             times, outputs = {}, {}
             for impl in ("fft", "dense"):
                 layer.impl = impl
-                with torch.no_grad():
+                with torch.no_grad(), _common.exact_float32():
                     outputs[impl] = layer(x)
 
                 def step():
@@ -71,7 +71,7 @@ def layer_rows(device, repeats, block_sizes, layers):
             rows.append({"layer": name, "kind": kind, "in": n_in, "out": n_out, "batch": batch, "k": k,
                          "fft_fwd_bwd_ms": times["fft"], "dense_fwd_bwd_ms": times["dense"],
                          "fft_over_dense": times["fft"] / times["dense"], "auto": auto,
-                         "rule": "fft" if fft_form_pays(kind, n_out, n_in, k) else "dense",
+                         "rule": "fft" if fft_form_pays(kind, n_out, n_in, k, device.type) else "dense",
                          "auto_is_faster": auto == faster})
     return rows
 
@@ -87,7 +87,7 @@ def model_rows(device, repeats, models):
             times, outputs = {}, {}
             for impl in ("fft", "dense", "auto"):
                 set_circulant_impl(model, impl)
-                with torch.no_grad():
+                with torch.no_grad(), _common.exact_float32():
                     outputs[impl] = model(x)
 
                 def step():

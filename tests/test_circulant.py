@@ -380,6 +380,23 @@ def test_auto_takes_the_fft_form_only_in_wide_layers_from_k_8(kind, out_size, in
     assert layer.impl == "auto" and layer.product_form() == ("fft" if fft else "dense")
 
 
+@pytest.mark.parametrize("kind, out_size, in_size, k, fft", [
+    ("conv", 128, 128, 8, False), ("conv", 512, 512, 16, False), ("conv", 512, 256, 64, False),
+    ("linear", 1024, 1024, 8, False), ("linear", 1024, 1024, 64, False), ("linear", 4096, 2048, 16, False),
+    ("linear", 4096, 4096, 2, True), ("linear", 4096, 4096, 16, True), ("linear", 8192, 4096, 64, True),
+    ("linear", 4096, 4096, 1, False),
+])
+def test_auto_on_cuda_takes_the_fft_form_only_in_linear_layers_4096_wide(kind, out_size, in_size, k, fft, device):
+    """The GPU rule (measured on an H200): dense form in every convolution, FFT form in linear layers at least
+    4,096 wide from k = 2. A layer resolves "auto" by the rule of the device its vectors are on."""
+    assert fft_form_pays(kind, out_size, in_size, k, "cuda") is fft
+    assert fft_form_pays(kind, out_size, in_size, k, "cpu") is fft_form_pays(kind, out_size, in_size, k)
+    layer = (BlockCirculantConv2d(in_size, out_size, 1, k, device=device) if kind == "conv"
+             else BlockCirculantLinear(in_size, out_size, k, device=device))
+    expected = fft if device == "cuda" else fft_form_pays(kind, out_size, in_size, k)
+    assert layer.product_form() == ("fft" if expected else "dense")
+
+
 def test_impl_is_set_per_model_and_bad_values_are_clear_errors():
     model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.Linear(8, 6))
     circulant(model, 2, impl="fft")

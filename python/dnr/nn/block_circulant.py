@@ -31,7 +31,9 @@ the indexing). Both compute the same function (equal to float rounding) from the
 speed differs. ``impl="auto"`` (the default) takes the FFT form only where it was measured faster: convolutions
 with at least 128 input and output channels and linear layers with at least 1,024 input and output features, at
 k >= 8 (linear layers 4,096 wide from k = 4; :func:`fft_form_pays`); small layers, where the FFTs, transposes and per-frequency products cost more than
-the dense product they replace, take the dense form (1.1-15x faster there, forward+backward on a CPU).
+the dense product they replace, take the dense form (1.1-15x faster there, forward+backward on a CPU). On CUDA
+the rule is the GPU's: the FFT form only in linear layers at least 4,096 wide (every convolution measured on an
+H200 was faster in the dense form).
 
 In eval mode, while no gradient flows to the vectors (inference, attacks on a frozen model), a layer keeps
 its prepared weight (spectrum or dense matrix) between forward passes (``BlockCirculantLayer.prepare``).
@@ -84,20 +86,26 @@ def check_impl(impl, *, subject: str = "impl") -> str:
     return impl
 
 
-def fft_form_pays(kind: str, out_size: int, in_size: int, block_size: int) -> bool:
+def fft_form_pays(kind: str, out_size: int, in_size: int, block_size: int, device_type: str = "cpu") -> bool:
     """``impl="auto"``'s rule: True where the FFT form is the faster product, False where the dense form is.
 
-    Measured on a CPU (one thread, forward+backward, batch 16-128; ``benchmarks/bench_circulant_forms.py``, the
-    table in ``benchmarks/README.md``): the FFT form wins from k = 8 in convolutions with at least 128 input and
-    output channels (VGG16's 128-512-channel layers: 1.1-3.8x faster at k = 8-16) and in linear layers with at
-    least 1,024 input and output features (2-6.5x at k = 8-16), and from k = 4 in linear layers with at least
-    4,096 (1.4x); elsewhere the dense form is faster (the small CNN's and the LSTM preset's layers 1.1-15x: the
-    FFTs, the complex transposes and the per-frequency products cost more than the small dense product they
-    replace). ``kind`` is "conv" or "linear".
+    Measured forward+backward with ``benchmarks/bench_circulant_forms.py`` (the tables in
+    ``benchmarks/README.md``). On a CPU (one thread, batch 16-128): the FFT form wins from k = 8 in
+    convolutions with at least 128 input and output channels (VGG16's 128-512-channel layers: 1.1-3.8x faster
+    at k = 8-16) and in linear layers with at least 1,024 input and output features (2-6.5x at k = 8-16), and
+    from k = 4 in linear layers with at least 4,096 (1.4x); elsewhere the dense form is faster (the small CNN's
+    and the LSTM preset's layers 1.1-15x: the FFTs, the complex transposes and the per-frequency products cost
+    more than the small dense product they replace). On CUDA (an H200, batch 128): the dense form wins in every
+    convolution measured (VGG16's at k = 8-16 by 1.8-2.2x; cuDNN's convolution is fast and the FFT form's
+    many small kernels are not) and in 1,024-wide linear layers; the FFT form only in linear layers at least
+    4,096 wide (2-3x at k = 2-16). ``kind`` is "conv" or "linear"; ``device_type`` that of the layer's
+    tensors ("cuda" takes the GPU rule, anything else the CPU's).
     """
     if kind not in ("conv", "linear"):
         raise ValueError(f"kind must be 'conv' or 'linear', got {kind!r}")
     narrow = min(out_size, in_size)
+    if device_type == "cuda":
+        return kind == "linear" and block_size >= 2 and narrow >= 4096
     if kind == "conv":
         return block_size >= 8 and narrow >= 128
     return (block_size >= 8 and narrow >= 1024) or (block_size >= 4 and narrow >= 4096)
@@ -327,11 +335,12 @@ class BlockCirculantLayer:
 
     def product_form(self) -> str:
         """The product this layer computes with: "fft" or "dense" (``impl``, with "auto" resolved by
-        :func:`fft_form_pays` from the layer's size and block size)."""
+        :func:`fft_form_pays` from the layer's size, block size and device)."""
         if self.impl != "auto":
             return self.impl
         shape = self.dense_weight_shape
-        return "fft" if fft_form_pays(self.kind, shape[0], shape[1], self.block_size) else "dense"
+        pays = fft_form_pays(self.kind, shape[0], shape[1], self.block_size, self.vectors.device.type)
+        return "fft" if pays else "dense"
 
     def prepare(self, like: torch.Tensor) -> tuple[str, torch.Tensor]:
         """The weight in the form of this layer's product, for inputs like ``like`` (its dtype decides the
