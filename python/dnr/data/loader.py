@@ -60,7 +60,7 @@ class BatchLoader:
         base, self.index = found
         self.batch_sampler = batch_sampler
         self.device = torch.device(device)
-        self._255 = torch.tensor(255.0, device=self.device)  # the pixel scale (see __iter__)
+        self._pixel_scale = torch.tensor(255.0, device=self.device)  # uint8 -> [0, 1] (see __iter__)
         self.augmentation = base.augmentation
         self.generator = base.generator
         images, labels = base.images, base.labels
@@ -91,4 +91,4 @@ class BatchLoader:
             # Divide by a 255 on the batch's device: CUDA divides by a CPU scalar as a multiplication by
             # its reciprocal, 1 ulp off the CPU's true division for some pixels; this way every device
             # yields exactly the DataLoader's (CPU) values.
-            yield x.to(torch.float32).div_(self._255), self.labels[idx.to(self.device)]
+            yield x.to(torch.float32).div_(self._pixel_scale), self.labels[idx.to(self.device)]
