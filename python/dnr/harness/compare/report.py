@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 
 import numpy as np
 
@@ -447,13 +448,15 @@ def draw_plots(data: dict, plots_dir: str) -> list[str]:
                    (f"robust_vs_compression{suffix}.png", [(f"pgd_{pgd_max}", f"PGD-{pgd_max} accuracy (%)")]
                     + ([("autoattack", "AutoAttack accuracy (%)")] if has_aa else []))]
         for fname, rows in figures:
-            fig, axes = plt.subplots(len(rows), len(modes), figsize=(5.5 * len(modes), 4 * len(rows)), squeeze=False)
+            # constrained layout keeps the (wrapped) title inside the figure, above the panels
+            fig, axes = plt.subplots(len(rows), len(modes), figsize=(5.5 * len(modes), 4 * len(rows)), squeeze=False,
+                                     layout="constrained")
             for r, (key, ylabel) in enumerate(rows):
                 for c, mode in enumerate(modes):
                     _plot_panel(axes[r][c], aggregate, lay["methods"], colors, key, mode)
                     axes[r][c].set_ylabel(ylabel)
-            fig.suptitle(f"{data['title']}{f' ({model})' if multi else ''}: mean ± std over seeds")
-            fig.tight_layout()
+            title = f"{data['title']}{f' ({model})' if multi else ''}: mean ± std over seeds"
+            fig.suptitle(textwrap.fill(title, width=int(11 * 5.5 * len(modes))))  # ~11 characters per inch
             out.append(os.path.join(plots_dir, fname))
             fig.savefig(out[-1], dpi=100)
             plt.close(fig)
