@@ -63,7 +63,9 @@ void check_conv_args(
   TORCH_CHECK(groups >= 1, "dnr::masked_conv2d: groups must be >= 1, got ", groups);
 }
 
-// Whether to look for pruned output channels at all: on the CPU only. On CUDA the
+// Whether to look for pruned output channels at all: on the CPU only, and only with
+// groups == 1 (with groups > 1 the filters of a group are tied to its input
+// channels). On CUDA the
 // live count K is a host sync (nonzero) per layer and call, which leaves the GPU idle
 // while the host launches what follows; on an H200 that cost more than the gather
 // saved (benchmarks/README.md, GPU section: with it, the masked convolution took
@@ -74,12 +76,11 @@ bool may_gather(const at::Tensor& weight, int64_t groups) {
   return groups == 1 && weight.is_cpu();
 }
 
-// The gathered path pays off only when some output channel is entirely pruned;
-// with groups > 1 the filters of a group are tied to its input channels.
-// (With no live channel at all the plain convolution of the all-zero weight runs:
-// ATen rejects zero filters.)
-bool gather_channels(const at::Tensor& weight, int64_t groups, int64_t live) {
-  return groups == 1 && live > 0 && live < weight.size(0);
+// Where may_gather holds, the gathered path pays off only when some output channel
+// is entirely pruned. (With no live channel at all the plain convolution of the
+// all-zero weight runs: ATen rejects zero filters.)
+bool gather_channels(const at::Tensor& weight, int64_t live) {
+  return live > 0 && live < weight.size(0);
 }
 
 at::Tensor masked_conv2d(
@@ -93,7 +94,7 @@ at::Tensor masked_conv2d(
   const at::MemoryFormat layout = conv_layout(input, weight);
   if (may_gather(weight, groups)) {
     auto [index, live] = live_channels(mask);
-    if (gather_channels(weight, groups, live)) {
+    if (gather_channels(weight, live)) {
       const std::optional<at::Tensor> bias_live =
           bias.has_value() && bias->defined() ? std::optional<at::Tensor>(bias->index_select(0, index))
                                               : std::nullopt;
@@ -130,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward(
   if (may_gather(weight, groups)) {
     live = live_channels(mask);
   }
-  if (live && gather_channels(weight, groups, live->second)) {
+  if (live && gather_channels(weight, live->second)) {
     const at::Tensor& index = live->first;
     // Pruned channels have zero filters: they add nothing to grad_input, and
     // their masked weight gradient is zero.

@@ -449,14 +449,15 @@ def draw_plots(data: dict, plots_dir: str) -> list[str]:
                     + ([("autoattack", "AutoAttack accuracy (%)")] if has_aa else []))]
         for fname, rows in figures:
             # constrained layout keeps the (wrapped) title inside the figure, above the panels
-            fig, axes = plt.subplots(len(rows), len(modes), figsize=(5.5 * len(modes), 4 * len(rows)), squeeze=False,
+            width = 5.5 * len(modes)  # inches
+            fig, axes = plt.subplots(len(rows), len(modes), figsize=(width, 4 * len(rows)), squeeze=False,
                                      layout="constrained")
             for r, (key, ylabel) in enumerate(rows):
                 for c, mode in enumerate(modes):
                     _plot_panel(axes[r][c], aggregate, lay["methods"], colors, key, mode)
                     axes[r][c].set_ylabel(ylabel)
             title = f"{data['title']}{f' ({model})' if multi else ''}: mean ± std over seeds"
-            fig.suptitle(textwrap.fill(title, width=int(11 * 5.5 * len(modes))))  # ~11 characters per inch
+            fig.suptitle(textwrap.fill(title, width=int(11 * width)))  # ~11 characters per inch
             out.append(os.path.join(plots_dir, fname))
             fig.savefig(out[-1], dpi=100)
             plt.close(fig)
