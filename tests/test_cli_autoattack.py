@@ -1,8 +1,10 @@
 """`dnr eval --autoattack` through the independent torchattacks implementation (when installed)."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -37,3 +39,29 @@ def test_apgd_is_reported_and_not_above_clean(tmp_path):
     res = json.loads(_dnr("eval", out, "--test-size", "16", "--steps", "10", "--apgd", "--quiet"))
     assert res["n"] == 16 and res["autoattack"] is None
     assert res["apgd"] * 16 == pytest.approx(round(res["apgd"] * 16)) and 0.0 <= res["apgd"] <= res["clean"]
+
+
+def test_an_interrupted_apgd_evaluation_resumes_from_its_resume_dir(tmp_path):
+    """`dnr eval --apgd --resume-dir D`, killed once its progress file holds a batch, then run again: the
+    result equals an uninterrupted run's, and the progress file is gone."""
+    out = str(tmp_path / "run")
+    _dnr("train", *TINY, "--out", out)
+    args = ["eval", out, "--test-size", "64", "--batch-size", "8", "--no-pgd", "--no-fgsm", "--apgd", "--quiet",
+            "--threads", "1"]
+    whole = json.loads(_dnr(*args))
+    progress_dir = tmp_path / "progress"
+    progress = progress_dir / "eval-apgd.partial.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "dnr", *args, "--resume-dir", str(progress_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while not progress.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert progress.exists(), "no progress file was written"
+        proc.kill()  # mid-evaluation (8 batches; the file is written atomically after each)
+    finally:
+        proc.kill()
+        proc.wait()
+    resumed = json.loads(_dnr(*args, "--resume-dir", str(progress_dir)))
+    assert resumed["apgd"] == whole["apgd"] and resumed["n"] == 64
+    assert os.listdir(progress_dir) == []

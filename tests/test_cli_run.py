@@ -133,6 +133,17 @@ def test_eval_threads(run, capsys, tmp_path):
     assert not os.path.exists(tmp_path / "e.json")
 
 
+def test_eval_resume_dir_that_is_a_file_is_refused_before_loading(run, capsys, tmp_path, monkeypatch):
+    out, _ = run
+    blocker = tmp_path / "progress"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(cli.hrun, "load_trained_model", lambda *a, **k: pytest.fail("loaded before the error"))
+    code, _, err = _main(capsys, "eval", out, "--apgd", "--resume-dir", str(blocker))
+    assert code == 2 and err.count("\n") == 1, err
+    assert "option --resume-dir" in err and "is a regular file, expected a folder" in err
+    assert blocker.read_text() == "not a folder"
+
+
 def test_eval_autoattack_needs_torchattacks(run, capsys):
     out, _ = run
     try:

@@ -431,3 +431,59 @@ def test_resume_file_errors_come_before_any_attack(trained, data, tmp_path, monk
         robust_evaluation(trained, _loader(data), eps=EPS, resume_file=str(tmp_path))
     with pytest.raises(TypeError, match=r"resume_file must be a path or None, got int"):
         robust_evaluation(trained, _loader(data), eps=EPS, resume_file=3)
+
+
+# AutoAttack alone and APGD alone (dnr eval --autoattack / --apgd): the same resume_file contract. Each batch's
+# attacks are seeded, so the resumed per-example results must equal the uninterrupted ones, with every batch
+# attacked once. APGD at AA_EPS with 2 steps breaks some of the 64 examples and not others (checked below), so an
+# equal result after a resume says something; AutoAttack at AA_EPS breaks all (fast: Square has nothing to run on).
+def _aa(model, loader, **kw):
+    return autoattack_accuracy(model, loader, eps=AA_EPS, seed=3, **kw)
+
+
+def _apgd(model, loader, **kw):
+    return evaluation.apgd_accuracy(model, loader, eps=AA_EPS, steps=2, seed=3, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("evaluate", [_aa, _apgd], ids=["autoattack", "apgd"])
+def test_autoattack_and_apgd_resume_to_the_uninterrupted_result(trained, data, tmp_path, device, evaluate,
+                                                                monkeypatch):
+    torchattacks = pytest.importorskip("torchattacks")
+    model = copy.deepcopy(trained).to(device)
+    loader = [(x.to(device), y.to(device)) for x, y in _loader(data, batch=8)]  # 8 batches; killed after 3
+    attacked = []  # the first label of every batch an attack ran on
+    for name in ("AutoAttack", "APGD"):
+        cls = getattr(torchattacks, name)
+        counting = type(name, (cls,), {"forward": lambda self, x, y, _c=cls: attacked.append(int(y[0])) or
+                                       _c.forward(self, x, y)})
+        monkeypatch.setattr(torchattacks, name, counting)
+    whole = evaluate(model, loader)
+    if evaluate is _apgd:
+        assert 0 < whole["acc"] < 1, whole["acc"]  # the attacks decide: a resume that mixes results would show
+    whole_attacked, attacked[:] = len(attacked), []
+
+    path = str(tmp_path / "progress.pt")
+    with pytest.raises(_Killed):
+        evaluate(model, _killed_after(loader, 3), resume_file=path)
+    first = len(attacked)
+    saved = torch.load(path, weights_only=True)
+    assert saved["batches"] == 3 and saved["n"] == 24
+    resumed = evaluate(model, loader, resume_file=path)
+    assert torch.equal(resumed["correct"], whole["correct"]) and resumed["acc"] == whole["acc"] and resumed["n"] == 64
+    assert len(attacked) == whole_attacked  # no batch was attacked twice
+    assert first < whole_attacked
+    assert not os.path.exists(path)
+    # a file of other settings (another seed) is replaced, not mixed in
+    with pytest.raises(_Killed):
+        evaluate(model, _killed_after(loader, 3), resume_file=path)
+    fn = autoattack_accuracy if evaluate is _aa else evaluation.apgd_accuracy
+    kw = dict(eps=AA_EPS, seed=4, **({} if evaluate is _aa else dict(steps=2)))
+    assert torch.equal(fn(model, loader, resume_file=path, **kw)["correct"], fn(model, loader, **kw)["correct"])
+    # other data: a one-line error, the file kept
+    with pytest.raises(_Killed):
+        evaluate(model, _killed_after(loader, 3), resume_file=path)
+    flipped = [(x.flip(0), y.flip(0)) for x, y in loader]
+    with pytest.raises(ValueError, match=r"resume_file .*progress.pt holds the results of 3 batches of other data"):
+        evaluate(model, flipped, resume_file=path)
+    assert os.path.exists(path)

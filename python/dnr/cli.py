@@ -127,6 +127,10 @@ def _add_eval(sub) -> None:
                    help="seed of the PGD random starts and AutoAttack (default: the run's seed, which reproduces "
                         "the final evaluation of dnr train)")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the JSON result to FILE")
+    p.add_argument("--resume-dir", default=None, metavar="DIR",
+                   help="save the progress of --autoattack, --apgd and --sanity in DIR (created if missing) after "
+                        "every batch, one file each (eval-*.partial.pt, removed when that evaluation ends): the "
+                        "same command again continues an interrupted evaluation and prints the uninterrupted result")
     p.add_argument("--force", action="store_true",
                    help="let --out replace an existing file (never a checkpoint, a run file or an input)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -336,11 +340,14 @@ def cmd_eval(args) -> int:
     if args.out:
         check_output_file(args.out, argument="option --out", force=args.force,
                           inputs=[args.checkpoint, ckpt.resolve_checkpoint_path(args.checkpoint)])
+    if args.resume_dir is not None:
+        check_output_dir(args.resume_dir, argument="option --resume-dir")
+        os.makedirs(args.resume_dir, exist_ok=True)
     model, cfg, state = hrun.load_trained_model(args.checkpoint, device)
     res = hevaluate.evaluate_trained(model, cfg, device=device, data_root=args.data_root, fgsm=not args.no_fgsm,
                                      pgd=not args.no_pgd, autoattack=args.autoattack, apgd=args.apgd,
-                                     sanity=args.sanity,
-                                     quiet=args.quiet, **numbers)
+                                     sanity=args.sanity, quiet=args.quiet, resume_dir=args.resume_dir,
+                                     **numbers)
     if "robust" in res:
         from .evaluation import format_sanity
         print(format_sanity(res["robust"]), file=sys.stderr, flush=True)

@@ -97,6 +97,34 @@ def _correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return (model(x).argmax(dim=1) == y).cpu()
 
 
+def _resumable_correct(fn: str, model: nn.Module, loader: Iterable, dev: torch.device,
+                       max_examples: Optional[int], resume_file: Optional[str], settings: dict,
+                       batch_correct: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Per-example results ``[n]`` (bool, cpu) of ``batch_correct(x, y)`` over the loader's batches, saved after
+    every batch to ``resume_file`` (when given) so that an interrupted call continues where it stopped.
+
+    Exact for attacks whose result on a batch does not depend on the batches before it (torchattacks seeds each
+    call); ``settings`` is everything else the results depend on (the weights and device are added).
+    """
+    fingerprint = json.dumps({**settings, "max_examples": max_examples, "device": dev.type,
+                              "weights": tensors_sha256(model.state_dict()) if resume_file is not None else None})
+    saved = EvaluationProgress(fn, resume_file, fingerprint, {})
+    parts: Dict[str, List[Tensor]] = {"correct": [], **saved.parts}
+    n = saved.n
+    for bi, (x, y) in enumerate(_batches(fn, loader, dev, max_examples)):
+        if bi < saved.done:  # evaluated before the interruption
+            saved.skip(x, y)
+            continue
+        parts["correct"].append(batch_correct(x, y))
+        n += int(y.shape[0])
+        saved.save(x, y, parts, n)
+    saved.finish_skipping()
+    if n == 0:
+        raise ValueError(f"{fn}: loader yielded no examples")
+    saved.remove()
+    return torch.cat(parts["correct"])
+
+
 # --------------------------------------------------------------------------------------------
 # AutoAttack (torchattacks)
 # --------------------------------------------------------------------------------------------
@@ -149,7 +177,7 @@ class _AutoAttack:
 
 def autoattack_accuracy(model: nn.Module, loader: Iterable, *, eps: float, seed: int = 0,
                         device: Optional[Union[str, torch.device]] = None, max_examples: Optional[int] = None,
-                        num_classes: Optional[int] = None) -> Dict[str, object]:
+                        num_classes: Optional[int] = None, resume_file: Optional[str] = None) -> Dict[str, object]:
     """Accuracy under AutoAttack (standard version, L-inf) through the independent ``torchattacks`` package.
 
     ``torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=num_classes,
@@ -166,6 +194,9 @@ def autoattack_accuracy(model: nn.Module, loader: Iterable, *, eps: float, seed:
         max_examples: evaluate only the first this many examples (``None``: all).
         num_classes: K (``>= 4``, as AutoAttack's targeted DLR loss needs); default read from the
             model's output on the first batch.
+        resume_file: a file in which the evaluation saves its progress after every batch (atomically); a
+            later call with the same file, settings, weights and data skips the batches done and returns what an
+            uninterrupted call returns (AutoAttack seeds every batch's run); the file is removed at the end.
 
     Returns:
         ``{"acc": float, "n": int, "correct": bool tensor [n] (cpu)}``.
@@ -182,19 +213,15 @@ def autoattack_accuracy(model: nn.Module, loader: Iterable, *, eps: float, seed:
     num_classes = _int(fn, "num_classes", num_classes, 2, allow_none=True)
     dev = _attacks.check_device(fn, model, device)
     aa = _AutoAttack(fn, model, eps, seed, num_classes)
-    parts: List[Tensor] = []
+    settings = {"attack": "autoattack-standard-linf", "eps": eps, "seed": seed, "num_classes": num_classes}
     with _attacks.attack_mode(model, "eval"):
-        for x, y in _batches(fn, loader, dev, max_examples):
-            parts.append(aa.correct(x, y))
-    if not parts:
-        raise ValueError(f"{fn}: loader yielded no examples")
-    correct = torch.cat(parts)
+        correct = _resumable_correct(fn, model, loader, dev, max_examples, resume_file, settings, aa.correct)
     return {"acc": float(correct.float().mean()), "n": int(correct.numel()), "correct": correct}
 
 
 def apgd_accuracy(model: nn.Module, loader: Iterable, *, eps: float, steps: int = 50, seed: int = 0,
                   device: Optional[Union[str, torch.device]] = None, max_examples: Optional[int] = None,
-                  num_classes: Optional[int] = None) -> Dict[str, object]:
+                  num_classes: Optional[int] = None, resume_file: Optional[str] = None) -> Dict[str, object]:
     """Accuracy under AutoAttack's two gradient attacks, APGD-CE then APGD-T, from ``torchattacks``.
 
     Per batch: ``torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, loss="ce",
@@ -207,7 +234,8 @@ def apgd_accuracy(model: nn.Module, loader: Iterable, *, eps: float, steps: int 
         model: maps ``x [B, C, H, W]`` in ``[0, 1]`` to logits ``[B, K]``.
         loader: iterable of ``(x [B, ...], y [B])`` batches (the random starts depend on the batching).
         eps: L-inf radius, ``>= 0``; steps: iterations of each attack (``>= 1``); seed: the attacks' seed.
-        device, max_examples, num_classes: as for :func:`autoattack_accuracy` (K ``>= 4``).
+        device, max_examples, num_classes, resume_file: as for :func:`autoattack_accuracy` (K ``>= 4``; each
+            batch's attacks are built with ``seed``, so a resumed call returns the uninterrupted result).
 
     Returns:
         ``{"acc": float, "n": int, "correct": bool tensor [n] (cpu)}``.
@@ -222,38 +250,40 @@ def apgd_accuracy(model: nn.Module, loader: Iterable, *, eps: float, steps: int 
     num_classes = _int(fn, "num_classes", num_classes, 4, allow_none=True)
     torchattacks = _import_torchattacks(fn)
     dev = _attacks.check_device(fn, model, device)
-    parts: List[Tensor] = []
     params = [(p, p.requires_grad) for p in model.parameters()]
+    classes = [num_classes]  # read from the model's output on the first batch evaluated when not given
+
+    def batch_correct(x: Tensor, y: Tensor) -> Tensor:
+        if classes[0] is None:
+            with torch.no_grad():
+                classes[0] = int(model(x[:1]).shape[1])
+            if classes[0] < 4:
+                raise ValueError(f"{fn}: APGD-T's targeted DLR loss uses the 4 largest logits: needs at least "
+                                 f"4 classes, got num_classes={classes[0]}")
+        ok = _correct(model, x, y).to(x.device)
+        attacks = (torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, loss="ce", seed=seed),
+                   torchattacks.APGDT(model, norm="Linf", eps=eps, steps=steps, n_restarts=1,
+                                      n_classes=classes[0], seed=seed))
+        devices = [x.device] if x.device.type == "cuda" else []
+        try:
+            for p, _ in params:
+                p.requires_grad_(False)
+            with torch.random.fork_rng(devices=devices):  # torchattacks seeds the global RNG
+                for attack in attacks:
+                    idx = ok.nonzero().flatten()
+                    if idx.numel() == 0:
+                        break
+                    x_adv = attack(x[idx], y[idx]).to(x.device, x.dtype)
+                    ok[idx] = _correct(model, x_adv, y[idx]).to(x.device)
+        finally:
+            for p, flag in params:
+                p.requires_grad_(flag)
+        return ok.cpu()
+
+    settings = {"attack": "apgd-ce+apgd-t-linf", "eps": eps, "steps": steps, "seed": seed,
+                "num_classes": num_classes}
     with _attacks.attack_mode(model, "eval"):
-        for x, y in _batches(fn, loader, dev, max_examples):
-            if num_classes is None:
-                with torch.no_grad():
-                    num_classes = int(model(x[:1]).shape[1])
-                if num_classes < 4:
-                    raise ValueError(f"{fn}: APGD-T's targeted DLR loss uses the 4 largest logits: needs at least "
-                                     f"4 classes, got num_classes={num_classes}")
-            ok = _correct(model, x, y).to(x.device)
-            attacks = (torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, loss="ce", seed=seed),
-                       torchattacks.APGDT(model, norm="Linf", eps=eps, steps=steps, n_restarts=1,
-                                          n_classes=num_classes, seed=seed))
-            devices = [x.device] if x.device.type == "cuda" else []
-            try:
-                for p, _ in params:
-                    p.requires_grad_(False)
-                with torch.random.fork_rng(devices=devices):  # torchattacks seeds the global RNG
-                    for attack in attacks:
-                        idx = ok.nonzero().flatten()
-                        if idx.numel() == 0:
-                            break
-                        x_adv = attack(x[idx], y[idx]).to(x.device, x.dtype)
-                        ok[idx] = _correct(model, x_adv, y[idx]).to(x.device)
-            finally:
-                for p, flag in params:
-                    p.requires_grad_(flag)
-            parts.append(ok.cpu())
-    if not parts:
-        raise ValueError(f"{fn}: loader yielded no examples")
-    correct = torch.cat(parts)
+        correct = _resumable_correct(fn, model, loader, dev, max_examples, resume_file, settings, batch_correct)
     return {"acc": float(correct.float().mean()), "n": int(correct.numel()), "correct": correct}
 
 

@@ -16,6 +16,7 @@ The layers, one path from the attack primitives up:
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 from torch.utils.data import DataLoader
@@ -28,7 +29,7 @@ from .console import ConsoleLog
 from .config import ConfigError, TrainConfig, validate_options
 
 __all__ = ["final_evaluation", "sharded_evaluation", "evaluate_trained", "attack_settings", "sanity_settings",
-           "check_evaluation_options", "resolve_device", "EVAL_OPTION_FIELDS", "SANITY_LONG_PGD"]
+           "check_evaluation_options", "resolve_device", "EVAL_OPTION_FIELDS", "RESUME_FILES", "SANITY_LONG_PGD"]
 
 
 def final_evaluation(model, loader, *, eps, alpha, steps, restarts, seed, log: ConsoleLog | None = None,
@@ -83,6 +84,10 @@ def sharded_evaluation(model, loader, *, eps, alpha, steps, restarts, seed, fgsm
 # dnr eval's options and the TrainConfig fields whose rules (and defaults) they follow
 EVAL_OPTION_FIELDS = {"test_size": "test_size", "batch_size": "eval_batch_size", "steps": "eval_steps",
                       "restarts": "eval_restarts", "eps": "eval_eps", "alpha": "eval_alpha", "seed": "seed"}
+#: ``evaluate_trained(resume_dir=...)``: the progress file of each long evaluation in that folder
+# (named apart from dnr compare's robust_eval.partial.pt, so that a run folder can hold both)
+RESUME_FILES = {"autoattack": "eval-autoattack.partial.pt", "apgd": "eval-apgd.partial.pt",
+                "sanity": "eval-sanity.partial.pt"}
 SANITY_LONG_PGD = 50  # the sanity checks compare PGD-k with PGD-50: more steps must not raise the accuracy
 
 
@@ -127,7 +132,7 @@ def sanity_settings(eps: float, steps: int) -> dict:
 
 def evaluate_trained(model, cfg: TrainConfig, *, device: str, data_root=None, test_size=None, batch_size=None,
                      eps=None, alpha=None, steps=None, restarts=None, seed=None, fgsm=True, pgd=True,
-                     autoattack=False, apgd=False, sanity=False, quiet=False) -> dict:
+                     autoattack=False, apgd=False, sanity=False, quiet=False, resume_dir=None) -> dict:
     """``dnr eval``: clean / FGSM / PGD (final_evaluation with :func:`attack_settings`), optionally AutoAttack
     and APGD-CE + APGD-T (:func:`dnr.evaluation.apgd_accuracy`, under "apgd"),
     and with ``sanity`` the gradient-masking checks of :func:`dnr.evaluation.robust_evaluation` (full result
@@ -137,6 +142,9 @@ def evaluate_trained(model, cfg: TrainConfig, *, device: str, data_root=None, te
         model: the trained model (on ``device``), ``cfg`` its config (``dnr.harness.load_trained_model``).
         data_root, test_size, batch_size: the test data (default: the run's).
         eps, alpha, steps, restarts, seed: the attack (None: see attack_settings).
+        resume_dir: an existing folder where the long evaluations (AutoAttack, APGD, the sanity checks) save their
+            progress after every batch, one file each (:data:`RESUME_FILES`); the same call again continues an
+            interrupted one and returns the uninterrupted result. Each file is removed when its evaluation ends.
     """
     check_evaluation_options(test_size=test_size, batch_size=batch_size, steps=steps, restarts=restarts, eps=eps,
                              alpha=alpha, seed=seed)
@@ -148,6 +156,10 @@ def evaluate_trained(model, cfg: TrainConfig, *, device: str, data_root=None, te
     if test_size is not None:
         cfg.test_size = test_size
     att = attack_settings(cfg, eps=eps, alpha=alpha, steps=steps, restarts=restarts, seed=seed)
+
+    def resume_path(stage: str):
+        return None if resume_dir is None else os.path.join(resume_dir, RESUME_FILES[stage])
+
     loader = make_test_loader(cfg)
     res = final_evaluation(model, loader, eps=att["eps"], alpha=att["alpha"], steps=att["steps"],
                            restarts=att["restarts"], seed=att["seed"], log=ConsoleLog(quiet=quiet, progress=True),
@@ -161,15 +173,16 @@ def evaluate_trained(model, cfg: TrainConfig, *, device: str, data_root=None, te
             robust = evaluation.robust_evaluation(
                 model, loader, eps=att["eps"], alpha=alpha, restarts=att["restarts"], fgsm=fgsm,
                 autoattack=autoattack, seed=att["seed"], device=device, progress=None if quiet else True,
-                **sanity_settings(att["eps"], att["steps"]))
+                resume_file=resume_path("sanity"), **sanity_settings(att["eps"], att["steps"]))
             out["robust"] = robust
             if autoattack:
                 out["autoattack"] = robust["autoattack"]
         elif autoattack:
             out["autoattack"] = evaluation.autoattack_accuracy(model, loader, eps=att["eps"], seed=att["seed"],
-                                                               device=device)["acc"]
+                                                               device=device, resume_file=resume_path("autoattack"))["acc"]
         if apgd:
-            out["apgd"] = evaluation.apgd_accuracy(model, loader, eps=att["eps"], seed=att["seed"], device=device)["acc"]
+            out["apgd"] = evaluation.apgd_accuracy(model, loader, eps=att["eps"], seed=att["seed"], device=device,
+                                                   resume_file=resume_path("apgd"))["acc"]
     except ImportError:
         if not (autoattack or apgd):
             raise
