@@ -8,7 +8,6 @@ the same run and writes ``<op>-<device>.json`` into ``benchmarks/results/`` (or
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -64,22 +63,6 @@ def device_name(device: torch.device) -> str:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def exact_float32():
-    """IEEE float32 inside the block, TF32 as before after it.
-
-    On Ampere and later GPUs cuDNN runs float32 convolutions and RNNs in TF32 by default (relative
-    errors near 1e-3), so a plain-PyTorch reference there is too coarse for a float32 correctness
-    check. Each benchmark checks its op against the reference inside this block and times both
-    outside it, under the defaults a user trains with (recorded as ``tf32`` in the JSON)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def time_fn(fn, device: torch.device, repeats: int, warmup: int = 3, inner: int = 1) -> float:

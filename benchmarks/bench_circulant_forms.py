@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import _common
+from dnr.precision import ieee_float32
 from dnr.models import build_model
 from dnr.nn.block_circulant import (BlockCirculantConv2d, BlockCirculantLinear, circulant, fft_form_pays,
                                     set_circulant_impl)
@@ -58,7 +59,7 @@ def layer_rows(device, repeats, block_sizes, layers):
             times, outputs = {}, {}
             for impl in ("fft", "dense"):
                 layer.impl = impl
-                with torch.no_grad(), _common.exact_float32():
+                with torch.no_grad(), ieee_float32():
                     outputs[impl] = layer(x)
 
                 def step():
@@ -87,7 +88,7 @@ def model_rows(device, repeats, models):
             times, outputs = {}, {}
             for impl in ("fft", "dense", "auto"):
                 set_circulant_impl(model, impl)
-                with torch.no_grad(), _common.exact_float32():
+                with torch.no_grad(), ieee_float32():
                     outputs[impl] = model(x)
 
                 def step():

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import _common
+from dnr.precision import ieee_float32
 from dnr import attacks, engine
 from dnr.harness.config import TrainConfig
 from dnr.harness.builders import make_optimizer
@@ -153,7 +154,7 @@ def main():
     rows = []
     for name in models:
         in_channels, size = (1, 28) if name == "small_cnn" else (3, 32)
-        with _common.exact_float32():
+        with ieee_float32():
             check(name, device, args.density, in_channels, size, min(batch, 32))
         rows.append(measure(name, device, args.density, in_channels, size, batch, steps, args.repeats,
                             cuda or args.bf16))

@@ -11,6 +11,8 @@ import os
 import pytest
 import torch
 
+from dnr.precision import ieee_float32
+
 # Use as @pytest.mark.parametrize("device", DEVICES) or through the `device` fixture.
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.needs_cuda)]
 
@@ -64,13 +66,7 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _ieee_float32():
-    """Every test computes float32 in IEEE float32, also on the GPU.
-
-    On Ampere and later GPUs cuDNN runs float32 convolutions and RNNs in TF32 by default (a 10-bit
-    mantissa: relative errors near 1e-3), so torch's own float32 reference ops there are far less
-    exact than the float32 tolerances the tests hold the dnr ops to (the first GPU run failed 7
-    comparisons on this alone). Restored after the test."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    """Every test computes float32 in IEEE float32, also on the GPU (dnr.precision says why; the first GPU
+    run failed 7 comparisons against torch's TF32 convolutions)."""
+    with ieee_float32():
+        yield
