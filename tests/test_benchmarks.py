@@ -15,6 +15,7 @@ SCRIPTS = [
     pytest.param("masked_sgd", "masked_sgd", id="masked_sgd", marks=pytest.mark.slow),
     pytest.param("train_step", "train_step", id="train_step", marks=pytest.mark.slow),
     pytest.param("batch_loader", "batch_loader", id="batch_loader"),
+    pytest.param("pooling", "pooling", id="pooling", marks=pytest.mark.slow),
 ]
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from .masked import MaskedLayer
 from .normalize import Normalize
+from .pooling import MaxPool2d
 
 __all__ = ["ZERO_PRESERVING_MODULES", "ZERO_PRESERVING_FUNCTIONS", "ZERO_PRESERVING_METHODS",
            "CHANNELWISE_MODULES", "CHANNELWISE_FUNCTIONS", "CHANNELWISE_METHODS", "FLATTEN_LIKE", "ADD_FUNCTIONS",
@@ -97,11 +98,11 @@ def is_add(node: fx.Node) -> bool:
 
 
 class ChannelTracer(fx.Tracer):
-    """fx tracer that keeps the package's masked layers (whose mask checks are Python control flow) and
-    ``Normalize`` as single nodes."""
+    """fx tracer that keeps the package's masked layers (whose mask checks are Python control flow),
+    ``Normalize`` and ``MaxPool2d`` (an ``nn.MaxPool2d``) as single nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (MaskedLayer, Normalize)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (MaskedLayer, Normalize, MaxPool2d)) or super().is_leaf_module(m, qualname)
 
 
 class _RecordShapes(fx.Interpreter):
