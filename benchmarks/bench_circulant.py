@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import _common
-from dnr.precision import ieee_float32
 from dnr.nn.block_circulant import BlockCirculantConv2d, BlockCirculantLayer, BlockCirculantLinear
+from dnr.precision import ieee_float32
 
 BLOCK_SIZES = (4, 8, 16, 32, 64)
 LINEAR_WIDTHS = (1024, 4096)

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 import _common
-from dnr.precision import ieee_float32
 from dnr.models import build_model
 from dnr.nn.block_circulant import (BlockCirculantConv2d, BlockCirculantLinear, circulant, fft_form_pays,
                                     set_circulant_impl)
+from dnr.precision import ieee_float32
 
 BLOCK_SIZES = (2, 4, 8, 16)
 # (kind, in, out, spatial size or None, batch): where the layer sits is in its name

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import _common
-from dnr.precision import ieee_float32
 import dnr.ops
 from dnr import reference
+from dnr.precision import ieee_float32
 
 
 def main():

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 
 import _common
-from dnr.precision import ieee_float32
 from dnr import attacks, engine
 from dnr.harness.config import TrainConfig
 from dnr.harness.builders import make_optimizer
 from dnr.models import build_model
 from dnr.nn import masked_layers, sparsify
+from dnr.precision import ieee_float32
 from dnr.rewiring import DNR
 
 EPS, ALPHA, LR = 8 / 255, 2 / 255, 0.1

@@ -178,8 +178,9 @@ def evaluate_trained(model, cfg: TrainConfig, *, device: str, data_root=None, te
             if autoattack:
                 out["autoattack"] = robust["autoattack"]
         elif autoattack:
-            out["autoattack"] = evaluation.autoattack_accuracy(model, loader, eps=att["eps"], seed=att["seed"],
-                                                               device=device, resume_file=resume_path("autoattack"))["acc"]
+            out["autoattack"] = evaluation.autoattack_accuracy(
+                model, loader, eps=att["eps"], seed=att["seed"], device=device,
+                resume_file=resume_path("autoattack"))["acc"]
         if apgd:
             out["apgd"] = evaluation.apgd_accuracy(model, loader, eps=att["eps"], seed=att["seed"], device=device,
                                                    resume_file=resume_path("apgd"))["acc"]

@@ -12,8 +12,8 @@ from .recurrent import BlockCirculantGRU, BlockCirculantLSTM  # E-RNN recurrent 
 from .report import DensityReport, LayerDensity, density_report
 from .sparsify import apply_masks, masked_layers, sparsify
 
-__all__ = ["MaskedConv2d", "MaskedLinear", "MaskedLayer", "is_masked", "Normalize", "MaxPool2d", "max_pool2x2", "sparsify",
-           "masked_layers", "apply_masks", "density_report", "DensityReport", "LayerDensity",
+__all__ = ["MaskedConv2d", "MaskedLinear", "MaskedLayer", "is_masked", "Normalize", "MaxPool2d", "max_pool2x2",
+           "sparsify", "masked_layers", "apply_masks", "density_report", "DensityReport", "LayerDensity",
            "BlockCirculantLinear", "BlockCirculantConv2d", "BlockCirculantLayer", "block_circulant_matmul",
            "block_circulant_conv2d", "block_circulant_dense", "circulant", "circulant_layers", "circulant_report",
            "densify_circulant", "set_circulant_impl",
