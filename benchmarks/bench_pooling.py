@@ -1,21 +1,25 @@
-"""dnr.nn.MaxPool2d (the 2x2 max-of-four-views path without autograd) vs nn.MaxPool2d, on the CPU.
+"""dnr.nn.MaxPool2d (the 2x2 pool through dnr.ops.max_pool2x2's CPU kernel) vs nn.MaxPool2d, on the CPU.
 
-Three levels, each a ratio against nn.MaxPool2d measured in the same run, after a bit-for-bit check:
-- the pool alone, no grad, at the shapes of dnr's CNNs (batch 128);
+Four levels, each a ratio against nn.MaxPool2d measured in the same run, after a bit-for-bit check:
+- the pool alone at the shapes of dnr's CNNs (batch 128), no grad and forward + backward;
 - a whole no-grad forward of small_cnn / wide_cnn / vgg_cnn (eval mode, batch 128) with either pool;
+- a PGD-7 adversarial training step of the same models at 20x irregular sparsity (batch 128: the attack's
+  7 forward + backward passes in eval mode, then the training forward + backward and an SGD step), the
+  parameters after it compared bit for bit;
 - torchattacks' Square attack (AutoAttack's gradient-free part, most of its time on robust models) on a
   wide_cnn, 200 queries on 32 examples labelled with the model's own predictions (so that every one is
   attacked), when torchattacks is installed (--no-square skips it).
-With autograd recording (training, gradient attacks) both modules run PyTorch's max_pool2d, so the forward
-+ backward row is a control: its ratio should be about 1. On CUDA dnr.nn.MaxPool2d is nn.MaxPool2d.
+On CUDA dnr.nn.MaxPool2d is nn.MaxPool2d (this benchmark is for the CPU).
 """
 
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import _common
+from dnr.attacks import pgd
 from dnr.models import build_model
 from dnr.nn import MaxPool2d, sparsify
 
@@ -34,6 +38,20 @@ def with_torch_pools(model: nn.Module) -> nn.Module:
     return model
 
 
+def training_step(model: nn.Module, x, y):
+    """One PGD-7 adversarial training step of ``model`` on (x, y), as a closure (eps 0.1, alpha 0.025)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        x_adv = pgd(model, x, y, 0.1, 0.025, 7, generator=torch.Generator(device=x.device).manual_seed(0))
+        model.train()
+        loss = F.cross_entropy(model(x_adv), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return step
+
+
 def main():
     p = _common.parser(__doc__)
     p.add_argument("--no-square", action="store_true", help="skip the Square attack row")
@@ -50,16 +68,17 @@ def main():
             t_dnr = _common.time_fn(lambda: ours(x), device, args.repeats)
         rows.append({"case": "pool no-grad " + "x".join(map(str, shape)), "torch_ms": t_torch, "dnr_ms": t_dnr,
                      "speedup": t_torch / t_dnr})
-    x = torch.randn(SHAPES[0], device=device).relu_()
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    g = torch.randn(SHAPES[0][0], SHAPES[0][1], SHAPES[0][2] // 2, SHAPES[0][3] // 2, device=device)
-    ours(xa).backward(g)
-    theirs(xb).backward(g)
-    assert torch.equal(xa.grad, xb.grad), "pool gradients differ"
-    t_torch = _common.time_fn(lambda: theirs(xb).backward(g), device, args.repeats)
-    t_dnr = _common.time_fn(lambda: ours(xa).backward(g), device, args.repeats)
-    rows.append({"case": "pool fwd+bwd (control) " + "x".join(map(str, SHAPES[0])), "torch_ms": t_torch,
-                 "dnr_ms": t_dnr, "speedup": t_torch / t_dnr})
+    for shape in SHAPES:
+        x = torch.randn(shape, device=device).relu_()
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        g = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2, device=device)
+        ours(xa).backward(g)
+        theirs(xb).backward(g)
+        assert torch.equal(xa.grad, xb.grad), f"pool gradients differ at {shape}"
+        t_torch = _common.time_fn(lambda: theirs(xb).backward(g), device, args.repeats)
+        t_dnr = _common.time_fn(lambda: ours(xa).backward(g), device, args.repeats)
+        rows.append({"case": "pool fwd+bwd " + "x".join(map(str, shape)), "torch_ms": t_torch, "dnr_ms": t_dnr,
+                     "speedup": t_torch / t_dnr})
 
     for name in MODELS:
         model = build_model(name, num_classes=10, in_channels=1, input_size=28)
@@ -72,6 +91,22 @@ def main():
             t_torch = _common.time_fn(lambda: plain(x), device, args.repeats)
             t_dnr = _common.time_fn(lambda: model(x), device, args.repeats)
         rows.append({"case": f"{name} forward no-grad 128", "torch_ms": t_torch, "dnr_ms": t_dnr,
+                     "speedup": t_torch / t_dnr})
+
+    for name in MODELS:
+        torch.manual_seed(0)
+        model = build_model(name, num_classes=10, in_channels=1, input_size=28)
+        sparsify(model, density=0.05)
+        model = model.to(device)
+        plain = with_torch_pools(model)
+        x, y = torch.rand(128, 1, 28, 28, device=device), torch.randint(0, 10, (128,), device=device)
+        steps = {m: training_step(m, x, y) for m in (model, plain)}
+        steps[model](), steps[plain]()
+        for (key, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
+            assert torch.equal(a, b), f"{name}: {key} differs after a training step"
+        t_torch = _common.time_fn(steps[plain], device, max(1, args.repeats // 2))
+        t_dnr = _common.time_fn(steps[model], device, max(1, args.repeats // 2))
+        rows.append({"case": f"{name} PGD-7 training step 128", "torch_ms": t_torch, "dnr_ms": t_dnr,
                      "speedup": t_torch / t_dnr})
 
     if not args.no_square:

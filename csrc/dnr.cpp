@@ -80,4 +80,12 @@ TORCH_LIBRARY(dnr, m) {
       "Tensor(b!)[] momentum_buffers, Tensor[] masks, float lr, float momentum, "
       "float dampening, float weight_decay, bool nesterov, bool first_step) -> ()",
       {at::Tag::pt2_compliant_tag, at::Tag::cudagraph_unsafe});
+  // Max over each 2x2 window with stride 2 (floor mode): [B, C, H, W] ->
+  // [B, C, H/2, W/2], contiguous; the values of max_pool2d(input, 2).
+  m.def("max_pool2x2(Tensor input) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // Its gradient wrt input, [B, C, H, W] contiguous: grad_output at each window's
+  // argmax by max_pool2d's rule (the first maximum; the last NaN), 0 elsewhere.
+  m.def(
+      "max_pool2x2_backward(Tensor grad_output, Tensor input) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
 }

@@ -13,7 +13,7 @@ import torch
 import dnr.ops
 from dnr import _ext
 
-OPS = ["masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_"]
+OPS = ["masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_", "max_pool2x2"]
 
 
 def test_backend_reports_every_op():
@@ -62,7 +62,7 @@ def test_disabled_extension_runs_reference():
 def test_extension_is_built():
     """CI sets DNR_REQUIRE_EXT=1: a broken build must fail, not fall back silently."""
     assert _ext.loaded(), _ext.reason()
-    for op in ("pgd_step_", "momentum_stats", "masked_sgd_step_", "masked_conv2d"):
+    for op in ("pgd_step_", "momentum_stats", "masked_sgd_step_", "masked_conv2d", "max_pool2x2"):
         assert dnr.ops.backend()[op]["cpu"] == "extension"
 
 
@@ -97,6 +97,11 @@ def _samples(op: str, device: str) -> list[tuple]:
     if op == "masked_sgd_step_":
         return [([r(3, 4), r(5)], [r(3, 4), r(5)], [r(3, 4), r(5)], [m(3, 4), m(5)], 0.1, 0.9, 0.0, 5e-4, nesterov, first)
                 for nesterov, first in ((False, True), (True, False))]
+    if op == "max_pool2x2":  # 1, 3 and 9 windows a row: each of the kernel's row paths
+        return [(r(2, 3, 4, 2, grad=True),), (r(2, 3, 7, 7, grad=True),), (r(1, 2, 5, 18, dtype=torch.float64, grad=True),)]
+    if op == "max_pool2x2_backward":
+        return [(r(2, 3, 2, 1, grad=True), r(2, 3, 4, 2)), (r(2, 3, 3, 3, grad=True), r(2, 3, 7, 7)),
+                (r(1, 2, 2, 9, dtype=torch.float64, grad=True), r(1, 2, 5, 18, dtype=torch.float64))]
     raise AssertionError(op)
 
 
@@ -107,15 +112,17 @@ def _channels_last(args: tuple) -> tuple:
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("op", ["pgd_step_", "momentum_stats", "masked_conv2d", "masked_conv2d_backward", "masked_sgd_step_"])
+@pytest.mark.parametrize("op", ["pgd_step_", "momentum_stats", "masked_conv2d", "masked_conv2d_backward", "masked_sgd_step_",
+                                "max_pool2x2", "max_pool2x2_backward"])
 def test_opcheck(op, layout, device):
-    """Schema, fake kernel (shapes and strides), autograd registration (double backward of the conv
-    included) and torch.compile, on every path: irregular and channel masks, contiguous and channels_last."""
+    """Schema, fake kernel (shapes and strides), autograd registration (double backward of the conv and of
+    the pool included) and torch.compile, on every path: irregular and channel masks, contiguous and
+    channels_last."""
     if not _ext.has_kernel(op, device):
         pytest.skip(f"no {device} kernel of dnr::{op} ({_ext.reason() or 'not implemented yet'})")
     samples = _samples(op, device)
     if layout == "channels_last":
-        if not op.startswith("masked_conv2d"):
+        if not op.startswith(("masked_conv2d", "max_pool2x2")):
             pytest.skip("channels_last samples are for the convolution (the list ops take any layout, tests/test_ops_optim.py)")
         samples = [_channels_last(args) for args in samples]
     for args in samples:

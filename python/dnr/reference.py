@@ -168,3 +168,9 @@ def masked_sgd_step_(
                 d = buf
             p.add_(d, alpha=-lr)
             p.mul_(mask)
+
+
+def max_pool2x2(input: torch.Tensor) -> torch.Tensor:
+    """max_pool2d(input, 2): input [B, C, H, W] -> [B, C, H // 2, W // 2]; torch's op, whose argmax rule
+    (the first maximum of a window, the last NaN) sets where the gradient goes."""
+    return F.max_pool2d(input, 2)

@@ -16,8 +16,8 @@ import torch
 from .. import reference
 from ._registry import backend, use_kernel
 
-__all__ = ["masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_", "backend", "use_kernel",
-           "sgd_kernel_fits"]
+__all__ = ["masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_", "max_pool2x2",
+           "backend", "use_kernel", "sgd_kernel_fits"]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -426,3 +426,31 @@ def masked_sgd_step_(
             torch.ops.dnr.masked_sgd_step_(*args)
         else:
             reference.masked_sgd_step_(*args)
+
+
+# ---------------------------------------------------------------------------- pooling
+
+
+def max_pool2x2(input: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(input, 2)``: the maximum of each 2x2 window, stride 2, floor mode (a trailing odd row /
+    column is dropped), in values and in gradient (each window's gradient goes to its first maximum, or to its
+    last NaN, as torch routes it; double backward too).
+
+    Args:
+        input: [B, C, H, W], floating point, H and W >= 2.
+    Returns:
+        [B, C, H // 2, W // 2].
+
+    The compiled CPU kernel (csrc/cpu/max_pool2x2.cpp: one branch-free sweep, no argmax indices stored; the
+    backward recomputes them) runs for contiguous NCHW CPU input. Elsewhere torch's own op runs: on CUDA
+    (cuDNN), for channels_last input (ATen's vectorised channels-last kernel), under torch.compile (Inductor
+    generates the pool itself).
+    """
+    _tensor("input", input)
+    if input.dim() != 4 or input.shape[-2] < 2 or input.shape[-1] < 2:
+        raise ValueError(f"max_pool2x2: input must be [B, C, H, W] with H, W >= 2, got shape {tuple(input.shape)}")
+    _floating("input", input)
+    if (use_kernel("max_pool2x2", input.device) and input.is_contiguous()
+            and not torch.compiler.is_compiling()):
+        return torch.ops.dnr.max_pool2x2(input)
+    return reference.max_pool2x2(input)

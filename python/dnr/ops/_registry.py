@@ -16,13 +16,13 @@ import torch
 from .. import _ext
 
 # Every op of csrc/dnr.cpp, plus masked_linear (reference only: it is one GEMM).
-OPS = ("masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_")
+OPS = ("masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_", "max_pool2x2")
 DEVICES = ("cpu", "cuda")
 
 # Ops whose inputs may require grad: a compiled kernel is used only once its
 # backward is registered here (register_autograd); until then the reference,
 # whose autograd is PyTorch's, runs instead.
-_NEEDS_AUTOGRAD = {"masked_conv2d"}
+_NEEDS_AUTOGRAD = {"masked_conv2d", "max_pool2x2"}
 _AUTOGRAD_REGISTERED: set[str] = set()
 
 
@@ -76,12 +76,23 @@ def _masked_sgd_step_fake(params, grads, momentum_buffers, masks, lr, momentum, 
     return None
 
 
+def _max_pool2x2_fake(input):
+    b, c, h, w = input.shape
+    return input.new_empty((b, c, h // 2, w // 2))
+
+
+def _max_pool2x2_backward_fake(grad_output, input):
+    return input.new_empty(input.shape)
+
+
 _FAKES = {
     "masked_conv2d": _masked_conv2d_fake,
     "masked_conv2d_backward": _masked_conv2d_backward_fake,
     "pgd_step_": _pgd_step_fake,
     "momentum_stats": _momentum_stats_fake,
     "masked_sgd_step_": _masked_sgd_step_fake,
+    "max_pool2x2": _max_pool2x2_fake,
+    "max_pool2x2_backward": _max_pool2x2_backward_fake,
 }
 
 
@@ -150,6 +161,30 @@ def _masked_conv2d_double_backward(ctx, grad_grad_input, grad_grad_weight, grad_
     return d_go, d_x, d_w, None, None, None, None, None, None, None
 
 
+def _max_pool2x2_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _max_pool2x2_autograd(ctx, grad_output):
+    (input,) = ctx.saved_tensors
+    return torch.ops.dnr.max_pool2x2_backward(grad_output, input)
+
+
+def _max_pool2x2_backward_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _max_pool2x2_double_backward(ctx, grad_grad_input):
+    """The backward is linear in grad_output (it places it at each window's argmax), so its adjoint
+    reads grad_grad_input at those positions; piecewise constant in input (no gradient), as ATen's
+    max_pool2d_with_indices_backward. The argmax comes from ATen's forward, whose rule the kernel
+    follows (csrc/cpu/max_pool2x2.cpp): a rare path (Hessian-vector products), kept simple."""
+    (input,) = ctx.saved_tensors
+    _, indices = torch.ops.aten.max_pool2d_with_indices(input, [2, 2], [2, 2])
+    d_go = grad_grad_input.flatten(2).gather(2, indices.flatten(2)).view(indices.shape)
+    return d_go, None
+
+
 def _register_autograd() -> None:
     torch.library.register_autograd(
         "dnr::masked_conv2d", _masked_conv2d_autograd, setup_context=_masked_conv2d_setup_context
@@ -159,6 +194,17 @@ def _register_autograd() -> None:
         setup_context=_masked_conv2d_backward_setup_context,
     )
     _AUTOGRAD_REGISTERED.add("masked_conv2d")
+
+
+def _register_max_pool_autograd() -> None:
+    torch.library.register_autograd(
+        "dnr::max_pool2x2", _max_pool2x2_autograd, setup_context=_max_pool2x2_setup_context
+    )
+    torch.library.register_autograd(
+        "dnr::max_pool2x2_backward", _max_pool2x2_double_backward,
+        setup_context=_max_pool2x2_backward_setup_context,
+    )
+    _AUTOGRAD_REGISTERED.add("max_pool2x2")
 
 
 def _has_schema(op: str) -> bool:
@@ -180,6 +226,8 @@ def _register() -> dict[tuple[str, str], bool]:
         torch.library.register_fake(f"dnr::{op}", _FAKES[op])
     if {"masked_conv2d", "masked_conv2d_backward"} <= present:
         _register_autograd()
+    if {"max_pool2x2", "max_pool2x2_backward"} <= present:
+        _register_max_pool_autograd()
     for op in OPS:
         if op not in present:
             continue
