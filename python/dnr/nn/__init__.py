@@ -1,5 +1,5 @@
 """Masked layers, ``sparsify(model)``, ``density_report(model)``, the input ``Normalize`` layer, the models'
-``MaxPool2d`` (faster on the CPU without autograd), and the block-circulant layers with
+``MaxPool2d`` (a CPU kernel for the 2x2 pool), and the block-circulant layers with
 ``circulant(model, block_size)``."""
 
 from .block_circulant import (BlockCirculantConv2d, BlockCirculantLayer, BlockCirculantLinear, block_circulant_conv2d,
