@@ -19,10 +19,9 @@ from .. import _ext
 OPS = ("masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_", "max_pool2x2")
 DEVICES = ("cpu", "cuda")
 
-# Ops whose inputs may require grad: a compiled kernel is used only once its
-# backward is registered here (register_autograd); until then the reference,
-# whose autograd is PyTorch's, runs instead.
-_NEEDS_AUTOGRAD = {"masked_conv2d", "max_pool2x2"}
+# Ops whose inputs may require grad (the keys of _AUTOGRAD below): a compiled kernel
+# is used only once its backward is registered (register_autograd); until then the
+# reference, whose autograd is PyTorch's, runs instead.
 _AUTOGRAD_REGISTERED: set[str] = set()
 
 
@@ -185,26 +184,22 @@ def _max_pool2x2_double_backward(ctx, grad_grad_input):
     return d_go, None
 
 
-def _register_autograd() -> None:
-    torch.library.register_autograd(
-        "dnr::masked_conv2d", _masked_conv2d_autograd, setup_context=_masked_conv2d_setup_context
-    )
-    torch.library.register_autograd(
-        "dnr::masked_conv2d_backward", _masked_conv2d_double_backward,
-        setup_context=_masked_conv2d_backward_setup_context,
-    )
-    _AUTOGRAD_REGISTERED.add("masked_conv2d")
+# op -> ((backward, setup_context), (double backward, its setup_context)): each op that takes gradients has a
+# dnr::<op>_backward op whose own autograd is the double backward (create_graph=True: gradient penalties,
+# Hessian-vector products).
+_AUTOGRAD = {
+    "masked_conv2d": ((_masked_conv2d_autograd, _masked_conv2d_setup_context),
+                      (_masked_conv2d_double_backward, _masked_conv2d_backward_setup_context)),
+    "max_pool2x2": ((_max_pool2x2_autograd, _max_pool2x2_setup_context),
+                    (_max_pool2x2_double_backward, _max_pool2x2_backward_setup_context)),
+}
 
 
-def _register_max_pool_autograd() -> None:
-    torch.library.register_autograd(
-        "dnr::max_pool2x2", _max_pool2x2_autograd, setup_context=_max_pool2x2_setup_context
-    )
-    torch.library.register_autograd(
-        "dnr::max_pool2x2_backward", _max_pool2x2_double_backward,
-        setup_context=_max_pool2x2_backward_setup_context,
-    )
-    _AUTOGRAD_REGISTERED.add("max_pool2x2")
+def _register_autograd(op: str) -> None:
+    (backward, setup), (double_backward, double_setup) = _AUTOGRAD[op]
+    torch.library.register_autograd(f"dnr::{op}", backward, setup_context=setup)
+    torch.library.register_autograd(f"dnr::{op}_backward", double_backward, setup_context=double_setup)
+    _AUTOGRAD_REGISTERED.add(op)
 
 
 def _has_schema(op: str) -> bool:
@@ -224,14 +219,13 @@ def _register() -> dict[tuple[str, str], bool]:
     present = {op for op in _FAKES if _has_schema(op)}
     for op in present:
         torch.library.register_fake(f"dnr::{op}", _FAKES[op])
-    if {"masked_conv2d", "masked_conv2d_backward"} <= present:
-        _register_autograd()
-    if {"max_pool2x2", "max_pool2x2_backward"} <= present:
-        _register_max_pool_autograd()
+    for op in _AUTOGRAD:
+        if {op, f"{op}_backward"} <= present:
+            _register_autograd(op)
     for op in OPS:
         if op not in present:
             continue
-        ready = op not in _NEEDS_AUTOGRAD or op in _AUTOGRAD_REGISTERED
+        ready = op not in _AUTOGRAD or op in _AUTOGRAD_REGISTERED
         for device in DEVICES:
             usable[op, device] = ready and _ext.has_kernel(op, device)
     return usable
