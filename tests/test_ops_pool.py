@@ -157,6 +157,16 @@ def test_the_op_itself_takes_any_strides():
     assert torch.equal(torch.ops.dnr.max_pool2x2(x), F.max_pool2d(x, 2))
 
 
+def test_torch_func_transforms_run_torch_max_pool():
+    """vmap and grad wrap their tensors; the custom op has no vmap rule, so they get torch's op."""
+    x = torch.randn(3, 2, 5, 6)
+    assert torch.equal(torch.vmap(dnr.ops.max_pool2x2)(x.unsqueeze(1)).squeeze(1), F.max_pool2d(x, 2))
+    grad = torch.func.grad(lambda t: dnr.ops.max_pool2x2(t).sum())(x)
+    x.requires_grad_()
+    F.max_pool2d(x, 2).sum().backward()
+    assert torch.equal(grad, x.grad)
+
+
 def test_uses_the_kernel_where_built():
     table = dnr.ops.backend()["max_pool2x2"]
     assert table["cpu"] == ("extension" if _ext.has_kernel("max_pool2x2", "cpu") else "reference")

@@ -441,16 +441,17 @@ def max_pool2x2(input: torch.Tensor) -> torch.Tensor:
     Returns:
         [B, C, H // 2, W // 2].
 
-    The compiled CPU kernel (csrc/cpu/max_pool2x2.cpp: one branch-free sweep, no argmax indices stored; the
-    backward recomputes them) runs for contiguous NCHW CPU input. Elsewhere torch's own op runs: on CUDA
-    (cuDNN), for channels_last input (ATen's vectorised channels-last kernel), under torch.compile (Inductor
-    generates the pool itself).
+    The compiled CPU kernel (csrc/cpu/max_pool2x2.cpp: a sweep over pairs of input rows, AVX2 for float32; no
+    argmax indices stored, the backward recomputes them) runs for contiguous NCHW CPU input. Elsewhere torch's
+    own op runs: on CUDA (cuDNN), for channels_last input (ATen's vectorised channels-last kernel), under
+    torch.compile (Inductor generates the pool itself) and inside ``torch.func`` transforms (the op has no
+    vmap rule).
     """
     _tensor("input", input)
     if input.dim() != 4 or input.shape[-2] < 2 or input.shape[-1] < 2:
         raise ValueError(f"max_pool2x2: input must be [B, C, H, W] with H, W >= 2, got shape {tuple(input.shape)}")
     _floating("input", input)
-    if (use_kernel("max_pool2x2", input.device) and input.is_contiguous()
-            and not torch.compiler.is_compiling()):
+    if (use_kernel("max_pool2x2", input.device) and input.is_contiguous() and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(input)):
         return torch.ops.dnr.max_pool2x2(input)
     return reference.max_pool2x2(input)
