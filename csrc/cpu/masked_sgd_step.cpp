@@ -11,6 +11,7 @@
 #include <cmath>
 
 #include "../multi_tensor.h"
+#include "cpu_features.h"
 
 namespace dnr {
 namespace {
@@ -65,11 +66,6 @@ __attribute__((target("avx2,fma,f16c"))) void sgd_range_avx2(
   sgd_range(p, g, buf, mask, n, c);
 }
 
-bool cpu_has_avx2_fma() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c");
-  return yes;
-}
 #endif
 
 void masked_sgd_step_cpu(
@@ -110,7 +106,7 @@ void masked_sgd_step_cpu(
           const bool* kp = k.const_data_ptr<bool>();
           at::parallel_for(0, p.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
 #if defined(__x86_64__) && defined(__GNUC__)
-            if (cpu_has_avx2_fma()) {
+            if (cpu_has_avx2_fma_f16c()) {
               sgd_range_avx2(pp + begin, gp + begin, bp + begin, kp + begin, end - begin, c);
               return;
             }

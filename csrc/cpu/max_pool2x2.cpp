@@ -27,6 +27,8 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "cpu_features.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
@@ -92,7 +94,7 @@ void backward_row(const scalar_t* __restrict__ r0, const scalar_t* __restrict__ 
 // the row's end, overlapping the one before: it rewrites the same values, which both
 // passes allow (each output depends on its own window only). Rows under 4 windows use
 // masked loads and stores.
-#define DNR_AVX2 __attribute__((target("avx2,fma")))
+#define DNR_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 // isnan(v) | (v > m): take v as the new maximum (the rule above), as a lane mask
 DNR_AVX2 inline __m256 take8(__m256 v, __m256 m) {
@@ -231,11 +233,6 @@ DNR_AVX2 void backward_row_avx2(const float* r0, const float* r1, const float* g
   }
 }
 #undef DNR_AVX2
-
-bool cpu_has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
 #endif
 
 // Output rows [begin, end) of [B*C*H/2, W/2] from the contiguous input [B*C, H, W].
@@ -247,7 +244,7 @@ void forward_rows(const scalar_t* in, scalar_t* out, int64_t begin, int64_t end,
     const scalar_t* r0 = in + (r / ho) * h * w + 2 * (r % ho) * w;
 #if defined(__x86_64__) && defined(__GNUC__)
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (cpu_has_avx2()) {
+      if (cpu_has_avx2_fma_f16c()) {
         forward_row_avx2(r0, r0 + w, out + r * wo, wo);
         continue;
       }
@@ -268,7 +265,7 @@ void backward_rows(const scalar_t* in, const scalar_t* grad_out, scalar_t* grad_
     scalar_t* g0 = grad_in + offset;
 #if defined(__x86_64__) && defined(__GNUC__)
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (cpu_has_avx2()) {
+      if (cpu_has_avx2_fma_f16c()) {
         backward_row_avx2(r0, r0 + w, grad_out + r * wo, g0, g0 + w, wo);
         continue;
       }

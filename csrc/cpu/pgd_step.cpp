@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "../pgd_step.h"
+#include "cpu_features.h"
 
 namespace dnr {
 namespace {
@@ -53,11 +54,6 @@ __attribute__((target("avx2,fma,f16c"))) void pgd_block_avx2(
   pgd_block(delta, x_adv, x, grad, e, a, lo, hi, n);
 }
 
-bool cpu_has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c");
-  return yes;
-}
 #endif
 
 template <typename scalar_t>
@@ -77,7 +73,7 @@ void pgd_step_kernel(
       const opmath_t e = eps[b * eps_stride];
       const opmath_t a = alpha[b * alpha_stride];
 #if defined(__x86_64__) && defined(__GNUC__)
-      if (cpu_has_avx2()) {
+      if (cpu_has_avx2_fma_f16c()) {
         pgd_block_avx2(delta + i, x_adv + i, x + i, grad + i, e, a, lo, hi, block_end - i);
         i = block_end;
         continue;
