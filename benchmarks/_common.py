@@ -90,6 +90,20 @@ def time_fn(fn, device: torch.device, repeats: int, warmup: int = 3, inner: int 
     return statistics.median(times) if device.type == "cuda" else min(times)
 
 
+def time_pair(baseline, candidate, device: torch.device, repeats: int, warmup: int = 3) -> tuple[float, float]:
+    """Milliseconds per call of baseline() and of candidate(), their timed runs alternated (a, b, a, b, ...)
+    so that a slow spell of a shared machine hits both alike; the statistic is time_fn's."""
+    for _ in range(warmup):
+        baseline(), candidate()
+    sync(device)
+    times: tuple[list, list] = ([], [])
+    for _ in range(repeats):
+        for fn, out in ((baseline, times[0]), (candidate, times[1])):
+            out.append(time_fn(fn, device, 1, warmup=0))
+    pick = statistics.median if device.type == "cuda" else min
+    return pick(times[0]), pick(times[1])
+
+
 def copy_bandwidth(device: torch.device, numel: int = 1 << 26) -> float:
     """Achievable bytes/s of this device: a large clone (read + write)."""
     numel = numel if device.type == "cuda" else numel // 16

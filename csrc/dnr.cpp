@@ -88,4 +88,18 @@ TORCH_LIBRARY(dnr, m) {
   m.def(
       "max_pool2x2_backward(Tensor grad_output, Tensor input) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+  // F.batch_norm(input, running_mean, running_var, weight, bias, training=False,
+  // eps=eps): input [N, C, *] normalised with the running statistics (not updated);
+  // the output has the input's layout.
+  m.def(
+      "batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor running_mean, Tensor running_var, float eps) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Its gradient wrt input: (grad_output * invstd) * weight per channel, invstd =
+  // 1 / sqrt(running_var + eps) (in double, rounded to the dtype), as ATen's eval-mode
+  // backward; channels_last stays channels_last, other layouts come back contiguous.
+  m.def(
+      "batch_norm_eval_backward(Tensor grad_output, Tensor? weight, Tensor running_var, "
+      "float eps) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
 }

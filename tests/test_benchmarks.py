@@ -16,6 +16,7 @@ SCRIPTS = [
     pytest.param("train_step", "train_step", id="train_step", marks=pytest.mark.slow),
     pytest.param("batch_loader", "batch_loader", id="batch_loader"),
     pytest.param("pooling", "pooling", id="pooling", marks=pytest.mark.slow),
+    pytest.param("batch_norm", "batch_norm", id="batch_norm", marks=pytest.mark.slow),
 ]
 
 

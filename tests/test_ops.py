@@ -13,7 +13,7 @@ import torch
 import dnr.ops
 from dnr import _ext
 
-OPS = ["masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_", "max_pool2x2"]
+OPS = ["masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_", "max_pool2x2", "batch_norm_eval"]
 
 
 def test_backend_reports_every_op():
@@ -62,7 +62,7 @@ def test_disabled_extension_runs_reference():
 def test_extension_is_built():
     """CI sets DNR_REQUIRE_EXT=1: a broken build must fail, not fall back silently."""
     assert _ext.loaded(), _ext.reason()
-    for op in ("pgd_step_", "momentum_stats", "masked_sgd_step_", "masked_conv2d", "max_pool2x2"):
+    for op in ("pgd_step_", "momentum_stats", "masked_sgd_step_", "masked_conv2d", "max_pool2x2", "batch_norm_eval"):
         assert dnr.ops.backend()[op]["cpu"] == "extension"
 
 
@@ -102,6 +102,17 @@ def _samples(op: str, device: str) -> list[tuple]:
     if op == "max_pool2x2_backward":
         return [(r(2, 3, 2, 1, grad=True), r(2, 3, 4, 2)), (r(2, 3, 3, 3, grad=True), r(2, 3, 7, 7)),
                 (r(1, 2, 2, 9, dtype=torch.float64, grad=True), r(1, 2, 5, 18, dtype=torch.float64))]
+    if op == "batch_norm_eval":  # planes (4-D, 3-D), rows of channels (2-D), with / without affine
+        var = lambda c, dt=torch.float32: torch.rand(c, device=device, dtype=dt) + 0.5  # noqa: E731
+        return [(r(2, 3, 4, 5, grad=True), r(3, grad=True), r(3, grad=True), r(3), var(3), 1e-5),
+                (r(2, 3, 4, 5, grad=True), None, None, r(3), var(3), 1e-3),
+                (r(4, 5, grad=True), r(5), r(5, grad=True), r(5), var(5), 1e-5),
+                (r(2, 3, 7, dtype=torch.float64, grad=True), r(3, dtype=torch.float64, grad=True), None,
+                 r(3, dtype=torch.float64), var(3, torch.float64), 1e-5)]
+    if op == "batch_norm_eval_backward":
+        var = lambda c: torch.rand(c, device=device) + 0.5  # noqa: E731
+        return [(r(2, 3, 4, 5, grad=True), r(3, grad=True), var(3), 1e-5), (r(2, 3, 4, 5, grad=True), None, var(3), 1e-5),
+                (r(4, 5, grad=True), r(5), var(5), 1e-3)]
     raise AssertionError(op)
 
 
@@ -113,7 +124,7 @@ def _channels_last(args: tuple) -> tuple:
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("op", ["pgd_step_", "momentum_stats", "masked_conv2d", "masked_conv2d_backward", "masked_sgd_step_",
-                                "max_pool2x2", "max_pool2x2_backward"])
+                                "max_pool2x2", "max_pool2x2_backward", "batch_norm_eval", "batch_norm_eval_backward"])
 def test_opcheck(op, layout, device):
     """Schema, fake kernel (shapes and strides), autograd registration (double backward of the conv and of
     the pool included) and torch.compile, on every path: irregular and channel masks, contiguous and
@@ -122,7 +133,7 @@ def test_opcheck(op, layout, device):
         pytest.skip(f"no {device} kernel of dnr::{op} ({_ext.reason() or 'not implemented yet'})")
     samples = _samples(op, device)
     if layout == "channels_last":
-        if not op.startswith(("masked_conv2d", "max_pool2x2")):
+        if not op.startswith(("masked_conv2d", "max_pool2x2", "batch_norm_eval")):
             pytest.skip("channels_last samples are for the convolution (the list ops take any layout, tests/test_ops_optim.py)")
         samples = [_channels_last(args) for args in samples]
     for args in samples:

@@ -174,3 +174,11 @@ def max_pool2x2(input: torch.Tensor) -> torch.Tensor:
     """max_pool2d(input, 2): input [B, C, H, W] -> [B, C, H // 2, W // 2]; torch's op, whose argmax rule
     (the first maximum of a window, the last NaN) sets where the gradient goes."""
     return F.max_pool2d(input, 2)
+
+
+def batch_norm_eval(input: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                    weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                    eps: float = 1e-5) -> torch.Tensor:
+    """BatchNorm in eval mode: input [N, C, *] normalised per channel with the running statistics [C] (which
+    are not updated), then scaled by weight [C] and shifted by bias [C]; torch's op."""
+    return F.batch_norm(input, running_mean, running_var, weight, bias, training=False, eps=eps)

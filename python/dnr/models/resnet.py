@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..data.stats import CIFAR10_MEAN, CIFAR10_STD
+from ..nn.batchnorm import BatchNorm2d
 from ._common import check_positive_int, init_weights, input_normalization
 
 __all__ = ["BasicBlock", "ResNet", "resnet18"]
@@ -44,13 +45,13 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.in_planes, self.planes, self.stride = in_planes, planes, stride
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = BatchNorm2d(planes)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(planes))
+                                          BatchNorm2d(planes))
 
     @property
     def has_projection(self) -> bool:
@@ -85,7 +86,7 @@ class ResNet(nn.Module):
                              f"{tuple(widths)}")
         self.normalize = input_normalization(mean, std, in_channels, "resnet")
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.bn1 = BatchNorm2d(widths[0])
         in_planes = widths[0]
         for i, (planes, n, stride) in enumerate(zip(widths, num_blocks, (1, 2, 2, 2)), start=1):
             blocks = []

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..data.stats import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from ..nn.normalize import Normalize
+from ..nn.batchnorm import BatchNorm2d
 from ..nn.pooling import MaxPool2d
 
 __all__ = ["SmallCNN", "small_cnn", "wide_cnn", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD"]
@@ -35,7 +36,7 @@ class SmallCNN(nn.Module):
         layers = []
         cin = in_channels
         for cout in widths:
-            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), BatchNorm2d(cout),
                        nn.ReLU(inplace=True), MaxPool2d(2)]
             cin = cout
         self.features = nn.Sequential(*layers)  # 28 -> 14 -> 7 -> 3

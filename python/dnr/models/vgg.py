@@ -18,6 +18,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..data.stats import CIFAR10_MEAN, CIFAR10_STD
+from ..nn.batchnorm import BatchNorm2d
 from ..nn.pooling import MaxPool2d
 from ._common import check_positive_int, init_weights, input_normalization
 
@@ -61,7 +62,7 @@ class VGG(nn.Module):
             if c == "M":
                 layers.append(MaxPool2d(2))  # nn.MaxPool2d, faster on the CPU without autograd
             else:
-                layers += [nn.Conv2d(cin, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(cin, c, 3, padding=1, bias=False), BatchNorm2d(c), nn.ReLU(inplace=True)]
                 cin = c
         self.features = nn.Sequential(*layers)
         side = input_size // (2 ** pools)

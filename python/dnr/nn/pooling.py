@@ -15,10 +15,10 @@ op, so exported graphs hold a MaxPool node). Elsewhere (CUDA, channels_last, oth
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .eager import is_plain_eager_tensor
 
 __all__ = ["MaxPool2d", "max_pool2x2"]
 
@@ -42,11 +42,8 @@ class MaxPool2d(nn.MaxPool2d):
         return super().forward(input)
 
     def _fast(self, x) -> bool:
-        # type(x) is Tensor: not an fx Proxy or a subclass; compile / export / tracing / torch.func see the
-        # plain op (the custom op has no vmap rule, and graphs should hold torch's pool)
-        if type(x) is not torch.Tensor or torch.jit.is_scripting() or torch.jit.is_tracing():
-            return False
-        if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        # graphs (compile / export / tracing / fx) and torch.func transforms see torch's pool
+        if not is_plain_eager_tensor(x):
             return False
         return (x.device.type == "cpu" and x.dim() == 4 and x.is_floating_point() and x.is_contiguous()
                 and x.shape[-2] >= 2 and x.shape[-1] >= 2 and _pair_is(self.kernel_size, 2)

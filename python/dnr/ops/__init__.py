@@ -17,7 +17,7 @@ from .. import reference
 from ._registry import backend, use_kernel
 
 __all__ = ["masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_", "max_pool2x2",
-           "backend", "use_kernel", "sgd_kernel_fits"]
+           "batch_norm_eval", "backend", "use_kernel", "sgd_kernel_fits"]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -455,3 +455,54 @@ def max_pool2x2(input: torch.Tensor) -> torch.Tensor:
             and not torch._C._functorch.is_functorch_wrapped_tensor(input)):
         return torch.ops.dnr.max_pool2x2(input)
     return reference.max_pool2x2(input)
+
+
+# ---------------------------------------------------------------------------- batch norm
+
+
+def batch_norm_eval(input: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                    weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                    eps: float = 1e-5) -> torch.Tensor:
+    """``F.batch_norm(input, running_mean, running_var, weight, bias, training=False, eps=eps)`` in values
+    and gradients: BatchNorm in eval mode, each channel normalised with its running statistics (which are
+    read, never updated), then scaled and shifted.
+
+    Args:
+        input: [N, C, *], floating point.
+        running_mean, running_var: [C], not requiring grad (as torch's op asks).
+        weight, bias: [C] or None.
+        eps: added to running_var before the square root.
+    Returns:
+        [N, C, *], the input's layout.
+
+    The compiled CPU kernel (csrc/cpu/batch_norm_eval.cpp) runs for float32 / float64 CPU input, contiguous
+    or channels_last, with parameters of its dtype: its forward is ATen's, its input gradient
+    ``(grad_output * invstd) * weight`` is ATen's bit for bit but skips the per-channel sums that ATen's
+    backward computes for the weight and bias gradients whether or not they are needed (the case of
+    attacks, which freeze the parameters). Elsewhere torch's op runs: on CUDA (cuDNN), for other dtypes,
+    under torch.compile and inside ``torch.func`` transforms (the op has no vmap rule).
+    """
+    _tensor("input", input)
+    if input.dim() < 2:
+        raise ValueError(f"batch_norm_eval: input must be [N, C, *], got shape {tuple(input.shape)}")
+    _floating("input", input)
+    channels = input.shape[1]
+    params = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
+    for name, value in params.items():
+        if value is None and name in ("weight", "bias"):
+            continue
+        _tensor(name, value)
+        if tuple(value.shape) != (channels,):
+            raise ValueError(f"batch_norm_eval: {name} must have shape ({channels},) (the input's channels), "
+                             f"got {tuple(value.shape)}")
+    for name in ("running_mean", "running_var"):
+        if params[name].requires_grad:
+            raise ValueError(f"batch_norm_eval: {name} must not require grad (running statistics take no "
+                             "gradient, as in F.batch_norm)")
+    present = [v for v in params.values() if v is not None]
+    if (use_kernel("batch_norm_eval", input.device) and input.dtype in (torch.float32, torch.float64)
+            and (input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last))
+            and all(v.dtype == input.dtype and v.device == input.device for v in present)
+            and not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(input)):
+        return torch.ops.dnr.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
+    return reference.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)

@@ -16,7 +16,8 @@ import torch
 from .. import _ext
 
 # Every op of csrc/dnr.cpp, plus masked_linear (reference only: it is one GEMM).
-OPS = ("masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_", "max_pool2x2")
+OPS = ("masked_conv2d", "masked_linear", "pgd_step_", "momentum_stats", "masked_sgd_step_", "max_pool2x2",
+       "batch_norm_eval")
 DEVICES = ("cpu", "cuda")
 
 # Ops whose inputs may require grad (the keys of _AUTOGRAD below): a compiled kernel
@@ -84,6 +85,17 @@ def _max_pool2x2_backward_fake(grad_output, input):
     return input.new_empty(input.shape)
 
 
+def _batch_norm_eval_fake(input, weight, bias, running_mean, running_var, eps):
+    # ATen's native_batch_norm: the output takes the input's suggested layout
+    layout = torch.channels_last if _is_channels_last(input) else torch.contiguous_format
+    return _empty(input.shape, input, layout)
+
+
+def _batch_norm_eval_backward_fake(grad_output, weight, running_var, eps):
+    layout = torch.channels_last if _is_channels_last(grad_output) else torch.contiguous_format
+    return _empty(grad_output.shape, grad_output, layout)
+
+
 _FAKES = {
     "masked_conv2d": _masked_conv2d_fake,
     "masked_conv2d_backward": _masked_conv2d_backward_fake,
@@ -92,6 +104,8 @@ _FAKES = {
     "masked_sgd_step_": _masked_sgd_step_fake,
     "max_pool2x2": _max_pool2x2_fake,
     "max_pool2x2_backward": _max_pool2x2_backward_fake,
+    "batch_norm_eval": _batch_norm_eval_fake,
+    "batch_norm_eval_backward": _batch_norm_eval_backward_fake,
 }
 
 
@@ -184,6 +198,65 @@ def _max_pool2x2_double_backward(ctx, grad_grad_input):
     return d_go, None
 
 
+def _channel_dims(t: torch.Tensor) -> list[int]:
+    """The dims a per-channel reduction sums over: all but dim 1 of [N, C, *]."""
+    return [0, *range(2, t.dim())]
+
+
+def _per_channel(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[C] -> broadcastable against [N, C, *]."""
+    return v.view(1, -1, *([1] * (like.dim() - 2)))
+
+
+def _invstd(running_var: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(running_var + eps), computed in float64 and rounded once, as the kernel and ATen do."""
+    return (1 / (running_var.double() + eps).sqrt()).to(running_var.dtype)
+
+
+def _batch_norm_eval_setup_context(ctx, inputs, output):
+    input, weight, bias, running_mean, running_var, eps = inputs
+    ctx.save_for_backward(input, weight, running_mean, running_var)
+    ctx.eps = eps
+    ctx.has_bias = bias is not None
+
+
+def _batch_norm_eval_autograd(ctx, grad_output):
+    """Input gradient by the kernel; the weight and bias gradients (rare here: the fast path is for frozen
+    parameters) by torch ops. The running statistics take no gradient, as in F.batch_norm, which refuses
+    running statistics that require grad (the wrapper sends those to it)."""
+    input, weight, running_mean, running_var = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_input = grad_weight = grad_bias = None
+    if need[0]:
+        grad_input = torch.ops.dnr.batch_norm_eval_backward(grad_output, weight, running_var, ctx.eps)
+    if weight is not None and need[1]:
+        x_hat = (input - _per_channel(running_mean, input)) * _per_channel(_invstd(running_var, ctx.eps), input)
+        grad_weight = (grad_output * x_hat).sum(_channel_dims(grad_output))
+    if ctx.has_bias and need[2]:
+        grad_bias = grad_output.sum(_channel_dims(grad_output))
+    return grad_input, grad_weight, grad_bias, None, None, None
+
+
+def _batch_norm_eval_backward_setup_context(ctx, inputs, output):
+    grad_output, weight, running_var, eps = inputs
+    ctx.save_for_backward(grad_output, weight, running_var)
+    ctx.eps = eps
+
+
+def _batch_norm_eval_double_backward(ctx, grad_grad_input):
+    """The backward is (grad_output * invstd) * weight per channel: linear in grad_output (its adjoint is the
+    same scaling) and in weight (its adjoint sums grad_output * invstd * grad_grad_input per channel)."""
+    grad_output, weight, running_var = ctx.saved_tensors
+    need_go, need_w = ctx.needs_input_grad[:2]
+    d_go = d_w = None
+    if need_go:
+        d_go = torch.ops.dnr.batch_norm_eval_backward(grad_grad_input, weight, running_var, ctx.eps)
+    if weight is not None and need_w:
+        scaled = grad_output * _per_channel(_invstd(running_var, ctx.eps), grad_output)
+        d_w = (scaled * grad_grad_input).sum(_channel_dims(grad_output))
+    return d_go, d_w, None, None
+
+
 # op -> ((backward, setup_context), (double backward, its setup_context)): each op that takes gradients has a
 # dnr::<op>_backward op whose own autograd is the double backward (create_graph=True: gradient penalties,
 # Hessian-vector products).
@@ -192,6 +265,8 @@ _AUTOGRAD = {
                       (_masked_conv2d_double_backward, _masked_conv2d_backward_setup_context)),
     "max_pool2x2": ((_max_pool2x2_autograd, _max_pool2x2_setup_context),
                     (_max_pool2x2_double_backward, _max_pool2x2_backward_setup_context)),
+    "batch_norm_eval": ((_batch_norm_eval_autograd, _batch_norm_eval_setup_context),
+                        (_batch_norm_eval_double_backward, _batch_norm_eval_backward_setup_context)),
 }
 
 
