@@ -8,6 +8,7 @@ the same run and writes ``<op>-<device>.json`` into ``benchmarks/results/`` (or
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -152,3 +153,37 @@ def write(op: str, device: torch.device, rows: list[dict], args, extra: dict | N
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def replace_modules(model, kind: type, make) -> "torch.nn.Module":
+    """A deep copy of ``model`` in which every module of type ``kind`` is replaced by ``make(module)``
+    (dnr's drop-in layers against torch's own, for the benchmarks that compare them in whole models)."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, kind):
+                setattr(parent, name, make(child))
+    assert not any(isinstance(m, kind) for m in model.modules())
+    return model
+
+
+def pgd7_attack(model, x, y):
+    """dnr.attacks.pgd at eps 0.1, step 0.025, 7 steps, a fixed random start: [B, ...] -> [B, ...]."""
+    from dnr.attacks import pgd
+
+    return pgd(model, x, y, 0.1, 0.025, 7, generator=torch.Generator(device=x.device).manual_seed(0))
+
+
+def pgd7_training_step(model, x, y):
+    """One PGD-7 adversarial training step of ``model`` on (x, y) (the attack, then a train-mode forward +
+    backward of the cross-entropy on the adversarial batch and an SGD step), as a closure."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        x_adv = pgd7_attack(model, x, y)
+        model.train()
+        loss = torch.nn.functional.cross_entropy(model(x_adv), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return step

@@ -14,14 +14,10 @@ minimum of each kept), after a bit-for-bit check:
 On CUDA dnr.nn.BatchNorm2d is nn.BatchNorm2d (this benchmark is for the CPU).
 """
 
-import copy
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import _common
-from dnr.attacks import pgd
 from dnr.models import build_model
 from dnr.nn import BatchNorm2d, sparsify
 
@@ -39,31 +35,7 @@ def torch_norm(norm: BatchNorm2d) -> nn.BatchNorm2d:
 
 def with_torch_norms(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every dnr BatchNorm2d replaced by torch's nn.BatchNorm2d (same state)."""
-    model = copy.deepcopy(model)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, BatchNorm2d):
-                setattr(parent, name, torch_norm(child))
-    assert not any(isinstance(m, BatchNorm2d) for m in model.modules())
-    return model
-
-
-def attack(model: nn.Module, x, y):
-    return pgd(model, x, y, 0.1, 0.025, 7, generator=torch.Generator(device=x.device).manual_seed(0))
-
-
-def training_step(model: nn.Module, x, y):
-    """One PGD-7 adversarial training step of ``model`` on (x, y), as a closure (eps 0.1, alpha 0.025)."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        x_adv = attack(model, x, y)
-        model.train()
-        loss = F.cross_entropy(model(x_adv), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return step
+    return _common.replace_modules(model, BatchNorm2d, torch_norm)
 
 
 def trained_state(model: nn.Module) -> nn.Module:
@@ -108,12 +80,12 @@ def main():
         model = model.to(device)
         plain = with_torch_norms(model)
         x, y = torch.rand(128, 1, 28, 28, device=device), torch.randint(0, 10, (128,), device=device)
-        assert torch.equal(attack(model, x, y), attack(plain, x, y)), f"{name}: adversarial examples differ"
-        t_torch, t_dnr = _common.time_pair(lambda: attack(plain, x, y), lambda: attack(model, x, y), device,
+        assert torch.equal(_common.pgd7_attack(model, x, y), _common.pgd7_attack(plain, x, y)), f"{name}: adversarial examples differ"
+        t_torch, t_dnr = _common.time_pair(lambda: _common.pgd7_attack(plain, x, y), lambda: _common.pgd7_attack(model, x, y), device,
                                            args.repeats, warmup=1)
         rows.append({"case": f"{name} PGD-7 attack 128", "torch_ms": t_torch, "dnr_ms": t_dnr,
                      "speedup": t_torch / t_dnr})
-        steps = {m: training_step(m, x, y) for m in (model, plain)}
+        steps = {m: _common.pgd7_training_step(m, x, y) for m in (model, plain)}
         steps[model](), steps[plain]()
         for (key, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
             assert torch.equal(a, b), f"{name}: {key} differs after a training step"

@@ -12,14 +12,10 @@ Four levels, each a ratio against nn.MaxPool2d measured in the same run, after a
 On CUDA dnr.nn.MaxPool2d is nn.MaxPool2d (this benchmark is for the CPU).
 """
 
-import copy
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import _common
-from dnr.attacks import pgd
 from dnr.models import build_model
 from dnr.nn import MaxPool2d, sparsify
 
@@ -27,29 +23,13 @@ SHAPES = [(128, 32, 28, 28), (128, 64, 14, 14), (128, 128, 7, 7), (128, 64, 32, 
 MODELS = ["small_cnn", "wide_cnn", "vgg_cnn"]
 
 
+def torch_pool(pool: MaxPool2d) -> nn.MaxPool2d:
+    return nn.MaxPool2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation, ceil_mode=pool.ceil_mode)
+
+
 def with_torch_pools(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every dnr MaxPool2d replaced by torch's nn.MaxPool2d (same arguments)."""
-    model = copy.deepcopy(model)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, MaxPool2d):
-                setattr(parent, name, nn.MaxPool2d(child.kernel_size, child.stride, child.padding, child.dilation,
-                                                   ceil_mode=child.ceil_mode))
-    return model
-
-
-def training_step(model: nn.Module, x, y):
-    """One PGD-7 adversarial training step of ``model`` on (x, y), as a closure (eps 0.1, alpha 0.025)."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        x_adv = pgd(model, x, y, 0.1, 0.025, 7, generator=torch.Generator(device=x.device).manual_seed(0))
-        model.train()
-        loss = F.cross_entropy(model(x_adv), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return step
+    return _common.replace_modules(model, MaxPool2d, torch_pool)
 
 
 def main():
@@ -100,7 +80,7 @@ def main():
         model = model.to(device)
         plain = with_torch_pools(model)
         x, y = torch.rand(128, 1, 28, 28, device=device), torch.randint(0, 10, (128,), device=device)
-        steps = {m: training_step(m, x, y) for m in (model, plain)}
+        steps = {m: _common.pgd7_training_step(m, x, y) for m in (model, plain)}
         steps[model](), steps[plain]()
         for (key, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
             assert torch.equal(a, b), f"{name}: {key} differs after a training step"
