@@ -8,7 +8,6 @@ the same run and writes ``<op>-<device>.json`` into ``benchmarks/results/`` (or
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -153,18 +152,6 @@ def write(op: str, device: torch.device, rows: list[dict], args, extra: dict | N
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def replace_modules(model, kind: type, make) -> "torch.nn.Module":
-    """A deep copy of ``model`` in which every module of type ``kind`` is replaced by ``make(module)``
-    (dnr's drop-in layers against torch's own, for the benchmarks that compare them in whole models)."""
-    model = copy.deepcopy(model)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, kind):
-                setattr(parent, name, make(child))
-    assert not any(isinstance(m, kind) for m in model.modules())
-    return model
 
 
 def pgd7_attack(model, x, y):

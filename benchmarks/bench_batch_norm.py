@@ -19,23 +19,18 @@ from torch import nn
 
 import _common
 from dnr.models import build_model
-from dnr.nn import BatchNorm2d, sparsify
+from dnr.nn import BatchNorm2d, sparsify, torch_layers
 
 SHAPES = [(128, 32, 28, 28), (128, 64, 14, 14), (128, 128, 7, 7), (128, 64, 32, 32)]
 MODELS = ["small_cnn", "wide_cnn", "vgg_cnn"]
 
 
-def torch_norm(norm: BatchNorm2d) -> nn.BatchNorm2d:
-    """torch's nn.BatchNorm2d with the same arguments, state, mode and frozen-ness as ``norm``."""
-    plain = nn.BatchNorm2d(norm.num_features, norm.eps, norm.momentum, norm.affine,
-                           norm.track_running_stats).to(next(norm.buffers()).device)
-    plain.load_state_dict(norm.state_dict())
-    return plain.train(norm.training).requires_grad_(any(p.requires_grad for p in norm.parameters()))
-
-
 def with_torch_norms(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every dnr BatchNorm2d replaced by torch's nn.BatchNorm2d (same state)."""
-    return _common.replace_modules(model, BatchNorm2d, torch_norm)
+    """A copy of ``model`` (or of a lone layer) with every dnr BatchNorm2d replaced by torch's nn.BatchNorm2d
+    (same state, mode and requires_grad); its pools stay dnr's."""
+    plain = torch_layers(model, kinds=[BatchNorm2d])
+    assert not any(isinstance(m, BatchNorm2d) for m in plain.modules())
+    return plain
 
 
 def trained_state(model: nn.Module) -> nn.Module:
@@ -59,8 +54,7 @@ def main():
     rows = []
     for shape in SHAPES:
         ours = trained_state(BatchNorm2d(shape[1])).to(device).eval().requires_grad_(False)
-        theirs = torch_norm(ours)
-        assert type(theirs) is nn.BatchNorm2d
+        theirs = with_torch_norms(ours)
         x = torch.randn(shape, device=device)
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         g = torch.randn(shape, device=device)

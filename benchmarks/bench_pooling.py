@@ -17,19 +17,18 @@ from torch import nn
 
 import _common
 from dnr.models import build_model
-from dnr.nn import MaxPool2d, sparsify
+from dnr.nn import MaxPool2d, sparsify, torch_layers
 
 SHAPES = [(128, 32, 28, 28), (128, 64, 14, 14), (128, 128, 7, 7), (128, 64, 32, 32)]
 MODELS = ["small_cnn", "wide_cnn", "vgg_cnn"]
 
 
-def torch_pool(pool: MaxPool2d) -> nn.MaxPool2d:
-    return nn.MaxPool2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation, ceil_mode=pool.ceil_mode)
-
-
 def with_torch_pools(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every dnr MaxPool2d replaced by torch's nn.MaxPool2d (same arguments)."""
-    return _common.replace_modules(model, MaxPool2d, torch_pool)
+    """A copy of ``model`` with every dnr MaxPool2d replaced by torch's nn.MaxPool2d (same arguments); its
+    BatchNorms stay dnr's."""
+    plain = torch_layers(model, kinds=[MaxPool2d])
+    assert not any(isinstance(m, MaxPool2d) for m in plain.modules())
+    return plain
 
 
 def main():

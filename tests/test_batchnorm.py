@@ -184,3 +184,45 @@ def test_an_attack_and_a_training_step_equal_nn_batchnorm_bit_for_bit(monkeypatc
     assert torch.equal(states[0][0], states[1][0])
     for key in states[0][1]:
         assert torch.equal(states[0][1][key], states[1][1][key]), key
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "vgg_cnn", "resnet18"])
+def test_torch_layers_gives_torch_classes_with_the_same_outputs_for_exact_type_tools(name):
+    """torch.ao.quantization.fuse_modules matches exact types: it needs torch's classes, which
+    dnr.nn.torch_layers gives back (same state, dtype, mode and requires_grad; a copy)."""
+    from dnr.nn import MaxPool2d, torch_layers
+    kwargs = dict(num_classes=10, in_channels=1, input_size=28) if name != "resnet18" else \
+        dict(num_classes=10, in_channels=3, input_size=32)
+    model = build_model(name, **kwargs).double().eval()
+    model.requires_grad_(False)
+    plain = torch_layers(model)
+    assert any(type(m) is BatchNorm2d for m in model.modules())  # the original is untouched
+    assert not any(isinstance(m, (BatchNorm2d, MaxPool2d)) for m in plain.modules())
+    assert [type(m).__name__ for m in plain.modules()] == [type(m).__name__ for m in model.modules()]
+    assert not plain.training and not any(p.requires_grad for p in plain.parameters())
+    x = torch.rand(2, kwargs["in_channels"], kwargs["input_size"], kwargs["input_size"], dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(plain(x), model(x))
+    for key, value in model.state_dict().items():
+        assert torch.equal(plain.state_dict()[key], value), key
+    if name == "small_cnn":
+        with pytest.raises(AssertionError, match="did not find fuser method"):
+            torch.ao.quantization.fuse_modules(model, [["features.0", "features.1", "features.2"]])
+        fused = torch.ao.quantization.fuse_modules(plain, [["features.0", "features.1", "features.2"]])
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), model(x))
+    # in place: the same object, its layers replaced
+    assert torch_layers(model, inplace=True) is model and not any(isinstance(m, BatchNorm2d) for m in model.modules())
+    # one kind only
+    fresh = build_model(name, **kwargs)
+    norms_only = torch_layers(fresh, kinds=[BatchNorm2d])
+    assert not any(isinstance(m, BatchNorm2d) for m in norms_only.modules())
+    assert [type(m) for m in norms_only.modules() if isinstance(m, nn.MaxPool2d)] == \
+        [type(m) for m in fresh.modules() if isinstance(m, nn.MaxPool2d)]
+    with pytest.raises(ValueError, match=r"torch_layers: kinds must be among dnr.nn.BatchNorm2d, dnr.nn.MaxPool2d"):
+        torch_layers(fresh, kinds=[nn.ReLU])
+    # a single layer
+    bn = BatchNorm2d(3, affine=False)
+    assert type(torch_layers(bn)) is nn.BatchNorm2d and type(bn) is BatchNorm2d
+    with pytest.raises(TypeError, match="torch_layers: model must be an nn.Module, got list"):
+        torch_layers([bn])
