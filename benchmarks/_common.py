@@ -90,18 +90,25 @@ def time_fn(fn, device: torch.device, repeats: int, warmup: int = 3, inner: int 
     return statistics.median(times) if device.type == "cuda" else min(times)
 
 
-def time_pair(baseline, candidate, device: torch.device, repeats: int, warmup: int = 3) -> tuple[float, float]:
-    """Milliseconds per call of baseline() and of candidate(), their timed runs alternated (a, b, a, b, ...)
-    so that a slow spell of a shared machine hits both alike; the statistic is time_fn's."""
+def time_alternated(fns: dict, device: torch.device, repeats: int, warmup: int = 3) -> dict:
+    """Milliseconds per call of each ``fns[name]()``, their timed runs alternated (a, b, c, a, b, c, ...) so
+    that a slow spell of a shared machine hits all alike; the statistic is time_fn's. Returns name -> ms."""
     for _ in range(warmup):
-        baseline(), candidate()
+        for fn in fns.values():
+            fn()
     sync(device)
-    times: tuple[list, list] = ([], [])
+    times: dict[str, list] = {name: [] for name in fns}
     for _ in range(repeats):
-        for fn, out in ((baseline, times[0]), (candidate, times[1])):
-            out.append(time_fn(fn, device, 1, warmup=0))
+        for name, fn in fns.items():
+            times[name].append(time_fn(fn, device, 1, warmup=0))
     pick = statistics.median if device.type == "cuda" else min
-    return pick(times[0]), pick(times[1])
+    return {name: pick(t) for name, t in times.items()}
+
+
+def time_pair(baseline, candidate, device: torch.device, repeats: int, warmup: int = 3) -> tuple[float, float]:
+    """Milliseconds per call of baseline() and of candidate(), alternated (time_alternated)."""
+    t = time_alternated({"baseline": baseline, "candidate": candidate}, device, repeats, warmup)
+    return t["baseline"], t["candidate"]
 
 
 def copy_bandwidth(device: torch.device, numel: int = 1 << 26) -> float:
@@ -151,6 +158,8 @@ def write(op: str, device: torch.device, rows: list[dict], args, extra: dict | N
 
 
 def _fmt(v) -> str:
+    if v is None:  # a column this row does not have
+        return "-"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
@@ -174,3 +183,18 @@ def pgd7_training_step(model, x, y):
         loss.backward()
         opt.step()
     return step
+
+
+def dnr_optimizer(model, device: torch.device, cfg=None):
+    """(optimizer, controller) as ``dnr train --method dnr`` builds them for a sparse ``model`` (the fused
+    MaskedSGD where compiled) with the DNR controller's mask hook, started at the budget
+    (``sparsify_until=0``): a benchmark times steps of the sparse network, not the dense start. ``cfg``: the
+    run config whose lr / momentum / Nesterov / weight decay to use (default lr 0.1, momentum 0.9, no
+    Nesterov, weight decay 5e-4)."""
+    from dnr.harness.builders import make_optimizer
+    from dnr.harness.config import TrainConfig
+    from dnr.rewiring import DNR
+
+    cfg = cfg or TrainConfig(method="dnr", lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=False)
+    opt = make_optimizer(cfg, model, device)
+    return opt, DNR(model, opt, total_steps=10_000, sparsify_until=0)

@@ -23,12 +23,9 @@ import torch.nn.functional as F
 
 import _common
 from dnr import attacks, engine
-from dnr.harness.config import TrainConfig
-from dnr.harness.builders import make_optimizer
 from dnr.models import build_model
 from dnr.nn import masked_layers, sparsify
 from dnr.precision import ieee_float32
-from dnr.rewiring import DNR
 
 EPS, ALPHA, LR = 8 / 255, 2 / 255, 0.1
 
@@ -80,17 +77,9 @@ def plain_sgd(model):
     return torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
 
 
-def dnr_optimizer(model, device):
-    cfg = TrainConfig(method="dnr", lr=LR, momentum=0.9, weight_decay=5e-4, nesterov=False)
-    opt = make_optimizer(cfg, model, device)
-    # start at the budget: the benchmark times (and checks) steps of the sparse network, not the dense start
-    controller = DNR(model, opt, total_steps=10_000, sparsify_until=0)
-    return opt, controller
-
-
 def check(name, device, density, in_channels, size, batch):
     sparse, plain, masks, _ = build(name, device, density, in_channels, size)
-    opt, _controller = dnr_optimizer(sparse, device)
+    opt, _controller = _common.dnr_optimizer(sparse, device)
     g = torch.Generator().manual_seed(1)
     x = torch.rand(batch, in_channels, size, size, generator=g).to(device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
@@ -111,7 +100,7 @@ def measure(name, device, density, in_channels, size, batch, steps, repeats, bf1
     sparse, plain, masks, dense = build(name, device, density, in_channels, size)
     plain_dense = copy.deepcopy(dense)
     dense_opt, plain_dense_opt, plain_opt = plain_sgd(dense), plain_sgd(plain_dense), plain_sgd(plain)
-    dnr_opt, _ = dnr_optimizer(sparse, device)
+    dnr_opt, _ = _common.dnr_optimizer(sparse, device)
     attack = dict(eps=EPS, alpha=ALPHA, steps=steps)
     cases = {
         "dense_naive": lambda: naive_step(plain_dense, plain_dense_opt, [], x, y, steps),
@@ -122,7 +111,7 @@ def measure(name, device, density, in_channels, size, batch, steps, repeats, bf1
     if bf16:
         fast, _, _, _ = build(name, device, density, in_channels, size)
         fast = fast.to(memory_format=torch.channels_last)
-        fast_opt, _ = dnr_optimizer(fast, device)
+        fast_opt, _ = _common.dnr_optimizer(fast, device)
         x_cl = x.contiguous(memory_format=torch.channels_last)
         cases["dnr_bf16_cl"] = lambda: engine.adversarial_step(fast, x_cl, y, fast_opt, autocast_dtype=torch.bfloat16,
                                                               **attack)

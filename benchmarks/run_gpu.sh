@@ -6,7 +6,7 @@
 #
 # A shorter run (a re-check after a fix, with little device time left) selects what it needs:
 #   TESTS_K="cuda and masked"   the pytest -k expression (default: cuda, every CUDA case)
-#   BENCHES="masked_conv train_step"   the benchmarks (default: all eight; "" for none)
+#   BENCHES="masked_conv train_step"   the benchmarks (default: all nine; "" for none)
 #   HARNESS=0                   skip the harness run
 #
 # Everything (logs, JUnit XML, benchmark JSON, the harness's summary) is written to a scratch folder
@@ -70,8 +70,9 @@ OMP_NUM_THREADS=2 DNR_REQUIRE_EXT=1 run 240 tests "$PY" -m pytest -v --tb=short 
 
 phase "benchmarks (--device cuda)"
 # circulant: block-circulant layers (issue 16) at conv batch 256; circulant_forms: which product form is
-# faster on the GPU (impl="auto"'s rule was measured on a CPU)
-for bench in ${BENCHES-pgd_step momentum_stats masked_sgd masked_conv train_step batch_loader circulant circulant_forms}; do
+# faster on the GPU (impl="auto"'s rule was measured on a CPU); curriculum: what a SAT curriculum's step and
+# H-SAT's Hessian measurement cost against plain adversarial training (the SAT study's small_cnn checkpoints)
+for bench in ${BENCHES-pgd_step momentum_stats masked_sgd masked_conv train_step batch_loader circulant circulant_forms curriculum}; do
     run 90 "bench_$bench" "$PY" "benchmarks/bench_$bench.py" --device cuda --repeats 20 --out "$RES"
 done
 

@@ -17,6 +17,7 @@ SCRIPTS = [
     pytest.param("batch_loader", "batch_loader", id="batch_loader"),
     pytest.param("pooling", "pooling", id="pooling", marks=pytest.mark.slow),
     pytest.param("batch_norm", "batch_norm", id="batch_norm", marks=pytest.mark.slow),
+    pytest.param("curriculum", "curriculum", id="curriculum", marks=pytest.mark.slow),
 ]
 
 
@@ -36,7 +37,7 @@ def test_benchmark_writes_json(script, op, tmp_path):
     for row in payload["results"]:
         times = {k: v for k, v in row.items() if k.endswith("_ms") and v is not None}
         assert times and all(v > 0 for v in times.values())
-        assert any(k.startswith(("speedup", "dnr_over")) for k in row)
+        assert any(k.startswith(("speedup", "dnr_over", "cost_vs")) for k in row)
     assert f"wrote {tmp_path}" in done.stdout
 
 
