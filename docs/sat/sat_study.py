@@ -41,8 +41,9 @@ SMOKE = dict(
 
 
 def specs(plan: dict) -> dict[str, dict]:
-    """Folder name -> compare spec."""
-    out = {}
+    """Folder name -> compare spec, in the order they run: every (eps, curriculum) folder, then the AT runs
+    with lambda_max measured (they only feed the plot, so the table's folders come first)."""
+    out, measured = {}, {}
     for eps in plan["eps_values"]:
         for curriculum in CURRICULA:
             train = dict(plan["train"], eps=eps, alpha=eps / 4, curriculum=curriculum)
@@ -54,10 +55,10 @@ def specs(plan: dict) -> dict[str, dict]:
                 eval=dict(plan["eval"]))
         # AT with its Hessian measured like H-SAT's (seed 0 only: the measurements cost time, so the AT cells
         # above, whose wall time is compared, do not measure)
-        out[f"eps{eps}-none-measured"] = dict(
+        measured[f"eps{eps}-none-measured"] = dict(
             out[f"eps{eps}-none"], title=f"SAT study: AT with lambda_max measured, eps {eps}", seeds=[0],
             train=dict(out[f"eps{eps}-none"]["train"], curriculum_every=plan["measure_every"]))
-    return out
+    return {**out, **measured}
 
 
 def run(out: str, plan: dict, jobs: int, threads: int) -> None:
