@@ -6,7 +6,7 @@ dead channels; a CaP model is already a plain smaller network and is traced as i
 trained model, and timed with ``torch.utils.benchmark`` (median of blocked runs, one thread by default) at
 batch 1 and batch 64. Writes JSON: cell -> parameters, FLOPs per image, milliseconds per batch.
 
-    python docs/cap/latency.py runs/compare-cap --out docs/cap/latency.json [--threads 1] [--min-time 1.0]
+    python docs/cap/latency.py docs/cap/grid --out docs/cap/latency.json [--threads 1] [--min-time 1.0]
 """
 
 from __future__ import annotations
