@@ -6,12 +6,13 @@ Fashion-MNIST, dense and DNR at 20x), so that P-SAT's early stopping sees the pr
 (an untrained one doubts every example at once and would stop its whole attack at the first iterate); the batch
 is 128 training images of the embedded subset, the study's batch size. Each case is one
 ``dnr.engine.adversarial_step`` with the run's config (PGD-7, eps 0.1, alpha 0.025, hybrid loss beta 0.5, its SGD;
-DNR with its mask hook), the curriculum set to a fixed difficulty lambda before every call:
+DNR with its mask hook), from the checkpoint's weights each time, the curriculum set to a fixed difficulty lambda
+before every call:
 
 - ``none``: plain AT (the baseline of every ratio);
 - ``eps`` and ``p-sat`` at lambda 0.1, 0.5 and 0.9 of their ramp (radius lambda * eps; P-SAT stops an example
-  once its true-class probability is below (1 - lambda) * 0.5, which adds a softmax and a host sync per PGD
-  iteration and saves nothing until every example of the batch has stopped);
+  once its true-class probability is below (1 - lambda) * 0.5, and a stopped example leaves the attack's later
+  passes: ``attack_examples_computed`` is the fraction of the attack's example-passes P-SAT still computes);
 - ``h-sat`` at lambda 0.5 on a step without a measurement, and on a step with one (the top Hessian eigenvalue
   of the adversarial loss, 10 power iterations of Hessian-vector products on the step's batch).
 
@@ -61,10 +62,14 @@ def at_difficulty(sched: curriculum.Curriculum, lam: float, *, measure: bool = F
 
 
 def cases_for(model, cfg, opt, x, y):
-    """name -> closure of one training step at a fixed difficulty."""
+    """(name -> closure of one training step at a fixed difficulty, computed(name, lambda): the fraction of
+    the attack's example-passes that a curriculum at that difficulty computes)."""
     attack = dict(eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps, beta=cfg.beta,
                   attack_bn_mode=cfg.attack_bn_mode)
     gen = torch.Generator().manual_seed(0)
+    # every step starts from the checkpoint's weights: trained again and again on one batch, the model would
+    # grow confident on it, and P-SAT's early stopping (and so its cost) would drift from case to case
+    start = {k: v.clone() for k, v in model.state_dict().items()}
 
     def make(name, lam=1.0, measure=False):
         sched = curriculum.create(name, total_steps=TOTAL_STEPS, ramp=RAMP, prob=cfg.curriculum_prob,
@@ -72,18 +77,34 @@ def cases_for(model, cfg, opt, x, y):
                                   power_iters=cfg.curriculum_iters, seed=0)
 
         def step():
+            model.load_state_dict(start)
             at_difficulty(sched, lam, measure=measure)
             engine.adversarial_step(model, x, y, opt, generator=gen, curriculum=sched, **attack)
             assert sched.measurements if measure else not sched.measurements
             sched.measurements.clear()
         return step
 
+    def computed(name, lam=1.0):
+        """The fraction of the attack's example-passes computed (P-SAT's stopped examples leave the batch)."""
+        sched = at_difficulty(curriculum.create(name, total_steps=TOTAL_STEPS, ramp=RAMP, prob=cfg.curriculum_prob),
+                              lam)
+        model.load_state_dict(start)
+        sizes = []
+        hook = model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+        try:
+            sched.adversarial_examples(model, x, y, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps,
+                                       bn_mode=cfg.attack_bn_mode, generator=torch.Generator().manual_seed(0))
+        finally:
+            hook.remove()
+            model.train()
+        return sum(sizes) / (cfg.attack_steps * len(y))
+
     cases = {"none": make("none")}
     for name in ("eps", "p-sat"):
         cases.update({f"{name} lambda {lam}": make(name, lam) for lam in LAMBDAS})
     cases["h-sat lambda 0.5"] = make("h-sat", 0.5)
     cases["h-sat lambda 0.5 + measurement"] = make("h-sat", 0.5, measure=True)
-    return cases
+    return cases, computed
 
 
 def check(model, cfg, x, y):
@@ -109,10 +130,14 @@ def main():
             raise SystemExit(f"checkpoint {path!r} is missing: it is committed with the SAT study (docs/sat/study)")
         model, cfg, opt = load(path, device)
         check(model, cfg, x, y)
-        times = _common.time_alternated(cases_for(model, cfg, opt, x, y), device, args.repeats, warmup=1)
+        cases, computed = cases_for(model, cfg, opt, x, y)
+        times = _common.time_alternated(cases, device, args.repeats, warmup=1)
         at = times["none"]
         for case, ms in times.items():
-            rows.append({"model": f"small_cnn {label}", "case": case, "step_ms": ms, "cost_vs_at": ms / at})
+            row = {"model": f"small_cnn {label}", "case": case, "step_ms": ms, "cost_vs_at": ms / at}
+            if case.startswith("p-sat"):
+                row["attack_examples_computed"] = computed("p-sat", float(case.split()[-1]))
+            rows.append(row)
         measurement = times["h-sat lambda 0.5 + measurement"] - times["h-sat lambda 0.5"]
         rows.append({"model": f"small_cnn {label}", "case": "h-sat measurement (10 power iterations)",
                      "measurement_ms": measurement, "measurement_in_at_steps": measurement / at,

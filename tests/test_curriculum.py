@@ -133,6 +133,42 @@ def test_pgd_early_stopping_matches_a_per_example_loop(device):
     assert 0 < int(moved.sum()) < 16
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_stopped_examples_leave_the_batch_in_eval_mode_with_the_same_result(device, dtype):
+    """bn_mode="eval": the examples that stopped are not computed again (the forward passes shrink), and the
+    result is the one of the uncompacted run (each example's gradient is its own in eval mode); with
+    bn_mode="train" (batch statistics) every pass keeps the whole batch."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 5)).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        model[1].running_mean.normal_(0, 0.3)
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[4].weight.mul_(4)  # confident and unconfident examples: some stop early, some never
+    x = torch.rand(32, 1, 6, 6, device=device, dtype=dtype)
+    y = torch.randint(0, 5, (32,), device=device)
+    stop = torch.linspace(0.0, 0.6, 32, device=device, dtype=dtype)
+    sizes = []
+    hook = model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    got = dnr.attacks.pgd(model, x, y, 0.2, 0.05, 8, stop_prob=stop, generator=torch.Generator().manual_seed(4))
+    hook.remove()
+    assert sizes[0] == 32 and min(sizes) < 32 and sizes == sorted(sizes, reverse=True), sizes
+    # the same attack without compaction (the internal switch; the public pgd compacts in eval mode)
+    x0 = x.contiguous()
+    noise_gen = torch.Generator().manual_seed(4)
+    eps_t = torch.tensor(0.2, device=device, dtype=dtype)
+    alpha_t = torch.tensor(0.05, device=device, dtype=dtype)
+    with dnr.attacks.attack_mode(model, "eval"):
+        want = dnr.attacks._pgd_once(model, x0, y, eps_t, alpha_t, 8, True, False, None, 0.0, 1.0, noise_gen,
+                                     "pgd", stop, compact=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
+    sizes.clear()
+    hook = model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    dnr.attacks.pgd(model, x, y, 0.2, 0.05, 8, stop_prob=stop, bn_mode="train")
+    hook.remove()
+    assert set(sizes) == {32}
+
+
 def test_p_sat_examples_match_the_per_example_loop_at_its_bound():
     torch.manual_seed(2)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4)).double()

@@ -282,10 +282,13 @@ def _layout(x: Tensor) -> torch.memory_format:
 
 
 def _pgd_once(model, x0, y, eps_t, alpha_t, steps, random_start, targeted, loss_fn, lo, hi,
-              generator, fn, stop_prob=None) -> Tensor:
+              generator, fn, stop_prob=None, compact=False) -> Tensor:
     """One PGD run from one start; returns x_adv (detached, in x0's layout). With ``stop_prob`` ([] or
     [B]), an example stops moving (its step size becomes 0 in the fused op) from the first iterate whose
-    softmax probability of class ``y`` is below its ``stop_prob``."""
+    softmax probability of class ``y`` is below its ``stop_prob``. With ``compact`` (the model treats
+    every example on its own: eval mode) the stopped examples also leave the forward and backward passes:
+    only the examples still moving are computed, and a stopped example's gradient, which its zero step
+    size ignores, is left at 0."""
     eps_b = _bcast(eps_t, x0)
     fmt = _layout(x0)
     if random_start:
@@ -305,12 +308,23 @@ def _pgd_once(model, x0, y, eps_t, alpha_t, steps, random_start, targeted, loss_
         if stop_prob is None:
             grad = _input_grad(model, x_adv, y, loss_fn, fn)
         else:
-            grad, logits = _input_grad(model, x_adv, y, loss_fn, fn, with_logits=True)
+            moving = None
+            if compact and stopped is not None and bool(stopped.any()):
+                moving = (~stopped).nonzero().squeeze(1)  # [M] indices of the examples still moving
+                grad_m, logits = _input_grad(model, x_adv.index_select(0, moving), y.index_select(0, moving),
+                                             loss_fn, fn, with_logits=True)
+                grad = torch.zeros_like(x_adv, dtype=grad_m.dtype).index_copy_(0, moving, grad_m)
+            else:
+                grad, logits = _input_grad(model, x_adv, y, loss_fn, fn, with_logits=True)
             with torch.no_grad():
+                y_m = y if moving is None else y.index_select(0, moving)
                 # at least float32 (bf16 autocast logits), float64 stays float64
                 p_true = (logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=1)
-                          .gather(1, y.view(-1, 1)).squeeze(1))
-                below = p_true < stop_prob.to(p_true.dtype)
+                          .gather(1, y_m.view(-1, 1)).squeeze(1))
+                bound = stop_prob if moving is None else stop_prob.index_select(0, moving)
+                below = p_true < bound.to(p_true.dtype)
+                if moving is not None:  # back to the whole batch: a stopped example stays stopped
+                    below = stopped.clone().index_copy_(0, moving, below)
                 stopped = below if stopped is None else stopped | below  # once stopped, stays stopped
                 if bool(stopped.all()):
                     break
@@ -377,7 +391,11 @@ def pgd(
             [0, 1], a 0-d tensor or per-sample ``[B]``. Before each step, an example whose softmax
             probability of class ``y`` at the current iterate is below its ``stop_prob`` stops for good
             (its per-sample step size in :func:`dnr.ops.pgd_step_` becomes 0): 0 never stops (plain PGD),
-            1 stops every example at its random start. Untargeted attacks only. None: plain PGD.
+            1 stops every example at its random start. Untargeted attacks only. None: plain PGD. With
+            ``bn_mode="eval"`` the stopped examples also leave the later forward and backward passes (in
+            eval mode an example's gradient is its own, so the moving ones get the same gradients), which
+            is where early stopping saves time; with ``"train"`` they stay in the batch, whose statistics
+            they are part of.
 
     Returns:
         ``x_adv`` ``[B, ...]``, detached, dtype/device of ``x``; ``|x_adv - x| <= eps`` and
@@ -411,7 +429,7 @@ def pgd(
         best_obj: Optional[Tensor] = None
         for _ in range(restarts):
             x_adv = _pgd_once(model, x0, y, eps_t, alpha_t, steps, random_start, targeted, loss_fn,
-                              lo, hi, generator, fn, stop_prob)
+                              lo, hi, generator, fn, stop_prob, compact=bn_mode == "eval")
             if restarts == 1:
                 best = x_adv
                 break

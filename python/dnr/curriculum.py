@@ -14,7 +14,8 @@ T = the run's optimizer steps, eps / alpha = the run's attack radius and step si
 - ``p-sat``: per-example difficulty from the softmax probability of the true class. The radius is the
   full ``eps``; an example's PGD stops for good at the first iterate where ``p_y(x_adv) < (1 - lambda_t) *
   prob`` (``lambda_t`` the same ramp; :func:`dnr.attacks.pgd`'s ``stop_prob``, per-sample step sizes of
-  the fused PGD op). Early in training an example stops once the model doubts it; from the ramp's end on
+  the fused PGD op; in the attack's eval mode a stopped example also leaves the later passes, which is what
+  makes P-SAT's early steps cheaper than AT's). Early in training an example stops once the model doubts it; from the ramp's end on
   no example stops (plain PGD).
 - ``h-sat``: ``lambda`` starts at 0 and, at each Hessian measurement (every ``every`` steps, on the
   step's own batch and adversarial examples), advances by ``every / (ramp * T)`` only if the top
