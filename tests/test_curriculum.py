@@ -133,19 +133,20 @@ def test_pgd_early_stopping_matches_a_per_example_loop(device):
     assert 0 < int(moved.sum()) < 16
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_stopped_examples_leave_the_batch_in_eval_mode_with_the_same_result(device, dtype):
+def test_stopped_examples_leave_the_batch_in_eval_mode_with_the_same_result(device, dtype, layout):
     """bn_mode="eval": the examples that stopped are not computed again (the forward passes shrink), and the
     result is the one of the uncompacted run (each example's gradient is its own in eval mode); with
     bn_mode="train" (batch statistics) every pass keeps the whole batch."""
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
                           nn.Linear(4 * 6 * 6, 5)).to(device=device, dtype=dtype)
     with torch.no_grad():
         model[1].running_mean.normal_(0, 0.3)
         model[1].running_var.uniform_(0.5, 2.0)
         model[4].weight.mul_(4)  # confident and unconfident examples: some stop early, some never
-    x = torch.rand(32, 1, 6, 6, device=device, dtype=dtype)
+    x = torch.rand(32, 3, 6, 6, device=device, dtype=dtype).contiguous(memory_format=layout)
     y = torch.randint(0, 5, (32,), device=device)
     stop = torch.linspace(0.0, 0.6, 32, device=device, dtype=dtype)
     sizes = []
@@ -153,8 +154,9 @@ def test_stopped_examples_leave_the_batch_in_eval_mode_with_the_same_result(devi
     got = dnr.attacks.pgd(model, x, y, 0.2, 0.05, 8, stop_prob=stop, generator=torch.Generator().manual_seed(4))
     hook.remove()
     assert sizes[0] == 32 and min(sizes) < 32 and sizes == sorted(sizes, reverse=True), sizes
+    assert got.is_contiguous(memory_format=layout)
     # the same attack without compaction (the internal switch; the public pgd compacts in eval mode)
-    x0 = x.contiguous()
+    x0 = x
     noise_gen = torch.Generator().manual_seed(4)
     eps_t = torch.tensor(0.2, device=device, dtype=dtype)
     alpha_t = torch.tensor(0.05, device=device, dtype=dtype)
