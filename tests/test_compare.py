@@ -74,8 +74,11 @@ def test_numbers_come_from_the_run_files(grid):
     out = grid[0]
     data = _load(os.path.join(out, "compare.json"))
     assert len(data["cells"]) == 6
+    planned = _load(os.path.join(out, "compare_spec.json"))["cells"]
+    assert [c["run_dir"] for c in planned] == [os.path.join("runs", c["key"]) for c in planned]
     for c in data["cells"]:
         assert c["status"] == "evaluated"
+        assert c["run_dir"] == os.path.join("runs", c["key"])  # relative: the folder can move
         run_dir = os.path.join(out, "runs", c["key"])
         summary = _load(os.path.join(run_dir, "summary.json"))
         ev = _load(os.path.join(run_dir, "robust_eval.json"))
@@ -348,7 +351,8 @@ def test_report_without_matplotlib(grid, tmp_path, monkeypatch):
     md = open(os.path.join(out, "compare.md")).read()
     assert "plots skipped: matplotlib is not installed" in md
     data = _load(os.path.join(out, "compare.json"))
-    assert all(c["status"] == "evaluated" and c["run_dir"].startswith(out) for c in data["cells"])
+    # read from the moved folder (evaluated), named relative to it
+    assert all(c["status"] == "evaluated" and c["run_dir"] == os.path.join("runs", c["key"]) for c in data["cells"])
     assert data["aggregate"] == _load(os.path.join(grid[0], "compare.json"))["aggregate"]
 
 

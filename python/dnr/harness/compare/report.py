@@ -142,7 +142,8 @@ def write_compare_report(out_dir: str) -> dict:
     records = []
     for c in meta["cells"]:
         c = dict(c, run_dir=os.path.join(out_dir, "runs", c["key"]))  # the folder may have moved
-        records.append(_cell_record(c, spec))
+        # compare.json names the run directory relative to the folder, as compare_spec.json does
+        records.append(dict(_cell_record(c, spec), run_dir=os.path.join("runs", c["key"])))
     data = {"title": spec["title"], "command": meta.get("command"), "machine": meta.get("machine"), "config": spec,
             "layout": _layout(spec, records), "std": "sample std over seeds (numpy ddof=1)", "cells": records,
             "aggregate": _aggregate(records)}

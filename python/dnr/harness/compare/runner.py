@@ -251,7 +251,9 @@ def run_compare(spec: dict, out_dir: str, *, jobs: int = 1, threads: int | None 
     os.makedirs(runs, exist_ok=True)
     write_json(os.path.join(out_dir, "compare_spec.json"),
                {"spec": spec.to_dict(), "command": command, "machine": machine_info(), "jobs": jobs,
-                "threads": threads, "cells": [{k: c[k] for k in CELL_FIELDS} for c in cells]})
+                "threads": threads,
+                # run_dir relative to the folder: the folder can move (or be committed) and the reader rebuilds it
+                "cells": [dict({k: c[k] for k in CELL_FIELDS}, run_dir=os.path.join("runs", c["key"])) for c in cells]})
     tasks = [{"key": c["key"], "run_dir": c["run_dir"], "config": c["config"], "eval": c["eval"],
               "seed": c["seed"], "threads": threads, "worker": jobs > 1} for c in cells]
     total = len(tasks)
