@@ -127,15 +127,49 @@ def report(out: str, plan: dict) -> dict:
         lines.append(f"| {r['eps']} | {r['method']} | {r['curriculum']} | {r['seeds']} | {_fmt(*r['clean'][:2])} | "
                      f"{_fmt(*r['pgd'][:2])} | {_fmt(*r['autoattack'][:2])} | {_fmt(*r['train_seconds'][:2], 1.0, 0)} | "
                      f"{delta('clean')} | {delta('autoattack')} |")
+    targets = target_check(rows)
+    if targets:
+        lines += ["", "## The target: clean at least 2 points above AT, AutoAttack no lower (within seed noise)", "",
+                  "Seed noise: the combined sample std of the two AutoAttack means, sqrt(s_curriculum^2 + s_AT^2).", "",
+                  "| eps | method | curriculum | clean - AT | AutoAttack - AT | seed noise | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        for t in targets:
+            lines.append(f"| {t['eps']} | {t['method']} | {t['curriculum']} | {t['clean_delta']:+.2f} | "
+                         f"{t['autoattack_delta']:+.2f} | {t['noise']:.2f} | {t['verdict']} |")
     plot = _plot(out, curves)
     if plot:
         lines += ["", f"![lambda_max over training]({os.path.relpath(plot, out)})"]
     with open(os.path.join(out, "sat.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out, "sat.json"), "w") as f:
-        json.dump({"rows": rows, "curves": {" ".join(k): v for k, v in curves.items()}}, f, indent=2)
+        json.dump({"rows": rows, "targets": targets, "curves": {" ".join(k): v for k, v in curves.items()}}, f,
+                  indent=2)
     print("\n".join(lines))
     return {"rows": rows, "curves": curves}
+
+
+def target_check(rows: list[dict], clean_gain: float = 2.0) -> list[dict]:
+    """Issue 15's target per (eps, method, curriculum): clean accuracy at least ``clean_gain`` points above AT's
+    with AutoAttack accuracy no lower than AT's within seed noise (the combined sample std of the two means,
+    sqrt(s^2 + s_AT^2), in points). Rows need every number and two seeds on both sides."""
+    out = []
+    for r in rows:
+        at = next((a for a in rows if (a["eps"], a["method"], a["curriculum"]) == (r["eps"], r["method"], "none")), None)
+        if r["curriculum"] == "none" or at is None:
+            continue
+        parts = (r["clean"], r["autoattack"], at["clean"], at["autoattack"])
+        if any(p[0] is None or p[1] is None for p in parts):
+            continue  # a single seed (or a missing number): no noise estimate
+        clean_delta = 100 * (r["clean"][0] - at["clean"][0])
+        aa_delta = 100 * (r["autoattack"][0] - at["autoattack"][0])
+        noise = 100 * (r["autoattack"][1] ** 2 + at["autoattack"][1] ** 2) ** 0.5
+        short = [f"clean short by {clean_gain - clean_delta:.2f}"] if clean_delta < clean_gain else []
+        if aa_delta < -noise:
+            short.append(f"AutoAttack {-aa_delta - noise:.2f} below AT beyond the noise")
+        out.append(dict(eps=r["eps"], method=r["method"], curriculum=r["curriculum"], clean_delta=clean_delta,
+                        autoattack_delta=aa_delta, noise=noise, met=not short,
+                        verdict="met" if not short else "missed: " + "; ".join(short)))
+    return out
 
 
 def _measurements(out: str, name: str, cell: dict) -> list:
