@@ -70,3 +70,15 @@ def _ieee_float32():
     run failed 7 comparisons against torch's TF32 convolutions)."""
     with ieee_float32():
         yield
+
+
+def load_script(relpath: str):
+    """A script of the repository that is not a package module (docs/cap/cap_report.py, docs/sat/sat_study.py),
+    imported from its path relative to the repository root."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", relpath)
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,20 +1,16 @@
 """docs/cap/cap_report.py: the CaP report's tables at equal FLOPs, from a compare.json and latency.py's JSON."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "docs", "cap", "cap_report.py")
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def cap_report():
-    spec = importlib.util.spec_from_file_location("cap_report", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("docs/cap/cap_report.py")
 
 
 def _cell(key, method, mode, density, flops, clean, pgd50, aa):

@@ -1,19 +1,13 @@
 """docs/sat/sat_study.py: the study's plan (folder order) and its check of issue 15's target."""
 
-import importlib.util
-import os
-
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "docs", "sat", "sat_study.py")
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def sat_study():
-    spec = importlib.util.spec_from_file_location("sat_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("docs/sat/sat_study.py")
 
 
 def test_the_table_folders_run_before_the_measured_at_runs(sat_study):

@@ -117,7 +117,7 @@ def report(out: str, plan: dict) -> dict:
              f"| eps | method | curriculum | seeds | clean % | PGD-{max(plan['eval']['pgd_steps'])} % | AutoAttack % | "
              "train s | clean - AT | AutoAttack - AT |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        at = next((a for a in rows if (a["eps"], a["method"], a["curriculum"]) == (r["eps"], r["method"], "none")), None)
+        at = _at_row(rows, r)
 
         def delta(key):
             if at is None or r[key][0] is None or at[key][0] is None:
@@ -148,13 +148,19 @@ def report(out: str, plan: dict) -> dict:
     return {"rows": rows, "curves": curves}
 
 
+def _at_row(rows: list[dict], row: dict) -> dict | None:
+    """The plain-AT row (curriculum none) of ``row``'s eps and method, or None."""
+    return next((a for a in rows if (a["eps"], a["method"], a["curriculum"]) == (row["eps"], row["method"], "none")),
+                None)
+
+
 def target_check(rows: list[dict], clean_gain: float = 2.0) -> list[dict]:
     """Issue 15's target per (eps, method, curriculum): clean accuracy at least ``clean_gain`` points above AT's
     with AutoAttack accuracy no lower than AT's within seed noise (the combined sample std of the two means,
     sqrt(s^2 + s_AT^2), in points). Rows need every number and two seeds on both sides."""
     out = []
     for r in rows:
-        at = next((a for a in rows if (a["eps"], a["method"], a["curriculum"]) == (r["eps"], r["method"], "none")), None)
+        at = _at_row(rows, r)
         if r["curriculum"] == "none" or at is None:
             continue
         parts = (r["clean"], r["autoattack"], at["clean"], at["autoattack"])

@@ -304,12 +304,13 @@ def _pgd_once(model, x0, y, eps_t, alpha_t, steps, random_start, targeted, loss_
     # Targeted attacks descend the loss towards y: a negative step size (dnr.ops contract).
     step = -alpha_t if targeted else alpha_t
     stopped = None
+    n_stopped = 0  # examples stopped so far (read once per iteration: one host sync)
     for _ in range(steps):
         if stop_prob is None:
             grad = _input_grad(model, x_adv, y, loss_fn, fn)
         else:
             moving = None
-            if compact and stopped is not None and bool(stopped.any()):
+            if compact and n_stopped > 0:
                 moving = (~stopped).nonzero().squeeze(1)  # [M] indices of the examples still moving
                 grad_m, logits = _input_grad(model, x_adv.index_select(0, moving), y.index_select(0, moving),
                                              loss_fn, fn, with_logits=True)
@@ -326,7 +327,8 @@ def _pgd_once(model, x0, y, eps_t, alpha_t, steps, random_start, targeted, loss_
                 if moving is not None:  # back to the whole batch: a stopped example stays stopped
                     below = stopped.clone().index_copy_(0, moving, below)
                 stopped = below if stopped is None else stopped | below  # once stopped, stays stopped
-                if bool(stopped.all()):
+                n_stopped = int(stopped.sum())
+                if n_stopped == stopped.numel():
                     break
                 # per-sample step sizes: 0 freezes a stopped example (d = clamp(d, -eps, eps) = d)
                 step = torch.where(stopped, x0.new_zeros(x0.shape[0]), alpha_t.expand(x0.shape[0]))
