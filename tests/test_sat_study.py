@@ -37,3 +37,18 @@ def test_target_check_against_hand_computed_verdicts(sat_study):
     assert not got["p-sat"]["met"] and got["p-sat"]["verdict"] == "missed: clean short by 1.00"
     assert got["h-sat"]["autoattack_delta"] == pytest.approx(-10.0)
     assert got["h-sat"]["verdict"] == "missed: AutoAttack 5.00 below AT beyond the noise"
+
+
+def test_lambda_summary_against_hand_computed_values(sat_study):
+    curves = {("eps0.2", "dnr", "H-SAT"): [[0, 10.0, 0.0, True], [100, 20.0, 0.25, True], [200, 9000.0, 0.5, False],
+                                          [300, 50.0, 0.5, False], [400, 40.0, 0.5, True], [500, 30.0, 1.0, True],
+                                          [600, 65.0, 1.0, False]],
+              ("eps0.2", "dnr", "AT"): [[0, 12.0, 1.0, True], [100, 8.0, 1.0, True]],
+              ("eps0.1", "dense-at", "AT"): []}
+    got = {m["kind"]: m for m in sat_study.lambda_summary(curves)}
+    assert set(got) == {"H-SAT", "AT"}                        # an empty curve is left out
+    h = got["H-SAT"]
+    assert h["measurements"] == 7 and h["median"] == 40.0 and (h["max"], h["max_step"]) == (9000.0, 200)
+    assert h["held_steps"] == [200, 300]                      # at lambda 1.0 there is nothing left to hold
+    a = got["AT"]
+    assert a["median"] == 10.0 and a["held_steps"] == []

@@ -136,13 +136,23 @@ def report(out: str, plan: dict) -> dict:
         for t in targets:
             lines.append(f"| {t['eps']} | {t['method']} | {t['curriculum']} | {t['clean_delta']:+.2f} | "
                          f"{t['autoattack_delta']:+.2f} | {t['noise']:.2f} | {t['verdict']} |")
+    summary = lambda_summary(curves)
+    if summary:
+        lines += ["", "## lambda_max over training (seed 0; H-SAT's own measurements, AT's from the `-measured` runs)", "",
+                  "| eps | method | training | measurements | median | max (step) | steps where H-SAT held lambda |",
+                  "|---|---|---|---|---|---|---|"]
+        for m in summary:
+            held = ", ".join(map(str, m["held_steps"])) or "-"
+            lines.append(f"| {m['eps'][3:]} | {m['method']} | {m['kind']} | {m['measurements']} | {m['median']:.1f} | "
+                         f"{m['max']:,.1f} ({m['max_step']}) | {held if m['kind'] != 'AT' else '-'} |")
     plot = _plot(out, curves)
     if plot:
         lines += ["", f"![lambda_max over training]({os.path.relpath(plot, out)})"]
     with open(os.path.join(out, "sat.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out, "sat.json"), "w") as f:
-        json.dump({"rows": rows, "targets": targets, "curves": {" ".join(k): v for k, v in curves.items()}}, f,
+        json.dump({"rows": rows, "targets": targets, "lambda_max": summary,
+                   "curves": {" ".join(k): v for k, v in curves.items()}}, f,
                   indent=2)
     print("\n".join(lines))
     return {"rows": rows, "curves": curves}
@@ -183,24 +193,50 @@ def _measurements(out: str, name: str, cell: dict) -> list:
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        return [[m["step"], m["lambda_max"], m["lambda"]] for m in map(json.loads, f)]
+        return [[m["step"], m["lambda_max"], m["lambda"], bool(m.get("advanced", True))] for m in map(json.loads, f)]
+
+
+def lambda_summary(curves: dict) -> list[dict]:
+    """Per curve (eps, method, kind) of [step, lambda_max, lambda, advanced] measurements: their count, median and
+    maximum (with its step), and the steps at which H-SAT decided not to advance while lambda was below 1 (AT's
+    lambda is 1 throughout, so it never holds)."""
+    out = []
+    for (eps, method, kind), pts in sorted(curves.items()):
+        if not pts:
+            continue
+        values = sorted(p[1] for p in pts)
+        n = len(values)
+        median = values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+        peak = max(pts, key=lambda p: p[1])
+        held = [p[0] for p in pts if len(p) > 3 and not p[3] and p[2] < 1.0]
+        out.append(dict(eps=eps, method=method, kind=kind, measurements=n, median=median, max=peak[1],
+                        max_step=peak[0], held_steps=held))
+    return out
 
 
 def _plot(out: str, curves: dict):
-    if not curves:
+    """One panel per eps, log scale: DNR's lambda_max spans five decades (spikes while it prunes to its budget)."""
+    if not any(curves.values()):
         return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for (eps, method, kind), pts in sorted(curves.items()):
-        if pts:
+    eps_values = sorted({k[0] for k, v in curves.items() if v})
+    fig, axes = plt.subplots(1, len(eps_values), figsize=(5.5 * len(eps_values), 4), squeeze=False, sharey=True)
+    colors = {}
+    for ax, eps in zip(axes[0], eps_values):
+        for (e, method, kind), pts in sorted(curves.items()):
+            if e != eps or not pts:
+                continue
+            color = colors.setdefault(method, f"C{len(colors)}")
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o" if kind == "AT" else "--s", markersize=3,
-                    label=f"{method} {kind} {eps}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("top Hessian eigenvalue of the adversarial loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+                    color=color, label=f"{method} {kind}")
+        ax.set_yscale("log")
+        ax.set_title(f"eps {eps[3:] if eps.startswith('eps') else eps} (seed 0)")
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("top Hessian eigenvalue, adversarial loss")
     os.makedirs(os.path.join(out, "plots"), exist_ok=True)
     path = os.path.join(out, "plots", "lambda_max.png")
     fig.tight_layout()
