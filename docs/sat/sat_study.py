@@ -144,7 +144,7 @@ def report(out: str, plan: dict) -> dict:
         for m in summary:
             held = ", ".join(map(str, m["held_steps"])) or "-"
             lines.append(f"| {m['eps'][3:]} | {m['method']} | {m['kind']} | {m['measurements']} | {m['median']:.1f} | "
-                         f"{m['max']:,.1f} ({m['max_step']}) | {held if m['kind'] != 'AT' else '-'} |")
+                         f"{m['max']:,.1f} ({m['max_step']}) | {held} |")
     plot = _plot(out, curves)
     if plot:
         lines += ["", f"![lambda_max over training]({os.path.relpath(plot, out)})"]
@@ -204,12 +204,10 @@ def lambda_summary(curves: dict) -> list[dict]:
     for (eps, method, kind), pts in sorted(curves.items()):
         if not pts:
             continue
-        values = sorted(p[1] for p in pts)
-        n = len(values)
-        median = values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
         peak = max(pts, key=lambda p: p[1])
-        held = [p[0] for p in pts if len(p) > 3 and not p[3] and p[2] < 1.0]
-        out.append(dict(eps=eps, method=method, kind=kind, measurements=n, median=median, max=peak[1],
+        held = [p[0] for p in pts if not p[3] and p[2] < 1.0]
+        out.append(dict(eps=eps, method=method, kind=kind, measurements=len(pts),
+                        median=statistics.median(p[1] for p in pts), max=peak[1],
                         max_step=peak[0], held_steps=held))
     return out
 
