@@ -467,7 +467,8 @@ def test_bad_models_and_grids_fail_before_training(change, words, tmp_path):
 def test_flags_override_every_grid():
     raw = compare.override_lists(MULTI, methods=["dnr"], seeds=[3], models=["wide_cnn"])
     cells = compare.plan_cells(raw)
-    assert [c["key"] for c in cells] == ["dnr-irregular-d0.1-s3", "dnr-channel-d0.5-s3"]
+    # the config lists two models: the cells keep the names the full config gives them
+    assert [c["key"] for c in cells] == ["wide_cnn-dnr-irregular-d0.1-s3", "wide_cnn-dnr-channel-d0.5-s3"]
     assert MULTI["grids"][0]["methods"] == ["dense-at", "dnr"]  # the loaded config is not changed
 
 
@@ -543,6 +544,31 @@ def test_multi_grid_rerun_reuses_each_cell_with_its_own_evaluation(multi_grid, m
     monkeypatch.setattr(ev, "robust_evaluation", no)
     assert cli.main(["compare", "--config", cfg, "--out", out, "--threads", "1"]) == 0
     assert capsys.readouterr().out.count(": reused") == len(MULTI_KEYS)
+
+
+def test_models_flag_on_the_folder_reuses_that_models_cells_and_keeps_its_record(multi_grid, monkeypatch, capsys):
+    """--models narrows a two-model config: its cells keep their prefixed names, so they are reused, and the
+    folder's compare_spec.json (all six cells) is kept, so the report still shows both models."""
+    out, cfg = multi_grid
+    spec_path = os.path.join(out, "compare_spec.json")
+    before = open(spec_path).read()
+
+    def no(*a, **k):
+        raise AssertionError("must not be called: the cells are finished")
+
+    import dnr.harness.run as hrun
+    import dnr.evaluation as ev
+    monkeypatch.setattr(hrun, "fit", no)
+    monkeypatch.setattr(ev, "robust_evaluation", no)
+    assert cli.main(["compare", "--config", cfg, "--out", out, "--threads", "1", "--models", "wide_cnn"]) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.count(": reused") == 3 and all(f"] {k}: reused" in stdout for k in MULTI_KEYS[3:])
+    assert "keeping its compare_spec.json" in stdout
+    assert open(spec_path).read() == before
+    assert sorted(os.listdir(os.path.join(out, "runs"))) == sorted(MULTI_KEYS)
+    data = _load(os.path.join(out, "compare.json"))
+    assert sorted(c["key"] for c in data["cells"]) == sorted(MULTI_KEYS)
+    assert all(c["status"] == "evaluated" for c in data["cells"])
 
 
 @pytest.mark.parametrize("model, same", [("small_cnn", True), ("lstm", False)])

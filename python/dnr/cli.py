@@ -159,7 +159,9 @@ def _add_compare(sub) -> None:
                     "restarts, fgsm, autoattack, autoattack_examples, sweep_eps, sweep_steps, sweep_examples, eps, "
                     "alpha), grids (a list of {methods, modes, densities, seeds, eval, train}: the cells are their "
                     "union; a grid's missing keys come from the top level, its eval / train override the top "
-                    "level's for its cells), title.",
+                    "level's for its cells), model_prefix (cell names start with their model: default when models "
+                    "lists several), title. An OUT that records other cells is refused unless this run plans a "
+                    "superset of them (the record is replaced) or a subset with their settings (it is kept).",
         epilog="example: dnr compare --config configs/compare-fashion-mnist.yaml --out runs/compare --jobs 2")
     p.add_argument("report_dir", nargs="?", default=None, metavar="OUT",
                    help="with --report-only: the output folder (same as --out)")
@@ -168,7 +170,9 @@ def _add_compare(sub) -> None:
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="cells trained in parallel processes (default 1)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads per cell (default: torch's default with --jobs 1, else 1)")
-    p.add_argument("--models", nargs="+", default=None, metavar="NAME", help="override the config's models")
+    p.add_argument("--models", nargs="+", default=None, metavar="NAME",
+                   help="override the config's models (on a config listing several, the cells keep their "
+                        "<model>- prefix, so a subset of its folder's cells runs under their recorded names)")
     p.add_argument("--methods", nargs="+", default=None, metavar="M",
                    help="override the config's methods (the top-level list and every grid's)")
     p.add_argument("--modes", nargs="+", default=None, metavar="MODE", help="override the config's modes (likewise)")

@@ -20,7 +20,12 @@ Output folder ``OUT``::
 Cells: a sparse method (``TrainConfig.sparse``) gets one cell per (model, mode, density, seed), named
 ``[<model>-]<method>-<mode>-d<density>-s<seed>``; a density-independent method (dense, dense-at) one cell
 per (model, seed), ``[<model>-]<method>-s<seed>``, trained at density 1.0 and shown in every mode's table as
-the 1x reference. The model prefix appears only when the config names several models.
+the 1x reference. The model prefix appears when the config names several models, or sets ``model_prefix``
+(``--models`` narrowing a several-model config sets it, so the cells keep their names).
+
+A folder that already records cells (compare_spec.json) takes a run that plans all of them or more (the record
+is replaced) or some of them with their recorded settings (the record is kept); anything else is refused
+before anything is written (:func:`~dnr.harness.compare.runner.folder_relation`).
 
 Std over seeds is the sample standard deviation (ddof=1; 0 for a single seed).
 """

@@ -37,7 +37,11 @@ EVAL_PROGRESS_FILE = "robust_eval.partial.pt"
 # what compare_spec.json records about each cell (the report reads it back)
 CELL_FIELDS = ("key", "model_name", "method", "mode", "target_density", "seed", "grids", "eval", "run_dir", "config")
 
-__all__ = ["CELL_FIELDS", "EVAL_PROGRESS_FILE", "run_compare", "run_cell", "cell_state", "machine_info"]
+# the fields that make two records the same cell (run_dir is derived from the key; grids are labels)
+SAME_CELL_FIELDS = ("model_name", "method", "mode", "target_density", "seed", "eval")
+
+__all__ = ["CELL_FIELDS", "EVAL_PROGRESS_FILE", "run_compare", "run_cell", "cell_state", "machine_info",
+           "folder_relation"]
 
 
 def _config_defaults() -> dict:
@@ -91,6 +95,65 @@ def cell_state(run_dir: str, config: dict) -> str:
     if os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
         return "resume"
     return "restart"
+
+
+def _same_cell(recorded: dict, planned: dict) -> list[str]:
+    """The fields in which a cell recorded in compare_spec.json differs from a planned one ([] = same cell)."""
+    as_json = lambda v: json.loads(json.dumps(v))  # noqa: E731  (tuples and lists compare equal, as saved)
+    # a folder written before cells carried model_name names the model in the config only
+    recorded = dict(recorded, model_name=recorded.get("model_name") or (recorded.get("config") or {}).get("model"))
+    diff = [f for f in SAME_CELL_FIELDS if as_json(recorded.get(f)) != as_json(planned[f])]
+    return diff + ([] if _configs_equal(recorded.get("config") or {}, planned["config"]) else ["config"])
+
+
+def folder_relation(out_dir: str, cells: list[dict]) -> str:
+    """How the planned ``cells`` relate to the cells an existing compare folder records, checked before
+    anything is written, so that no command silently drops a folder's record of its cells or retrains
+    finished cells under new names.
+
+    Returns:
+        'new' (no compare_spec.json yet), 'grid' (the plan holds every recorded cell, maybe more: the
+        folder's record is replaced by this plan) or 'subset' (the plan is some of the recorded cells, with
+        their recorded settings: they run and the folder keeps its record, so its report lists the cells not
+        yet finished as missing).
+
+    Raises:
+        ConfigError: the folder's compare_spec.json is unreadable; a planned cell is recorded under another
+            name (e.g. without the model prefix that the folder's several-model config gives it); or the plan
+            leaves out recorded cells and is not a subset of them with their settings.
+    """
+    path = os.path.join(out_dir, "compare_spec.json")
+    if not os.path.exists(path):
+        return "new"
+    try:
+        recorded = {c["key"]: c for c in read_json(path)["cells"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"option --out: {out_dir!r} has a compare_spec.json that cannot be read ({err}); "
+                          "choose another --out") from None
+    planned = {c["key"]: c for c in cells}
+    for key, cell in planned.items():
+        if key in recorded:
+            continue
+        for old_key, old in recorded.items():
+            if old_key not in planned and not _same_cell(old, cell):
+                raise ConfigError(f"option --out: {out_dir!r} records cell {old_key!r}, which this command names "
+                                  f"{key!r} (same settings, another name: cell names start with their model when "
+                                  "the config lists several models, or sets model_prefix); run the folder's own "
+                                  "config, or choose another --out")
+    dropped = [k for k in recorded if k not in planned]
+    if not dropped:
+        return "grid"
+    extra = [k for k in planned if k not in recorded]
+    differing = {k: _same_cell(recorded[k], planned[k]) for k in planned if k in recorded}
+    differing = {k: v for k, v in differing.items() if v}
+    if not extra and not differing:
+        return "subset"
+    some = lambda keys: ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")  # noqa: E731
+    why = (f"plans {len(extra)} cell(s) it does not record ({some(extra)})" if extra else
+           "plans " + ", ".join(f"{k!r} with other {'/'.join(v)}" for k, v in list(differing.items())[:2]))
+    raise ConfigError(f"option --out: {out_dir!r} holds another comparison: this command leaves out {len(dropped)} "
+                      f"of its {len(recorded)} recorded cells ({some(dropped)}) and {why}; run a subset of its "
+                      "cells with its settings, a superset, or choose another --out")
 
 
 # ---------------------------------------------------------------------------------------- one cell
@@ -245,15 +308,21 @@ def run_compare(spec: dict, out_dir: str, *, jobs: int = 1, threads: int | None 
     say = log or (lambda _msg: None)
     out_dir = os.path.abspath(out_dir)
     runs = os.path.join(out_dir, "runs")
+    relation = folder_relation(out_dir, cells)
     for c in cells:
         c["run_dir"] = os.path.join(runs, c["key"])
         cell_state(c["run_dir"], c["config"])  # a conflicting run directory fails before any training
     os.makedirs(runs, exist_ok=True)
-    write_json(os.path.join(out_dir, "compare_spec.json"),
-               {"spec": spec.to_dict(), "command": command, "machine": machine_info(), "jobs": jobs,
-                "threads": threads,
-                # run_dir relative to the folder: the folder can move (or be committed) and the reader rebuilds it
-                "cells": [dict({k: c[k] for k in CELL_FIELDS}, run_dir=os.path.join("runs", c["key"])) for c in cells]})
+    if relation == "subset":  # the folder's record names more cells than this command runs: keep it whole
+        say(f"compare: {out_dir} records more cells than this command plans; running {len(cells)} of them and "
+            "keeping its compare_spec.json")
+    else:
+        write_json(os.path.join(out_dir, "compare_spec.json"),
+                   {"spec": spec.to_dict(), "command": command, "machine": machine_info(), "jobs": jobs,
+                    "threads": threads,
+                    # run_dir relative to the folder: the folder can move (or be committed); the reader rebuilds it
+                    "cells": [dict({k: c[k] for k in CELL_FIELDS}, run_dir=os.path.join("runs", c["key"]))
+                              for c in cells]})
     tasks = [{"key": c["key"], "run_dir": c["run_dir"], "config": c["config"], "eval": c["eval"],
               "seed": c["seed"], "threads": threads, "worker": jobs > 1} for c in cells]
     total = len(tasks)

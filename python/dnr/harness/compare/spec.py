@@ -25,7 +25,8 @@ from ..config import (ConfigError, TrainConfig, check_choice, check_list, check_
 __all__ = ["CompareSpec", "Grid", "load_compare_config", "validate_compare_spec", "plan_cells", "cell_key",
            "evaluation_settings", "override_lists", "SPEC_KEYS", "GRID_KEYS", "EVAL_DEFAULTS", "MODES"]
 
-SPEC_KEYS = ("preset", "train", "models", "methods", "modes", "densities", "seeds", "eval", "grids", "title")
+SPEC_KEYS = ("preset", "train", "models", "model_prefix", "methods", "modes", "densities", "seeds", "eval", "grids",
+             "title")
 GRID_KEYS = ("methods", "modes", "densities", "seeds", "eval", "train")  # what a grid may set
 EVAL_DEFAULTS = {"test_size": None, "pgd_steps": [20, 50], "restarts": 2, "fgsm": True, "autoattack": True,
                  "autoattack_examples": 500, "sweep_eps": None, "sweep_steps": 20, "sweep_examples": 500,
@@ -128,7 +129,10 @@ class CompareSpec:
     mapping saved in compare_spec.json (and accepted by :meth:`from_mapping` again).
 
     ``models`` is None when the config names none (the cells use ``train.model`` / the preset's model and
-    their names carry no model prefix). ``methods`` ... ``eval`` are the top-level keys (the defaults of
+    their names carry no model prefix). ``model_prefix`` says whether cell names start with their model: None
+    (the config does not say) means "when ``models`` lists several", so single-model folders keep their names;
+    :func:`override_lists` sets it to True when ``--models`` narrows a several-model config, so the cells it
+    keeps have the names the full config gives them. ``methods`` ... ``eval`` are the top-level keys (the defaults of
     the grids; ``eval`` resolved against the first cell); ``grids`` the resolved grids (one without
     ``grids`` in the config)."""
     preset: str | None
@@ -142,6 +146,7 @@ class CompareSpec:
     densities: list[float] | None = None
     seeds: list[int] | None = None
     explicit_grids: bool = False
+    model_prefix: bool | None = None
 
     @classmethod
     def from_mapping(cls, raw: Any, *, threads: int | None = None) -> "CompareSpec":
@@ -173,6 +178,13 @@ class CompareSpec:
             if train.get("model") is not None and train["model"] not in models:
                 raise ConfigError(f"{_key('train')}: model {train['model']!r} is not in models {models}; models "
                                   "sets the model per cell")
+        model_prefix = raw.get("model_prefix")
+        require(_key("model_prefix"), model_prefix, model_prefix is None or isinstance(model_prefix, bool),
+                "true or false (cell names start with their model), or null (when models lists several)")
+        require(_key("model_prefix"), model_prefix, not (model_prefix and models is None),
+                "false or null when the config has no models key (there is no model to prefix the names with)")
+        require(_key("model_prefix"), model_prefix, not (model_prefix is False and models and len(models) > 1),
+                f"true or null when models lists several ({models}): without the prefix their cells share names")
         title = raw.get("title")
         if title is not None:
             hconfig.coerce_value(_key("title"), title, str, from_text=False)
@@ -217,15 +229,22 @@ class CompareSpec:
             first = first or base
         spec = cls(preset=preset, train=train, models=models, grids=grids,
                    eval=grids[0].eval if not explicit else _eval_settings("eval", top_eval, first),
-                   title=title or "dnr compare", explicit_grids=explicit, **top)
+                   title=title or "dnr compare", explicit_grids=explicit, model_prefix=model_prefix, **top)
         spec.plan(threads=threads)  # every cell's TrainConfig (and the grids' overlaps), up front
         return spec
 
     def to_dict(self) -> dict:
         return {"preset": self.preset, "train": dict(self.train), "models": self.models,
-                "methods": self.methods, "modes": self.modes, "densities": self.densities, "seeds": self.seeds,
+                "model_prefix": self.model_prefix, "methods": self.methods, "modes": self.modes,
+                "densities": self.densities, "seeds": self.seeds,
                 "eval": dict(self.eval), "title": self.title,
                 "grids": [g.to_dict() for g in self.grids] if self.explicit_grids else None}
+
+    def prefixes_cells_with_model(self) -> bool:
+        """Whether cell names start with their model (``model_prefix``, else: models lists several)."""
+        if self.model_prefix is not None:
+            return self.model_prefix and self.models is not None
+        return self.models is not None and len(self.models) > 1
 
     # ------------------------------------------------------------------ planning
     def plan(self, *, threads: int | None = None) -> list[dict]:
@@ -250,7 +269,7 @@ class CompareSpec:
         return list(cells.values())
 
     def _grid_cells(self, grid: Grid, model: str | None, threads: int | None) -> list[dict]:
-        prefix = model if self.models is not None and len(self.models) > 1 else None
+        prefix = model if self.prefixes_cells_with_model() else None
         out = []
 
         def add(method, mode, density, seed, reference=False):
@@ -374,8 +393,16 @@ def plan_cells(spec: Any, *, threads: int | None = None) -> list[dict]:
 def override_lists(raw: dict, **lists) -> dict:
     """A compare config with some of methods / modes / densities / seeds / models replaced (``dnr compare
     --methods ...``): the top-level key, and the same key of every grid that sets it, so that a flag means
-    the same with and without ``grids``. None leaves a key as it is. Returns a new mapping."""
+    the same with and without ``grids``. None leaves a key as it is. Returns a new mapping.
+
+    Replacing the models of a config that lists several (and does not set ``model_prefix``) keeps the model
+    prefix of the cell names: ``--models vgg_cnn`` on a two-model config plans the vgg_cnn cells under the
+    names the full config gives them, so it reuses (not retrains) them in the config's output folder."""
     out = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    declared = out.get("models")
+    if (lists.get("models") is not None and out.get("model_prefix") is None
+            and isinstance(declared, (list, tuple)) and len(declared) > 1):
+        out["model_prefix"] = True
     for key, value in lists.items():
         if value is None:
             continue
