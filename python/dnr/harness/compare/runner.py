@@ -131,19 +131,17 @@ def folder_relation(out_dir: str, cells: list[dict]) -> str:
         raise ConfigError(f"option --out: {out_dir!r} has a compare_spec.json that cannot be read ({err}); "
                           "choose another --out") from None
     planned = {c["key"]: c for c in cells}
-    for key, cell in planned.items():
-        if key in recorded:
-            continue
-        for old_key, old in recorded.items():
-            if old_key not in planned and not _same_cell(old, cell):
-                raise ConfigError(f"option --out: {out_dir!r} records cell {old_key!r}, which this command names "
-                                  f"{key!r} (same settings, another name: cell names start with their model when "
-                                  "the config lists several models, or sets model_prefix); run the folder's own "
-                                  "config, or choose another --out")
     dropped = [k for k in recorded if k not in planned]
     if not dropped:
         return "grid"
     extra = [k for k in planned if k not in recorded]
+    for key in extra:  # a renamed cell is a planned name the folder lacks for a recorded cell the plan lacks
+        for old_key in dropped:
+            if not _same_cell(recorded[old_key], planned[key]):
+                raise ConfigError(f"option --out: {out_dir!r} records cell {old_key!r}, which this command names "
+                                  f"{key!r} (same settings, another name: cell names start with their model when "
+                                  "the config lists several models, or sets model_prefix); run the folder's own "
+                                  "config, or choose another --out")
     differing = {k: _same_cell(recorded[k], planned[k]) for k in planned if k in recorded}
     differing = {k: v for k, v in differing.items() if v}
     if not extra and not differing:
