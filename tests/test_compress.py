@@ -176,6 +176,55 @@ def test_pca_recovers_exactly_low_rank_features():
     assert (out2(x) - model(x)).abs().max() > 1e-4
 
 
+# ------------------------------------------------------------------------------------------ kept norms
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+def test_kept_norms_are_calibrated_to_the_identity(device, dtype, name):
+    """keep_norms=True: every folded BatchNorm comes back on its producer's r channels under its own name, so
+    the result has as many norms as the original; calibrated on the calibration batch, the network computes
+    the folded network's function: in eval mode on any input, in training mode on that batch itself."""
+    model = randomise_norms(tiny_cnn() if name == "small_cnn" else narrow_resnet18()).to(device, dtype)
+    shape = (1, 28, 28) if name == "small_cnn" else (3, 32, 32)
+    x, y = data(16, shape=shape, device=device, dtype=dtype)
+    other, _ = data(8, seed=5, shape=shape, device=device, dtype=dtype)
+    folded = cascaded_projection(model, (x, y), flop_ratio=0.5, calibration_size=16)
+    kept = cascaded_projection(model, (x, y), flop_ratio=0.5, calibration_size=16, keep_norms=True)
+    info = kept.dnr_projection
+
+    def norms(net):
+        return {n: m for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)}
+
+    assert len(norms(kept)) == len(norms(model)) > len(norms(folded))
+    assert sorted(info["norms"]) == sorted(set(norms(kept)) - set(norms(folded)))
+    for n, m in norms(kept).items():  # a kept norm is as wide as the conv it follows, with the original's eps
+        assert m.eps == norms(model)[n].eps and type(m) is type(norms(model)[n])
+    if name == "small_cnn":
+        assert {n: m.num_features for n, m in norms(kept).items()} == {
+            f"features.{i + 1}": kept.get_submodule(f"features.{i}").out_channels for i in (0, 4, 8)}
+    extra = sum(2 * norms(kept)[n].num_features for n in info["norms"])
+    assert sum(p.numel() for p in kept.parameters()) == info["params"] == folded.dnr_projection["params"] + extra
+    tol = dict(atol=1e-9, rtol=1e-9) if dtype == torch.float64 else dict(atol=2e-4, rtol=2e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(kept(other), folded(other), **tol)
+        torch.testing.assert_close(kept.train()(x), folded(x), **tol)
+    # the test can fail: a kept norm that is not the identity changes the output
+    with torch.no_grad():
+        norms(kept)[info["norms"][0]].weight.zero_()  # its channels become constants
+        assert (kept.eval()(other) - folded(other)).abs().max() > 5 * 2e-4
+
+
+def test_keep_norms_must_name_a_projected_producers_norm():
+    model = randomise_norms(tiny_cnn())
+    plan = find_projection_spaces(model, data(1)[0])
+    p = {"features.0": torch.eye(6, 3)}
+    with pytest.raises(ValueError, match="keep_norms names 'features.5', which is not the BatchNorm of a "
+                                         "projected producer \\(those are: \\['features.1'\\]\\)"):
+        build_projected(plan, p, keep_norms=["features.5"])
+    net = build_projected(plan, p, keep_norms=["features.1"])
+    assert net.get_submodule("features.1").num_features == 3 and net.get_submodule("features.5").num_features == 8
+
+
 # ------------------------------------------------------------------------------------------ costs and shapes
 @pytest.mark.parametrize("ratio", [0.5, 0.25])
 @pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
@@ -267,6 +316,8 @@ def test_unreachable_ratio_and_argument_errors():
         cascaded_projection(model, x, flop_ratio=0.5, steps=1)
     with pytest.raises(ProjectionError, match="steps got -1"):
         cascaded_projection(model, (x, y), flop_ratio=0.5, steps=-1)
+    with pytest.raises(ProjectionError, match="keep_norms got 'yes', expected True or False"):
+        cascaded_projection(model, (x, y), flop_ratio=0.5, keep_norms="yes")
 
 
 def test_residual_space_ranks_must_agree():

@@ -33,7 +33,11 @@ def test_cap_trains_projects_and_fine_tunes(tmp_path, method):
     assert record["epoch"] == 1 and record["loss_first"] is not None
     assert record["flops"] <= 0.5 * record["flops_dense"]
     model, _, _ = load_trained_model(s["model_path"])
-    assert isinstance(model, ProjectedNetwork) and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert isinstance(model, ProjectedNetwork)
+    # each projected conv keeps a BatchNorm on its r channels (defaults revision 1), under the dense norm's name
+    norms = {n: m.num_features for n, m in model.net.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    conv_ranks = {k: r for k, r in record["ranks"].items() if k.startswith("features.")}
+    assert conv_ranks and norms == {f"features.{int(k.split('.')[1]) + 1}": r for k, r in conv_ranks.items()}
     # the saved model is the predicted size, and the summary reports it against the dense model
     assert sum(p.numel() for p in model.parameters()) == record["params"]
     assert s["density"] == pytest.approx(record["params"] / record["params_dense"], rel=1e-12)
@@ -51,9 +55,29 @@ def test_a_checkpoint_after_the_projection_reloads_into_the_smaller_structure(tm
     torch.testing.assert_close(model.state_dict(), state["model"])
     assert model.net.get_submodule("features.4").in_channels == 5
     assert model.net.get_submodule("classifier.3").in_features == 40
+    assert model.net.get_submodule("features.1").num_features == 5  # features.0's norm, kept on its 5 channels
     # a dense model of the same config does not load it: restructure is what makes it fit
     with pytest.raises(RuntimeError):
         build_model_for(cfg).load_state_dict(state["model"])
+
+
+def test_a_revision_0_model_with_its_norms_folded_still_reloads(tmp_path):
+    """Runs saved before defaults revision 1 hold the projected network without BatchNorms on the projected
+    channels; restructure rebuilds that form from the state dict's keys."""
+    from dnr.compress import build_projected, find_projection_spaces
+    from dnr.methods import create
+
+    cfg = _cfg(method="cap", cap_ranks=["features.0=5"])
+    model = build_model_for(cfg)  # the method's ProjectedNetwork around the dense small_cnn
+    assert isinstance(model, ProjectedNetwork)
+    plan = find_projection_spaces(model.net.eval(), torch.zeros(1, 1, 28, 28))
+    folded = build_projected(plan, {"features.0": torch.eye(16, 5)})
+    state = {f"net.{k}": v for k, v in folded.state_dict().items()}
+    assert "net.features.1.running_mean" not in state and state["net.features.0.weight"].shape[0] == 5
+    create(cfg).restructure(model, state, input_size=(1, 28, 28))
+    model.load_state_dict(state)  # strict
+    x = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(model.eval()(x), folded(x))
 
 
 @pytest.mark.parametrize("extra,match", [

@@ -20,7 +20,9 @@ P^T W for the producers and V P for the consumers (``dnr.compress.projected``).
    original weight, a its input in the original network and a' its (r-channel) input in the projected
    one, so the error of every earlier projection cascades into it.
 3. The result: plain ``nn.Conv2d`` / ``nn.Linear`` layers holding the products (``dnr export`` takes
-   it like a compacted model); fine-tune it afterwards (the ``cap`` method does).
+   it like a compacted model); fine-tune it afterwards (the ``cap`` method does, with ``keep_norms``:
+   a BatchNorm on each projected producer's r channels, calibrated to the identity, so the fine-tuning
+   trains with the normalisation the dense model had).
 
 Ranks: ``ranks`` maps a producer layer's name to r (any producer of a shared residual space names it;
 two different ranks for one space are an error), or ``flop_ratio`` in (0, 1] gives the fraction of the
@@ -42,7 +44,7 @@ from torch import nn
 
 from ..attacks import pgd
 from ..losses import hybrid_loss
-from .projected import build_projected, predict_cost
+from .projected import build_projected, calibrate_norms, predict_cost
 from .spaces import ProjectionError, SpacePlan, find_projection_spaces
 
 __all__ = ["cascaded_projection", "allocate_ranks", "resolve_ranks", "qr_retraction", "pca_projections",
@@ -220,7 +222,8 @@ def _reconstruction(plan: SpacePlan, ranks, projections, ref_inputs, new_inputs)
 def cascaded_projection(model: nn.Module, data, *, ranks: Mapping[str, int] | None = None,
                         flop_ratio: float | None = None, steps: int = 0, lr: float = 0.01,
                         momentum: float = 0.9, gamma: float = 1.0, adversarial: AdversarialTerm | None = None,
-                        calibration_size: int = 512, generator: torch.Generator | None = None) -> nn.Module:
+                        calibration_size: int = 512, generator: torch.Generator | None = None,
+                        keep_norms: bool = False) -> nn.Module:
     """Compress ``model`` by cascaded projection into a plain, smaller network (module docstring).
 
     Args:
@@ -237,12 +240,16 @@ def cascaded_projection(model: nn.Module, data, *, ranks: Mapping[str, int] | No
         adversarial: an :class:`AdversarialTerm` for robust CaP (None: the clean CE).
         calibration_size: inputs of the calibration batch.
         generator: for the PGD random starts (None: the global stream).
+        keep_norms: keep a BatchNorm on the projected channels of each producer whose BatchNorm is folded,
+            calibrated on the calibration batch to be the identity there (``build_projected``'s
+            ``keep_norms``; the function is unchanged). False, the paper's form: the norms are folded away.
+            True suits a network that will be fine-tuned with the dense model's learning rate.
 
     Returns:
         an eval-mode ``torch.fx.GraphModule`` of plain layers, input [B, *input_size] -> the model's
         output; ``result.dnr_projection`` holds ``ranks`` (space name -> r), ``spaces`` (space name ->
-        its producers), the predicted ``flops`` / ``params`` and their dense values, and ``losses``
-        (per training step).
+        its producers), ``norms`` (the kept BatchNorms' names), the predicted ``flops`` / ``params`` and
+        their dense values, and ``losses`` (per training step).
 
     Raises:
         ProjectionError: bad ranks or ratio, or a rank on a structure the projection cannot pass (named).
@@ -253,11 +260,13 @@ def cascaded_projection(model: nn.Module, data, *, ranks: Mapping[str, int] | No
         _check_ratio(flop_ratio)
     for arg, value, ok in (("steps", steps, isinstance(steps, int) and steps >= 0),
                            ("calibration_size", calibration_size, isinstance(calibration_size, int) and calibration_size >= 1),
-                           ("lr", lr, lr > 0), ("gamma", gamma, gamma >= 0), ("momentum", momentum, 0 <= momentum < 1)):
+                           ("lr", lr, lr > 0), ("gamma", gamma, gamma >= 0), ("momentum", momentum, 0 <= momentum < 1),
+                           ("keep_norms", keep_norms, isinstance(keep_norms, bool))):
         if not ok:
             raise ProjectionError(f"cascaded_projection: {arg} got {value!r}, expected "
                                   + {"steps": "an integer >= 0", "calibration_size": "an integer >= 1",
-                                     "lr": "a number > 0", "gamma": "a number >= 0", "momentum": "a number in [0, 1)"}[arg])
+                                     "lr": "a number > 0", "gamma": "a number >= 0", "momentum": "a number in [0, 1)",
+                                     "keep_norms": "True or False"}[arg])
     batches = _batches(data)
     first = next(iter(batches), None)
     if first is None:
@@ -312,10 +321,14 @@ def cascaded_projection(model: nn.Module, data, *, ranks: Mapping[str, int] | No
             ref_taps.remove()
             new_taps.remove()
         projections = {k: p.detach() for k, p in proxies.items()}
-    result = build_projected(plan, projections)
-    cost = predict_cost(plan, chosen)
+    kept = sorted(plan.spaces[s].norms[p] for s in chosen for p in plan.spaces[s].producers
+                  if p in plan.spaces[s].norms) if keep_norms else []
+    result = build_projected(plan, projections, keep_norms=kept)
+    if kept:
+        calibrate_norms(result, kept, x_cal)
+    cost = predict_cost(plan, chosen, kept)
     result.dnr_projection = {"ranks": dict(chosen), "channels": {k: plan.spaces[k].channels for k in chosen},
-                             "spaces": {s.name: list(s.producers) for s in plan.spaces.values()},
+                             "spaces": {s.name: list(s.producers) for s in plan.spaces.values()}, "norms": kept,
                              "flops": cost["flops"], "flops_dense": cost["flops_dense"], "params": cost["params"],
                              "params_dense": cost["params_dense"], "losses": losses}
     result.dnr_projections = projections

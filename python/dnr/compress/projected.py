@@ -12,6 +12,13 @@ Channel-wise ops between the pair then act on the r projected channels. That is 
 dropout and any P that is a permutation, and an approximation for the activations (a ReLU does not
 commute with a rotation), which the projection's training and the fine-tuning compensate.
 
+``keep_norms`` keeps a fresh BatchNorm on the r projected channels of the named norms (still folded
+into the weights first) instead of removing it; :func:`calibrate_norms` sets its statistics and affine
+so that it is the identity on the calibration data. The network then computes the same function, but
+fine-tuning it trains with the normalisation the dense model had: without it, the folded network's
+weights carry the BatchNorm's scales, and SGD at the dense model's learning rate can diverge within a
+few steps (docs/cap/README.md, "Fine-tuning with the BatchNorms kept").
+
 Two forms: :func:`build_projected` with ``differentiable=True`` gives :class:`ProjectedLayer` modules
 that recompute their weights from the shared projection tensors at every call (for training the
 projections); ``False`` gives plain ``nn.Conv2d`` / ``nn.Linear`` layers holding the products (the
@@ -21,7 +28,7 @@ result that is trained on and exported).
 from __future__ import annotations
 
 import copy
-from typing import Mapping
+from typing import Collection, Mapping
 
 import torch
 import torch.fx as fx
@@ -31,7 +38,7 @@ from torch import nn
 from ..nn.channel_graph import replace_with_flatten
 from .spaces import SpacePlan
 
-__all__ = ["ProjectedLayer", "build_projected", "folded_weight", "predict_cost", "layer_flops"]
+__all__ = ["ProjectedLayer", "build_projected", "calibrate_norms", "folded_weight", "predict_cost", "layer_flops"]
 
 
 @torch.no_grad()
@@ -120,13 +127,16 @@ class ProjectedLayer(nn.Module):
 
 
 def build_projected(plan: SpacePlan, projections: Mapping[str, torch.Tensor], *,
-                    differentiable: bool = False) -> fx.GraphModule:
+                    differentiable: bool = False, keep_norms: Collection[str] = ()) -> fx.GraphModule:
     """The network of ``plan`` with each space in ``projections`` (space name -> P [c, r]) projected.
 
     Spaces not in ``projections`` keep their layers and BatchNorms as they are. The returned
-    GraphModule has the model's submodule names (projected BatchNorms removed), eval mode, and input
-    [B, *input_size] -> the model's output. ``differentiable=True`` keeps :class:`ProjectedLayer`s that
-    read the given tensors (train them, then call again with False for plain layers).
+    GraphModule has the model's submodule names (projected BatchNorms removed, except those named in
+    ``keep_norms``: each is folded all the same and replaced by a fresh BatchNorm of its type on the r
+    projected channels, with its eps and momentum; set its statistics with :func:`calibrate_norms`),
+    eval mode, and input [B, *input_size] -> the model's output. ``differentiable=True`` keeps
+    :class:`ProjectedLayer`s that read the given tensors (train them, then call again with False for
+    plain layers).
     """
     gm = copy.deepcopy(plan.gm)
     modules = dict(plan.gm.named_modules())
@@ -146,8 +156,21 @@ def build_projected(plan: SpacePlan, projections: Mapping[str, torch.Tensor], *,
         new = ProjectedLayer(modules[layer], w, b, p_out, p_in, hw)
         gm.set_submodule(layer, new if differentiable else new.to_plain())
     graph = gm.graph
-    removed = {plan.spaces[name].norms[p] for name in projections for p in plan.spaces[name].producers
-               if p in plan.spaces[name].norms}
+    folded = {plan.spaces[name].norms[p]: (name, p) for name in projections for p in plan.spaces[name].producers
+              if p in plan.spaces[name].norms}
+    unknown = sorted(set(keep_norms) - set(folded))
+    if unknown:
+        raise ValueError(f"build_projected: keep_norms names {unknown[0]!r}, which is not the BatchNorm of a "
+                         f"projected producer (those are: {sorted(folded)})")
+    for norm in keep_norms:
+        old = modules[norm]
+        if not isinstance(old, (nn.BatchNorm1d, nn.BatchNorm2d)) or not old.affine or not old.track_running_stats:
+            raise ValueError(f"build_projected: keep_norms names {norm!r}, a {type(old).__name__}; expected an affine "
+                             "BatchNorm1d / BatchNorm2d that tracks running statistics")
+        rank = projections[folded[norm][0]].shape[1]
+        ref = old.running_mean
+        gm.set_submodule(norm, type(old)(rank, eps=old.eps, momentum=old.momentum, device=ref.device, dtype=ref.dtype))
+    removed = set(folded) - set(keep_norms)
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target in removed:
             node.replace_all_uses_with(node.args[0])
@@ -165,6 +188,36 @@ def build_projected(plan: SpacePlan, projections: Mapping[str, torch.Tensor], *,
     return gm.eval()
 
 
+@torch.no_grad()
+def calibrate_norms(net: nn.Module, names: Collection[str], x: torch.Tensor) -> None:
+    """Make each named BatchNorm of ``net`` the identity on the batch ``x`` [N, *input_size], in place.
+
+    One eval-mode pass over ``x``: each norm, just before it runs, takes its input's per-channel mean m and
+    (biased) variance v over the batch (and the pixels) as its running statistics, weight sqrt(v + eps)
+    and bias m. Its eval output then equals its input exactly, so ``net`` computes what it computed
+    without the norms, and in training mode a batch like ``x`` passes nearly unchanged. Layers are met in
+    the order the forward pass runs them, so each norm sees the inputs the calibrated network gives it.
+    """
+    def calibrate(module, args):
+        a = args[0]
+        dims = [0, *range(2, a.dim())]
+        var, mean = torch.var_mean(a, dim=dims, correction=0)
+        module.running_mean.copy_(mean)
+        module.running_var.copy_(var)
+        module.weight.copy_((var + module.eps).sqrt())
+        module.bias.copy_(mean)
+        module.num_batches_tracked.zero_()
+
+    was = net.training
+    handles = [net.get_submodule(name).register_forward_pre_hook(calibrate) for name in names]
+    try:
+        net.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+        net.train(was)
+
+
 def layer_flops(module: nn.Module, out_shape: tuple, in_channels: int, out_channels: int) -> int:
     """2 x multiply-accumulates of one example through a conv / linear layer with ``in_channels`` inputs
     (features, for a linear layer) and ``out_channels`` outputs; ``out_shape`` is its output shape."""
@@ -174,19 +227,22 @@ def layer_flops(module: nn.Module, out_shape: tuple, in_channels: int, out_chann
     return 2 * out_channels * in_channels
 
 
-def predict_cost(plan: SpacePlan, ranks: Mapping[str, int]) -> dict:
+def predict_cost(plan: SpacePlan, ranks: Mapping[str, int], keep_norms: Collection[str] = ()) -> dict:
     """FLOPs per example and parameters of the network projected to ``ranks`` (space name -> r), from the
-    shapes alone. Returns ``{"flops", "params", "flops_dense", "params_dense", "layers": {name: {...}}}``;
-    FLOPs count the conv and linear layers (2 x multiply-accumulates), parameters count every parameter.
+    shapes alone; the norms named in ``keep_norms`` count as kept on the r channels (see build_projected).
+    Returns ``{"flops", "params", "flops_dense", "params_dense", "layers": {name: {...}}}``; FLOPs count
+    the conv and linear layers (2 x multiply-accumulates), parameters count every parameter.
     """
     modules = dict(plan.gm.named_modules())
     nodes = {n.target: n for n in plan.gm.graph.nodes if n.op == "call_module"}
-    folded = {plan.spaces[s].norms[p] for s in ranks for p in plan.spaces[s].producers if p in plan.spaces[s].norms}
+    folded = {plan.spaces[s].norms[p]: s for s in ranks for p in plan.spaces[s].producers if p in plan.spaces[s].norms}
     params = sum(p.numel() for p in plan.gm.parameters())
     params_dense, flops, flops_dense, layers = params, 0, 0, {}
     for name, m in modules.items():
         if name in folded:
             params -= sum(p.numel() for p in m.parameters(recurse=False))
+            if name in keep_norms:
+                params += 2 * ranks[folded[name]]  # the kept norm's weight and bias on r channels
         if not isinstance(m, (nn.Conv2d, nn.Linear)) or name not in nodes:
             continue
         out_shape = nodes[name].meta["dnr_shape"]

@@ -6,7 +6,11 @@
 Like the phased pruning baselines (``phased = True``), the first ``cfg.pre_epochs`` epochs train the
 dense model with the run's attack; at the end of the last of them ``dnr.compress.cascaded_projection``
 replaces the network by its projected, physically smaller version, and the remaining epochs fine-tune
-it with the learning-rate schedule restarted. The model the harness holds is a :class:`ProjectedNetwork`
+it with the learning-rate schedule restarted. The projected network keeps a BatchNorm on the r channels
+of each projected producer whose BatchNorm the projection folded (``cascaded_projection``'s
+``keep_norms``, calibrated to the identity): the folded network alone computes the same function, but
+fine-tuned at the dense model's learning rate it can diverge in its first steps (defaults revision 1;
+docs/cap/README.md, "Fine-tuning with the BatchNorms kept"). The model the harness holds is a :class:`ProjectedNetwork`
 wrapper whose ``net`` is swapped at the projection (the optimizer is re-pointed at the new parameters,
 its momentum reset). Options (``TrainConfig``): ``cap_flops`` (fraction of the dense FLOPs kept;
 default ``density``) or ``cap_ranks`` ("layer=rank" pairs), ``cap_steps``, ``cap_lr``, ``cap_gamma``,
@@ -67,6 +71,9 @@ class CascadedProjection(CompressionMethod):
     description = "CaP: dense AT, cascaded projection to --cap-flops of the FLOPs, AT fine-tuning"
     phased = True
     density_axis = True  # dnr compare: a cell per density, read as the FLOP fraction kept (without --cap-flops)
+    # 1: the projected network keeps BatchNorms on its projected channels for the fine-tuning (revision 0 folded
+    # them away, and vgg_cnn at 4x fewer FLOPs collapsed to chance in its first fine-tuning steps)
+    defaults_revision = 1
     robust = False  # the projections' loss: CE (cap) or the hybrid clean + PGD loss (cap-robust)
 
     def __init__(self, cfg: Any):
@@ -150,7 +157,7 @@ class CascadedProjection(CompressionMethod):
             dense.eval(), self._projection_data(ref.device), ranks=ranks or None,
             flop_ratio=None if ranks else self.flop_ratio, steps=cfg.cap_steps, lr=cfg.cap_lr, gamma=cfg.cap_gamma,
             adversarial=adversarial, calibration_size=cfg.cap_calibration,
-            generator=torch.Generator(device=ref.device).manual_seed(cfg.seed + 12))
+            generator=torch.Generator(device=ref.device).manual_seed(cfg.seed + 12), keep_norms=True)
         dense.train(was)
         info = result.dnr_projection
         self._install(self.model, result)
@@ -181,7 +188,9 @@ class CascadedProjection(CompressionMethod):
     # ------------------------------------------------------------------ saved models
     def restructure(self, model: nn.Module, model_state: dict, *, input_size: tuple[int, ...]) -> None:
         """Rebuild the projected structure that ``model_state`` was saved from (its conv / linear shapes
-        give the ranks; the folded BatchNorms are absent), so that the state dict loads strictly."""
+        give the ranks; a projected producer's BatchNorm is kept on the r channels where the state holds it,
+        as revision 1 saves, and absent where it was folded away, as revision 0 saved), so that the state
+        dict loads strictly."""
         if not isinstance(model, ProjectedNetwork):
             return
         current = model.state_dict()
@@ -189,13 +198,14 @@ class CascadedProjection(CompressionMethod):
             return  # the same structure (dense, or already rebuilt)
         ref = next(model.net.parameters())
         plan = find_projection_spaces(model.net, torch.zeros((1, *input_size), device=ref.device, dtype=ref.dtype))
-        projections = {}
+        projections, kept = {}, []
         for space in plan.projectable():
             key = f"net.{space.producers[0]}.weight"
             if key in model_state and model_state[key].shape[0] < space.channels:
                 r = model_state[key].shape[0]
                 projections[space.name] = torch.eye(space.channels, r, device=ref.device, dtype=ref.dtype)
-        self._install(model, build_projected(plan, projections))
+                kept += [n for p, n in space.norms.items() if f"net.{n}.running_mean" in model_state]
+        self._install(model, build_projected(plan, projections, keep_norms=kept))
         self.projected = True
 
     # ------------------------------------------------------------------ results and state
