@@ -123,3 +123,26 @@ def test_the_cap_report_configs_plan_a_cell_per_flop_fraction():
             assert f"{model}-dense-at-s0" in keys
         cap = [c for c in cells if c["method"] == "cap"]
         assert {c["config"]["density"] for c in cap} == {0.5, 0.25}
+
+
+def test_the_finetune_probe_fine_tunes_the_dense_folded_and_kept_forms(tmp_path):
+    """docs/cap/finetune_probe.py on a tiny dense-at run: three forms, the requested steps, finite records; the
+    dense model it reads is left as it was."""
+    from conftest import load_script
+
+    s = fit(_cfg(method="dense-at", epochs=1), str(tmp_path / "dense"), quiet=True, progress=False)
+    before = {k: v.clone() for k, v in load_trained_model(s["model_path"])[0].state_dict().items()}
+    probe = load_script("docs/cap/finetune_probe.py")
+    out = tmp_path / "probe.json"
+    assert probe.main([s["model_path"], "--method", "cap", "--density", "0.5", "--steps", "3", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["method"] == "cap" and rec["lr"] > 0 and set(rec["forms"]) == {"dense", "folded", "kept"}
+    for rows in rec["forms"].values():
+        assert [r["step"] for r in rows] == [1, 2, 3]
+        assert all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in rows)
+    # the projected forms start from the same function, the dense one from the model itself (not projected)
+    assert rec["forms"]["folded"][0]["loss"] != rec["forms"]["dense"][0]["loss"]
+    after = load_trained_model(s["model_path"])[0].state_dict()
+    torch.testing.assert_close(after, before)
+    with pytest.raises(SystemExit):
+        probe.main([s["model_path"], "--steps", "0"])

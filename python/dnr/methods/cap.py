@@ -124,7 +124,7 @@ class CascadedProjection(CompressionMethod):
             return f"option {option}: {err}"
         return None
 
-    def _projection_data(self, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def projection_data(self, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``cap_calibration`` training examples (a permutation seeded by the run's seed), in batches."""
         cfg = self.cfg
         n = min(cfg.cap_calibration, len(self.data))
@@ -144,21 +144,30 @@ class CascadedProjection(CompressionMethod):
             self.optimizer.param_groups[0]["params"] = list(self.model.parameters())
             self.optimizer.state.clear()
 
+    def project(self, dense: nn.Module, *, keep_norms: bool = True) -> nn.Module:
+        """The run's cascaded projection of ``dense`` (its ranks or FLOP ratio, projection steps, loss and
+        calibration data, seeded by the run's seed), as the projection event computes it; ``keep_norms=False``
+        gives defaults revision 0's form, the BatchNorms folded away (docs/cap/finetune_probe.py compares
+        the two). ``dense`` is left in the mode it was in. Returns ``cascaded_projection``'s result."""
+        cfg, was = self.cfg, dense.training
+        ref = next(dense.parameters())
+        ranks = parse_cap_ranks(cfg.cap_ranks)
+        adversarial = AdversarialTerm(cfg.eps, cfg.alpha, cfg.attack_steps, cfg.beta) if self.robust else None
+        try:
+            return cascaded_projection(
+                dense.eval(), self.projection_data(ref.device), ranks=ranks or None,
+                flop_ratio=None if ranks else self.flop_ratio, steps=cfg.cap_steps, lr=cfg.cap_lr,
+                gamma=cfg.cap_gamma, adversarial=adversarial, calibration_size=cfg.cap_calibration,
+                generator=torch.Generator(device=ref.device).manual_seed(cfg.seed + 12), keep_norms=keep_norms)
+        finally:
+            dense.train(was)
+
     # ------------------------------------------------------------------ training hooks
     def epoch_end(self, epoch: int, *, last: bool) -> dict | None:
         if self.projected or epoch + 1 != self.cfg.pre_epochs:
             return None
-        cfg, dense = self.cfg, self.model.net
-        was = dense.training
-        ref = next(dense.parameters())
-        ranks = parse_cap_ranks(cfg.cap_ranks)
-        adversarial = AdversarialTerm(cfg.eps, cfg.alpha, cfg.attack_steps, cfg.beta) if self.robust else None
-        result = cascaded_projection(
-            dense.eval(), self._projection_data(ref.device), ranks=ranks or None,
-            flop_ratio=None if ranks else self.flop_ratio, steps=cfg.cap_steps, lr=cfg.cap_lr, gamma=cfg.cap_gamma,
-            adversarial=adversarial, calibration_size=cfg.cap_calibration,
-            generator=torch.Generator(device=ref.device).manual_seed(cfg.seed + 12), keep_norms=True)
-        dense.train(was)
+        cfg = self.cfg
+        result = self.project(self.model.net)
         info = result.dnr_projection
         self._install(self.model, result)
         self.projected = True
