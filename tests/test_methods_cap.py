@@ -144,5 +144,7 @@ def test_the_finetune_probe_fine_tunes_the_dense_folded_and_kept_forms(tmp_path)
     assert rec["forms"]["folded"][0]["loss"] != rec["forms"]["dense"][0]["loss"]
     after = load_trained_model(s["model_path"])[0].state_dict()
     torch.testing.assert_close(after, before)
-    with pytest.raises(SystemExit):
-        probe.main([s["model_path"], "--steps", "0"])
+    for bad in (["--steps", "0"], ["--out", str(out)]):  # refused before any work; the JSON is kept
+        with pytest.raises(SystemExit):
+            probe.main([s["model_path"], *bad])
+    assert json.loads(out.read_text()) == rec

@@ -24,6 +24,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import platform
 import sys
 
@@ -74,10 +75,12 @@ def main(argv=None) -> int:
     ap.add_argument("--density", type=float, default=0.25, help="the FLOP fraction kept (default 0.25)")
     ap.add_argument("--steps", type=int, default=60, help="fine-tuning steps per form (default 60)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", help="write the per-step records here (JSON)")
+    ap.add_argument("--out", help="write the per-step records here (JSON; refused if it exists)")
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error(f"argument --steps: got {args.steps}, expected an integer >= 1")
+    if args.out and os.path.exists(args.out):
+        ap.error(f"argument --out: {args.out!r} exists; remove it or choose another file")
     torch.set_num_threads(args.threads)
     dense, saved, _ = load_trained_model(args.model)
     cfg = dataclasses.replace(saved, method=args.method, density=args.density, epochs=max(saved.epochs, 2))
