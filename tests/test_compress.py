@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import DEVICES
-from dnr.compress import (AdversarialTerm, ProjectionError, build_projected, cascaded_projection,
+from dnr.compress import (AdversarialTerm, ProjectionError, build_projected, calibrate_norms, cascaded_projection,
                           find_projection_spaces, qr_retraction)
 from dnr.models import small_cnn
 from dnr.models.resnet import ResNet, resnet18
@@ -218,11 +218,14 @@ def test_keep_norms_must_name_a_projected_producers_norm():
     model = randomise_norms(tiny_cnn())
     plan = find_projection_spaces(model, data(1)[0])
     p = {"features.0": torch.eye(6, 3)}
-    with pytest.raises(ValueError, match="keep_norms names 'features.5', which is not the BatchNorm of a "
+    with pytest.raises(ProjectionError, match="keep_norms names 'features.5', which is not the BatchNorm of a "
                                          "projected producer \\(those are: \\['features.1'\\]\\)"):
         build_projected(plan, p, keep_norms=["features.5"])
     net = build_projected(plan, p, keep_norms=["features.1"])
     assert net.get_submodule("features.1").num_features == 3 and net.get_submodule("features.5").num_features == 8
+    net.add_module("spare", nn.BatchNorm2d(3))  # a norm the forward pass never runs cannot be calibrated
+    with pytest.raises(ProjectionError, match="calibrate_norms: 'spare' did not run in the forward pass"):
+        calibrate_norms(net, ["features.1", "spare"], data(4)[0])
 
 
 # ------------------------------------------------------------------------------------------ costs and shapes

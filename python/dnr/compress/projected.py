@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.channel_graph import replace_with_flatten
-from .spaces import SpacePlan
+from .spaces import ProjectionError, SpacePlan
 
 __all__ = ["ProjectedLayer", "build_projected", "calibrate_norms", "folded_weight", "predict_cost", "layer_flops"]
 
@@ -156,18 +156,18 @@ def build_projected(plan: SpacePlan, projections: Mapping[str, torch.Tensor], *,
         new = ProjectedLayer(modules[layer], w, b, p_out, p_in, hw)
         gm.set_submodule(layer, new if differentiable else new.to_plain())
     graph = gm.graph
-    folded = {plan.spaces[name].norms[p]: (name, p) for name in projections for p in plan.spaces[name].producers
-              if p in plan.spaces[name].norms}
+    folded = {plan.spaces[name].norms[p]: name for name in projections for p in plan.spaces[name].producers
+              if p in plan.spaces[name].norms}  # norm -> its projected space
     unknown = sorted(set(keep_norms) - set(folded))
     if unknown:
-        raise ValueError(f"build_projected: keep_norms names {unknown[0]!r}, which is not the BatchNorm of a "
-                         f"projected producer (those are: {sorted(folded)})")
+        raise ProjectionError(f"build_projected: keep_norms names {unknown[0]!r}, which is not the BatchNorm of a "
+                              f"projected producer (those are: {sorted(folded)})")
     for norm in keep_norms:
         old = modules[norm]
         if not isinstance(old, (nn.BatchNorm1d, nn.BatchNorm2d)) or not old.affine or not old.track_running_stats:
-            raise ValueError(f"build_projected: keep_norms names {norm!r}, a {type(old).__name__}; expected an affine "
-                             "BatchNorm1d / BatchNorm2d that tracks running statistics")
-        rank = projections[folded[norm][0]].shape[1]
+            raise ProjectionError(f"build_projected: keep_norms names {norm!r}, a {type(old).__name__}; expected an "
+                                  "affine BatchNorm1d / BatchNorm2d that tracks running statistics")
+        rank = projections[folded[norm]].shape[1]
         ref = old.running_mean
         gm.set_submodule(norm, type(old)(rank, eps=old.eps, momentum=old.momentum, device=ref.device, dtype=ref.dtype))
     removed = set(folded) - set(keep_norms)
@@ -198,7 +198,10 @@ def calibrate_norms(net: nn.Module, names: Collection[str], x: torch.Tensor) -> 
     without the norms, and in training mode a batch like ``x`` passes nearly unchanged. Layers are met in
     the order the forward pass runs them, so each norm sees the inputs the calibrated network gives it.
     """
-    def calibrate(module, args):
+    reached: set[str] = set()
+
+    def calibrate(module, args, name):
+        reached.add(name)
         a = args[0]
         dims = [0, *range(2, a.dim())]
         var, mean = torch.var_mean(a, dim=dims, correction=0)
@@ -209,13 +212,18 @@ def calibrate_norms(net: nn.Module, names: Collection[str], x: torch.Tensor) -> 
         module.num_batches_tracked.zero_()
 
     was = net.training
-    handles = [net.get_submodule(name).register_forward_pre_hook(calibrate) for name in names]
+    handles = [net.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: calibrate(module, args, name)) for name in names]
     try:
         net.eval()(x)
     finally:
         for h in handles:
             h.remove()
         net.train(was)
+    missed = sorted(set(names) - reached)
+    if missed:  # left as it was: not the identity, so the network would not compute what it did
+        raise ProjectionError(f"calibrate_norms: {missed[0]!r} did not run in the forward pass over x, so it "
+                              "could not be calibrated")
 
 
 def layer_flops(module: nn.Module, out_shape: tuple, in_channels: int, out_channels: int) -> int:
