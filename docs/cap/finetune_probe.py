@@ -13,7 +13,7 @@ what restarting the learning rate does to a network that was not projected). It 
 (``--out``, JSON) each step's loss and gradient norm.
 
     python docs/cap/finetune_probe.py docs/cap/grid/runs/vgg_cnn-dense-at-s0/model.pt \\
-        --method cap-robust --density 0.25 --steps 60 --out docs/cap/finetune_probe.json
+        --method cap-robust --density 0.25 --steps 60 --out docs/cap/finetune_probe-cap-robust.json
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from dnr.harness.builders import EpochBatchSampler, build_dataset, make_optimize
 
 def fine_tune(model, cfg, train_set, steps: int, seed: int) -> list[dict]:
     """``steps`` harness training steps of ``model`` at ``cfg.lr`` (constant: the first steps of the restarted
-    schedule are at its peak); per step: loss, gradient norm, clean and adversarial batch accuracy."""
+    schedule are at its peak); per step: the loss and the gradient norm."""
     optimizer = make_optimizer(cfg, model, torch.device("cpu"))
     sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed, 0, 1)
     loader = BatchLoader(train_set, sampler, torch.device("cpu"))

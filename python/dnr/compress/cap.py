@@ -321,8 +321,7 @@ def cascaded_projection(model: nn.Module, data, *, ranks: Mapping[str, int] | No
             ref_taps.remove()
             new_taps.remove()
         projections = {k: p.detach() for k, p in proxies.items()}
-    kept = sorted(plan.spaces[s].norms[p] for s in chosen for p in plan.spaces[s].producers
-                  if p in plan.spaces[s].norms) if keep_norms else []
+    kept = sorted(plan.folded_norms(chosen)) if keep_norms else []
     result = build_projected(plan, projections, keep_norms=kept)
     if kept:
         calibrate_norms(result, kept, x_cal)

@@ -156,8 +156,7 @@ def build_projected(plan: SpacePlan, projections: Mapping[str, torch.Tensor], *,
         new = ProjectedLayer(modules[layer], w, b, p_out, p_in, hw)
         gm.set_submodule(layer, new if differentiable else new.to_plain())
     graph = gm.graph
-    folded = {plan.spaces[name].norms[p]: name for name in projections for p in plan.spaces[name].producers
-              if p in plan.spaces[name].norms}  # norm -> its projected space
+    folded = plan.folded_norms(projections)  # norm -> its projected space
     unknown = sorted(set(keep_norms) - set(folded))
     if unknown:
         raise ProjectionError(f"build_projected: keep_norms names {unknown[0]!r}, which is not the BatchNorm of a "
@@ -243,7 +242,7 @@ def predict_cost(plan: SpacePlan, ranks: Mapping[str, int], keep_norms: Collecti
     """
     modules = dict(plan.gm.named_modules())
     nodes = {n.target: n for n in plan.gm.graph.nodes if n.op == "call_module"}
-    folded = {plan.spaces[s].norms[p]: s for s in ranks for p in plan.spaces[s].producers if p in plan.spaces[s].norms}
+    folded = plan.folded_norms(ranks)
     params = sum(p.numel() for p in plan.gm.parameters())
     params_dense, flops, flops_dense, layers = params, 0, 0, {}
     for name, m in modules.items():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -78,6 +79,10 @@ class SpacePlan:
 
     def projectable(self) -> list[ProjectionSpace]:
         return [s for s in self.spaces.values() if s.problem is None]
+
+    def folded_norms(self, names: Iterable[str]) -> dict[str, str]:
+        """The BatchNorms that projecting the spaces ``names`` folds into their producers: norm -> space name."""
+        return {norm: name for name in names for norm in self.spaces[name].norms.values()}
 
     def space_for_layer(self, layer: str) -> ProjectionSpace:
         """The space produced by layer ``layer``; ProjectionError naming the layer if there is none."""
