@@ -94,3 +94,20 @@ def test_it_never_overwrites_its_inputs(cap_report, tmp_path, capsys):
             cap_report.main([str(grid), "--latency", str(grid / "latency.json"), "--out", str(grid / out)])
         assert "would overwrite the input" in capsys.readouterr().err
     assert (grid / "compare.json").read_text() == before
+
+
+def test_the_committed_report_is_what_the_committed_grid_gives(cap_report, tmp_path):
+    """docs/cap/cap.md and cap.json are exactly cap_report.py's output on the committed grid's compare.json and
+    latency.json: the report's tables are computed from the committed results, not edited by hand."""
+    root = os.path.join(os.path.dirname(__file__), "..", "docs", "cap")
+    grid = os.path.join(root, "grid")
+    if not os.path.isfile(os.path.join(grid, "compare.json")):
+        pytest.skip("docs/cap/grid/compare.json is not committed in this checkout")
+    out = tmp_path / "cap.md"
+    assert cap_report.main([grid, "--latency", os.path.join(root, "latency.json"), "--out", str(out)]) == 0
+    # the header names the folders it was given; the tables below it must match line for line
+    rebuilt = out.read_text().split("\n", 1)[1]
+    committed = open(os.path.join(root, "cap.md")).read().split("\n", 1)[1]
+    assert rebuilt == committed
+    assert json.loads((tmp_path / "cap.json").read_text())["comparisons"] == \
+        json.load(open(os.path.join(root, "cap.json")))["comparisons"]
