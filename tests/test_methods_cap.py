@@ -144,7 +144,18 @@ def test_the_finetune_probe_fine_tunes_the_dense_folded_and_kept_forms(tmp_path)
     assert rec["forms"]["folded"][0]["loss"] != rec["forms"]["dense"][0]["loss"]
     after = load_trained_model(s["model_path"])[0].state_dict()
     torch.testing.assert_close(after, before)
-    for bad in (["--steps", "0"], ["--out", str(out)]):  # refused before any work; the JSON is kept
+    assert rec["warmup"] == 0 and all(r["lr"] == rec["lr"] for rows in rec["forms"].values() for r in rows)
+    # a warm-up ramps each form's learning rate linearly to the peak, then holds it
+    warm = tmp_path / "warm.json"
+    assert probe.main([s["model_path"], "--method", "cap", "--density", "0.5", "--steps", "3", "--warmup", "2",
+                       "--out", str(warm)]) == 0
+    wrec = json.loads(warm.read_text())
+    assert wrec["warmup"] == 2
+    for rows in wrec["forms"].values():
+        assert [r["lr"] for r in rows] == pytest.approx([rec["lr"] / 2, rec["lr"], rec["lr"]])
+    # the same batches and random state: the first step (its loss is computed before the update) is unchanged
+    assert wrec["forms"]["kept"][0]["loss"] == pytest.approx(rec["forms"]["kept"][0]["loss"])
+    for bad in (["--steps", "0"], ["--warmup", "-1"], ["--out", str(out)]):  # refused before any work
         with pytest.raises(SystemExit):
             probe.main([s["model_path"], *bad])
     assert json.loads(out.read_text()) == rec

@@ -142,6 +142,12 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.devic
     return torch.optim.SGD(model.parameters(), **kwargs)
 
 
+def warmup_factor(step: int, warmup: int) -> float:
+    """Multiplier of the peak lr for 0-based ``step`` of a linear warm-up over ``warmup`` steps: (step + 1) / warmup
+    during it (the first step already moves the weights), 1 from step ``warmup`` on (and always for ``warmup`` 0)."""
+    return (step + 1) / warmup if step < warmup else 1.0
+
+
 def lr_factor(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
     """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warm-up, then the schedule.
 
@@ -154,7 +160,7 @@ def lr_factor(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: in
         else:
             total_steps = boundary
     if step < warmup:
-        return (step + 1) / warmup
+        return warmup_factor(step, warmup)
     if cfg.lr_schedule == "cosine":
         t = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
